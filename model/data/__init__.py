@@ -1,0 +1,1 @@
+"""Datasets for vlpipe: the synthetic demo dataset (shape counting with step-by-step solutions)."""

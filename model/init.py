@@ -1,0 +1,82 @@
+"""`vlpipe model init`: a complete starting checkpoint (model, tokenizer, processor config).
+
+Two ways in: a random model of a preset with a byte-level BPE trained on a local corpus (tests, demo), or
+native pre-training initialisation from a pretrained ViT and a pretrained base LLM (production).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from model.build import build_model, compose_pretrained
+from model.checkpoint import save_checkpoint
+from model.image import ImageProcessingConfig
+from model.presets import ModelPreset, get_preset
+from model.tokenizer import default_corpus, train_bpe_tokenizer
+
+
+def image_config_for(preset: ModelPreset) -> ImageProcessingConfig:
+    """Tiling defaults of a preset."""
+    return ImageProcessingConfig(
+        tile_size=preset.vision.image_size, min_tiles=preset.min_tiles, max_tiles=preset.max_tiles
+    )
+
+
+def init_random(
+    preset_name: str,
+    out: str,
+    *,
+    corpus: Iterable[str] | None = None,
+    vocab_size: int = 512,
+    seed: int = 0,
+    v2pe_delta: float = 1.0,
+) -> str:
+    """Write a randomly initialised checkpoint of `preset_name` with a tokenizer trained on `corpus`.
+
+    Args:
+        preset_name: `tiny` or `small` (the real presets need `init_composed`, or a 151674-token tokenizer).
+        out: destination directory (local or `s3://`).
+        corpus: texts for the BPE tokenizer; a small built-in corpus when None.
+        vocab_size: BPE vocabulary size before special tokens.
+        seed: initialisation seed.
+        v2pe_delta: inference-time V2PE δ recorded in the checkpoint.
+
+    Raises:
+        ValueError: for an unknown preset or one with a fixed production vocabulary.
+    """
+    preset = get_preset(preset_name)
+    if preset.text.vocab_size is not None:
+        raise ValueError(
+            f"preset {preset_name!r} has the fixed InternVL3 vocabulary; initialise it from pretrained parts "
+            "with `vlpipe model init --preset {name} --vision DIR --llm DIR`"
+        )
+    tokenizer = train_bpe_tokenizer(corpus if corpus is not None else default_corpus(), vocab_size=vocab_size)
+    model = build_model(preset, tokenizer, seed=seed, v2pe_delta=v2pe_delta)
+    meta = {"preset": preset_name, "init": "random", "seed": seed, "stage": "init"}
+    return save_checkpoint(out, model, tokenizer, image_config_for(preset), metadata=meta)
+
+
+def init_composed(
+    preset_name: str,
+    out: str,
+    *,
+    vision_uri: str,
+    llm_uri: str,
+    tokenizer_uri: str | None = None,
+    seed: int = 0,
+    v2pe_delta: float = 1.0,
+) -> str:
+    """Write the native pre-training starting point: pretrained ViT + pretrained base LLM + fresh projector."""
+    preset = get_preset(preset_name)
+    model, tokenizer = compose_pretrained(
+        vision_uri, llm_uri, tokenizer_uri=tokenizer_uri, preset=preset, seed=seed, v2pe_delta=v2pe_delta
+    )
+    meta = {
+        "preset": preset_name,
+        "init": "composed",
+        "vision": vision_uri,
+        "llm": llm_uri,
+        "seed": seed,
+        "stage": "init",
+    }
+    return save_checkpoint(out, model, tokenizer, image_config_for(preset), metadata=meta)

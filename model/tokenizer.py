@@ -1,0 +1,114 @@
+"""Tokenizers: InternVL's special tokens on any Hugging Face tokenizer, or a byte-level BPE trained offline.
+
+Production uses the Qwen2.5 tokenizer from a local or `s3://` directory; tests and the demo train a small
+byte-level BPE with the `tokenizers` library on the demo corpus (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+IMG_START_TOKEN = "<img>"
+IMG_END_TOKEN = "</img>"
+IMG_CONTEXT_TOKEN = "<IMG_CONTEXT>"
+VIDEO_TOKEN = "<video>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"
+# InternVL adds these nine tokens to Qwen2.5's vocabulary (151665 + 9 = 151674).
+INTERNVL_ADDED_TOKENS = [
+    IMG_CONTEXT_TOKEN, IMG_START_TOKEN, IMG_END_TOKEN,
+    "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+]  # fmt: skip
+CHAT_TOKENS = [PAD_TOKEN, IM_START, IM_END]
+# Attributes transformers' InternVLProcessor reads from the tokenizer.
+PROCESSOR_TOKEN_ATTRIBUTES = {
+    "start_image_token": IMG_START_TOKEN,
+    "end_image_token": IMG_END_TOKEN,
+    "context_image_token": IMG_CONTEXT_TOKEN,
+    "video_token": VIDEO_TOKEN,
+}
+
+# ChatML, as InternVL2.5/3 use it. Image parts render as <IMG_CONTEXT>, which transformers' InternVLProcessor
+# expands to <img> + 256·tiles <IMG_CONTEXT> + </img>: the same ids model.conversation produces from
+# InternVL's "<image>" placeholder.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def add_internvl_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Add InternVL's image tokens and the ChatML tokens when missing; set the chat template.
+
+    The tokenizer is modified in place and returned. Existing ids are never changed.
+    """
+    missing = [t for t in CHAT_TOKENS + INTERNVL_ADDED_TOKENS + [VIDEO_TOKEN] if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    named = {k: v for k, v in PROCESSOR_TOKEN_ATTRIBUTES.items() if k not in tokenizer.SPECIAL_TOKENS_ATTRIBUTES}
+    if named:
+        # transformers 5 keeps named multimodal tokens (read by InternVLProcessor) in the special-tokens map and
+        # saves them in tokenizer_config.json; this is the hook its own loader uses for them.
+        tokenizer._set_model_specific_special_tokens(special_tokens=named)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = PAD_TOKEN
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE tokenizer on `texts` and add InternVL's special tokens.
+
+    Byte-level means every string is encodable, whatever the corpus was.
+
+    Args:
+        texts: the training corpus.
+        vocab_size: target size of the BPE vocabulary (special tokens come on top).
+
+    Raises:
+        ValueError: for a vocabulary smaller than the byte alphabet.
+    """
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size must be at least 300 (256 bytes + merges); got {vocab_size}")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=CHAT_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=IM_END, pad_token=PAD_TOKEN, model_max_length=1_000_000
+    )
+    return add_internvl_tokens(tokenizer)
+
+
+def default_corpus() -> list[str]:
+    """A small built-in English corpus about shapes, colours and counting (used when no data is given)."""
+    colours = ["red", "green", "blue", "yellow"]
+    shapes = ["circle", "square", "triangle"]
+    numbers = ["zero", "one", "two", "three", "four", "five", "six"]
+    lines = []
+    for c in colours:
+        for s in shapes:
+            lines.append(f"I see a {c} {s}. The {c} ones are the {s}.")
+            lines.append(f"How many {c} shapes are there? How many {s}s are there?")
+    for i, word in enumerate(numbers):
+        lines.append(f"So the answer is {i}. {word.capitalize()} plus one is {i + 1}.")
+    lines.append("Describe the image. A photo of a cat, a coffee cup, a rocket and an astronaut.")
+    return lines * 4

@@ -1,0 +1,1 @@
+"""vlpipe: pipelines."""
