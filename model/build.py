@@ -49,7 +49,9 @@ def internvl_config(
     """
     vocab = vocab_size or preset.text.vocab_size
     if vocab is None:
-        raise ValueError(f"preset {preset.name!r} takes its vocabulary size from the tokenizer; pass vocab_size")
+        raise ValueError(
+            f"preset {preset.name!r} takes its vocabulary size from the tokenizer; pass vocab_size"
+        )
     v = preset.vision
     vision = InternVLVisionConfig(
         hidden_size=v.hidden_size,
@@ -182,7 +184,9 @@ def compose_pretrained(
     vision = InternVLVisionModel.from_pretrained(vision_dir)
     llm = AutoModelForCausalLM.from_pretrained(llm_dir)
     if llm.config.model_type not in ("qwen2", "qwen3"):
-        raise ValueError(f"{llm_uri}: expected a Qwen2/Qwen2.5 base LLM, got model_type={llm.config.model_type!r}")
+        raise ValueError(
+            f"{llm_uri}: expected a Qwen2/Qwen2.5 base LLM, got model_type={llm.config.model_type!r}"
+        )
     tokenizer = add_internvl_tokens(AutoTokenizer.from_pretrained(tok_dir))
     if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
         llm.resize_token_embeddings(len(tokenizer))
@@ -229,4 +233,6 @@ def _check_parts_match(preset: ModelPreset, vision_cfg, text_cfg) -> None:
     wrong = {k: v for k, v in expected.items() if v[0] != v[1]}
     if wrong:
         detail = ", ".join(f"{k}: preset {a} vs checkpoint {b}" for k, (a, b) in wrong.items())
-        raise ValueError(f"checkpoints do not match preset {preset.name!r} ({detail}); pick the matching preset")
+        raise ValueError(
+            f"checkpoints do not match preset {preset.name!r} ({detail}); pick the matching preset"
+        )

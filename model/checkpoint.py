@@ -79,7 +79,10 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp)
         # What InternVLProcessor.save_pretrained writes; building the processor itself needs torchvision (for
         # its video processor), which a CPU install does not have.
-        processor_cfg = {"processor_class": "InternVLProcessor", "image_seq_length": int(model.config.image_seq_length)}
+        processor_cfg = {
+            "processor_class": "InternVLProcessor",
+            "image_seq_length": int(model.config.image_seq_length),
+        }
         (tmp / "processor_config.json").write_text(json.dumps(processor_cfg, indent=2) + "\n")
         info = {"format": 1, "v2pe_delta": getattr(model.config, V2PE_CONFIG_KEY, 1.0), **(metadata or {})}
         (tmp / VLPIPE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
@@ -113,7 +116,9 @@ def load_checkpoint(
     path = localize(str(uri), storage_options=storage_options)
     if not (Path(path) / "config.json").exists():
         raise FileNotFoundError(f"{uri} has no config.json; point at a directory written by vlpipe or HF")
-    model = InternVLForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
+    model = (
+        InternVLForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
+    )
     tokenizer = add_internvl_tokens(AutoTokenizer.from_pretrained(path))
     image_cfg = ImageProcessingConfig.from_pretrained(path)
     meta_path = Path(path) / VLPIPE_FILE

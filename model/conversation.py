@@ -73,7 +73,9 @@ def normalise_turns(record: dict, sample_id: str) -> list[tuple[str, str]]:
             raise SampleError(sample_id, "malformed", f'turn {i} needs "from" and "value" keys')
         role = _ROLES.get(turn["from"])
         if role is None:
-            raise SampleError(sample_id, "malformed", f"turn {i} has unknown role {turn['from']!r}; use human/gpt")
+            raise SampleError(
+                sample_id, "malformed", f"turn {i} has unknown role {turn['from']!r}; use human/gpt"
+            )
         if not isinstance(turn["value"], str):
             raise SampleError(sample_id, "malformed", f"turn {i} value must be a string")
         if role != "user" and IMAGE_PLACEHOLDER in turn["value"]:
@@ -122,9 +124,13 @@ class ConversationEncoder:
         self.max_length = max_length
         self.mode = mode
         self.system_prompt = system_prompt
-        ids = tokenizer.convert_tokens_to_ids([IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, IM_START, IM_END])
+        ids = tokenizer.convert_tokens_to_ids(
+            [IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, IM_START, IM_END]
+        )
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
-            raise ValueError("tokenizer lacks InternVL's special tokens; call model.tokenizer.add_internvl_tokens")
+            raise ValueError(
+                "tokenizer lacks InternVL's special tokens; call model.tokenizer.add_internvl_tokens"
+            )
         self.img_start_id, self.img_end_id, self.img_context_id, self.im_start_id, self.im_end_id = ids
         self._image_ids = {self.img_start_id, self.img_end_id, self.img_context_id}
 
@@ -178,7 +184,11 @@ class ConversationEncoder:
         sid = str(sample_id or record.get("id", "<no id>"))
         turns = normalise_turns(record, sid)
         if len(num_tiles) != len(image_list(record)):
-            raise SampleError(sid, "image_count_mismatch", f"{len(num_tiles)} tile counts for {len(image_list(record))} images")
+            raise SampleError(
+                sid,
+                "image_count_mismatch",
+                f"{len(num_tiles)} tile counts for {len(image_list(record))} images",
+            )
         if self.system_prompt and turns[0][0] != "system":
             turns = [("system", self.system_prompt), *turns]
         if self.mode == "sft" and not add_generation_prompt and not any(r == "assistant" for r, _ in turns):
@@ -221,7 +231,9 @@ class ConversationEncoder:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if ids.shape[0] > self.max_length:
             if for_generation:
-                raise SampleError(sid, "too_long", f"prompt has {ids.shape[0]} tokens, above max_length {self.max_length}")
+                raise SampleError(
+                    sid, "too_long", f"prompt has {ids.shape[0]} tokens, above max_length {self.max_length}"
+                )
             image_positions = torch.nonzero(ids == self.img_end_id).flatten()
             if image_positions.numel() and int(image_positions.max()) >= self.max_length:
                 raise SampleError(
@@ -232,7 +244,9 @@ class ConversationEncoder:
                 )
             ids, labels = ids[: self.max_length], labels[: self.max_length]
         if not for_generation and not bool((labels != IGNORE_INDEX).any()):
-            raise SampleError(sid, "too_long", f"no supervised token left within max_length {self.max_length}")
+            raise SampleError(
+                sid, "too_long", f"no supervised token left within max_length {self.max_length}"
+            )
         return ids, labels
 
     def training_deltas(self, num_images: int, rng: random.Random) -> list[float]:

@@ -192,10 +192,14 @@ def decode_image(data: bytes, *, source: str, max_pixels: int = DEFAULT_MAX_PIXE
     except SampleError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise SampleError(source, "corrupt_image", f"cannot decode image ({exc}); re-export or remove it") from exc
+        raise SampleError(
+            source, "corrupt_image", f"cannot decode image ({exc}); re-export or remove it"
+        ) from exc
 
 
-def load_image(uri: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict | None = None) -> Image.Image:
+def load_image(
+    uri: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict | None = None
+) -> Image.Image:
     """Read and decode an image from a local path or `s3://` URL.
 
     Raises:
@@ -208,5 +212,7 @@ def load_image(uri: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, storage_option
         with fs.open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError as exc:
-        raise SampleError(uri, "missing_image", "image file not found; check the dataset root and path") from exc
+        raise SampleError(
+            uri, "missing_image", "image file not found; check the dataset root and path"
+        ) from exc
     return decode_image(data, source=uri, max_pixels=max_pixels)

@@ -36,7 +36,9 @@ class VisionPreset(BaseModel):
     @model_validator(mode="after")
     def _check_shapes(self) -> VisionPreset:
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}")
+            raise ValueError(
+                f"image_size {self.image_size} must be a multiple of patch_size {self.patch_size}"
+            )
         if (self.image_size // self.patch_size) % 2:
             raise ValueError(
                 "pixel unshuffle (downsample 0.5) needs an even number of patches per side; "
@@ -113,24 +115,40 @@ PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset(
         name="tiny",
         vision=VisionPreset(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
             patch_size=8,
         ),
         text=TextPreset(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, max_position_embeddings=4096,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=4096,
         ),
         max_tiles=4,
     ),
     "small": ModelPreset(
         name="small",
         vision=VisionPreset(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=64,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            image_size=64,
             patch_size=8,
         ),
         text=TextPreset(
-            hidden_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=384, max_position_embeddings=4096,
+            hidden_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=384,
+            max_position_embeddings=4096,
         ),
         max_tiles=6,
     ),
@@ -138,8 +156,12 @@ PRESETS: dict[str, ModelPreset] = {
         name="1b",
         vision=_INTERNVIT_300M,
         text=TextPreset(
-            hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-            intermediate_size=4864, vocab_size=INTERNVL3_VOCAB_SIZE,
+            hidden_size=896,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            intermediate_size=4864,
+            vocab_size=INTERNVL3_VOCAB_SIZE,
         ),
         published_params=938_000_000,
     ),
@@ -147,8 +169,12 @@ PRESETS: dict[str, ModelPreset] = {
         name="2b",
         vision=_INTERNVIT_300M,
         text=TextPreset(
-            hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-            intermediate_size=8960, vocab_size=INTERNVL3_VOCAB_SIZE,
+            hidden_size=1536,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            intermediate_size=8960,
+            vocab_size=INTERNVL3_VOCAB_SIZE,
         ),
         published_params=2_090_000_000,
     ),
@@ -156,8 +182,12 @@ PRESETS: dict[str, ModelPreset] = {
         name="8b",
         vision=_INTERNVIT_300M,
         text=TextPreset(
-            hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-            intermediate_size=18944, vocab_size=INTERNVL3_VOCAB_SIZE,
+            hidden_size=3584,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            intermediate_size=18944,
+            vocab_size=INTERNVL3_VOCAB_SIZE,
         ),
         published_params=7_940_000_000,
     ),

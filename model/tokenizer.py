@@ -54,10 +54,16 @@ def add_internvl_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeniz
 
     The tokenizer is modified in place and returned. Existing ids are never changed.
     """
-    missing = [t for t in CHAT_TOKENS + INTERNVL_ADDED_TOKENS + [VIDEO_TOKEN] if t not in tokenizer.get_vocab()]
+    missing = [
+        t for t in CHAT_TOKENS + INTERNVL_ADDED_TOKENS + [VIDEO_TOKEN] if t not in tokenizer.get_vocab()
+    ]
     if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    named = {k: v for k, v in PROCESSOR_TOKEN_ATTRIBUTES.items() if k not in tokenizer.SPECIAL_TOKENS_ATTRIBUTES}
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": missing}, replace_extra_special_tokens=False
+        )
+    named = {
+        k: v for k, v in PROCESSOR_TOKEN_ATTRIBUTES.items() if k not in tokenizer.SPECIAL_TOKENS_ATTRIBUTES
+    }
     if named:
         # transformers 5 keeps named multimodal tokens (read by InternVLProcessor) in the special-tokens map and
         # saves them in tokenizer_config.json; this is the hook its own loader uses for them.

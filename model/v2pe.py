@@ -81,7 +81,9 @@ def v2pe_position_ids(
     return positions.to(torch.float32)
 
 
-def sample_deltas(num_images: int, rng: random.Random, choices: Sequence[float] = TRAINING_DELTAS) -> list[float]:
+def sample_deltas(
+    num_images: int, rng: random.Random, choices: Sequence[float] = TRAINING_DELTAS
+) -> list[float]:
     """Draw one training δ per image from `choices` with a seeded generator."""
     return [rng.choice(choices) for _ in range(num_images)]
 

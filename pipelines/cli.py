@@ -22,7 +22,9 @@ console = Console()
 
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 @model_app.command("info")
@@ -70,9 +72,13 @@ def model_init(
     preset: str = typer.Option(..., help="Preset name."),
     out: str = typer.Option(..., help="Output directory (local or s3://)."),
     vision: str = typer.Option(None, help="Pretrained InternViT HF directory (native pre-training init)."),
-    llm: str = typer.Option(None, help="Pretrained base LLM HF directory (Qwen2.5) for native pre-training init."),
+    llm: str = typer.Option(
+        None, help="Pretrained base LLM HF directory (Qwen2.5) for native pre-training init."
+    ),
     tokenizer: str = typer.Option(None, help="Tokenizer directory (default: the LLM's)."),
-    data: str = typer.Option(None, help="Demo/InternVL dataset directory whose texts train the BPE tokenizer."),
+    data: str = typer.Option(
+        None, help="Demo/InternVL dataset directory whose texts train the BPE tokenizer."
+    ),
     vocab_size: int = typer.Option(512, help="BPE vocabulary size for a random init."),
     seed: int = typer.Option(0, help="Initialisation seed."),
 ) -> None:
@@ -83,7 +89,9 @@ def model_init(
         raise typer.BadParameter("pass both --vision and --llm, or neither", param_hint="--vision/--llm")
     try:
         if vision:
-            path = init_composed(preset, out, vision_uri=vision, llm_uri=llm, tokenizer_uri=tokenizer, seed=seed)
+            path = init_composed(
+                preset, out, vision_uri=vision, llm_uri=llm, tokenizer_uri=tokenizer, seed=seed
+            )
         else:
             corpus = None
             if data:

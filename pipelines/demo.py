@@ -45,7 +45,12 @@ def run_demo(out: Path, *, preset: str, steps: int, seed: int, console: Console)
     if not (data_dir / "meta_sft.json").exists():
         console.print(f"[bold]1/5[/bold] writing demo data to {data_dir}")
         sizes = DemoSizes(
-            text_corpus=200, captions=100, reasoning_train=400, reasoning_test=20, mpo_pairs=20, prm_solutions=40
+            text_corpus=200,
+            captions=100,
+            reasoning_train=400,
+            reasoning_test=20,
+            mpo_pairs=20,
+            prm_solutions=40,
         )
         write_demo_dataset(str(data_dir), seed=seed, sizes=sizes, overwrite=True)
     console.print(f"[bold]2/5[/bold] tokenizer + random {preset} model")
@@ -93,12 +98,26 @@ def run_demo(out: Path, *, preset: str, steps: int, seed: int, console: Console)
     test = _records(data_dir / "reasoning/test.jsonl", 20)
     prompts = []
     for r in test:
-        record = {"id": r["id"], "image": r["image"], "conversations": [{"from": "human", "value": r["question"]}]}
+        record = {
+            "id": r["id"],
+            "image": r["image"],
+            "conversations": [{"from": "human", "value": r["question"]}],
+        }
         prompts.append(
-            _encode(enc, reloaded, record, images_root, add_generation_prompt=True, v2pe_deltas=reloaded.v2pe_delta)
+            _encode(
+                enc,
+                reloaded,
+                record,
+                images_root,
+                add_generation_prompt=True,
+                v2pe_deltas=reloaded.v2pe_delta,
+            )
         )
     answers = generate(
-        reloaded.model, prompts, eos_token_id=tok.convert_tokens_to_ids(IM_END), pad_token_id=tok.pad_token_id,
+        reloaded.model,
+        prompts,
+        eos_token_id=tok.convert_tokens_to_ids(IM_END),
+        pad_token_id=tok.pad_token_id,
         max_new_tokens=96,
     )
     texts = [tok.decode(a) for a in answers]

@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny tokenizer and model built offline, and a loopback S3 server."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from model.tokenizer import default_corpus, train_bpe_tokenizer
+
+    return train_bpe_tokenizer(default_corpus(), vocab_size=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_preset():
+    from model.presets import get_preset
+
+    return get_preset("tiny")
+
+
+@pytest.fixture()
+def tiny_model(tiny_preset, tiny_tokenizer):
+    from model.build import build_model
+
+    return build_model(tiny_preset, tiny_tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_image_cfg(tiny_preset):
+    from model.init import image_config_for
+
+    return image_config_for(tiny_preset)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def s3_server(monkeypatch):
+    """A moto S3 server on 127.0.0.1 (free port) with dummy credentials; yields the endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield endpoint
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
