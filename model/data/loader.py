@@ -1,0 +1,181 @@
+"""From a meta file to encoded training samples: read → mix → decode → tile → augment → tokenize.
+
+Bad samples (malformed lines, missing or corrupt images, placeholder/image mismatches, over-long samples) are
+skipped into the `Quarantine` with dataset, line and reason; the run fails when their share passes
+`max_bad_fraction`. Everything random (JPEG quality, V2PE δ) is drawn from a generator seeded with the item's
+global stream index, so a resumed run encodes every sample exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import PreTrainedTokenizerBase
+
+from model.conversation import ConversationEncoder, EncodedSample, LabelMode, image_list
+from model.data.meta import Dataset, MetaFile, Quarantine, load_meta, read_dataset
+from model.data.mixing import MixedStream, MixItem, MixtureConfig, MixtureStats
+from model.errors import SampleError
+from model.image import ImageProcessingConfig, load_image, num_tiles, process_image
+from model.storage import filesystem
+
+log = logging.getLogger(__name__)
+# Skips are only judged against max_bad_fraction once this many samples were seen (one bad sample out of
+# three says little about a dataset).
+MIN_SEEN_FOR_BAD_FRACTION = 50
+
+
+class DataConfig(BaseModel):
+    """The data part of a training stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    meta: str = Field(min_length=1, description="InternVL meta JSON (local path or s3://).")
+    mixture: MixtureConfig = MixtureConfig()
+    mode: LabelMode = "sft"
+    max_length: int = Field(default=4096, gt=0)
+    augment: bool = Field(
+        default=True, description="JPEG augmentation where the dataset's data_augment is on."
+    )
+    v2pe_training: bool = Field(default=True, description="Draw V2PE δ per image (else δ = 1).")
+
+
+class MixtureLoader:
+    """Encoded samples of a mixture for one data-parallel rank, with quarantine and provenance counters.
+
+    Args:
+        config: data settings.
+        tokenizer: tokenizer with InternVL's tokens.
+        image_cfg: the checkpoint's image processing settings.
+        tokens_per_tile: visual tokens per tile.
+        rank, world_size: data-parallel position.
+        storage_options: fsspec options (credentials come from the environment).
+    """
+
+    def __init__(
+        self,
+        config: DataConfig,
+        tokenizer: PreTrainedTokenizerBase,
+        image_cfg: ImageProcessingConfig,
+        tokens_per_tile: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        storage_options: dict | None = None,
+    ) -> None:
+        self.config = config
+        self.image_cfg = image_cfg
+        self.storage_options = storage_options
+        self.encoder = ConversationEncoder(tokenizer, tokens_per_tile, config.max_length, config.mode)
+        self.meta: MetaFile = load_meta(config.meta, storage_options=storage_options)
+        self.quarantine = Quarantine()
+        self.datasets: list[Dataset] = [
+            read_dataset(name, spec, self.quarantine, storage_options=storage_options)
+            for name, spec in self.meta.datasets.items()
+        ]
+        self.by_name = {d.name: d for d in self.datasets}
+        self.stream = MixedStream(
+            self.datasets, config.mixture, self._estimate_tokens, rank=rank, world_size=world_size
+        )
+        self.stats = MixtureStats.empty(self.stream.names)
+        self._read_skips = len(self.quarantine)
+        lines = sum(len(d.lines) for d in self.datasets) + self._read_skips
+        self.quarantine.check(lines, config.mixture.max_bad_fraction)
+        self.processed = 0  # stream items tried, good or bad
+        self.bad_items = 0
+
+    # -- per-sample work ------------------------------------------------------------------------------------
+    def _image_cfg(self, dataset: Dataset) -> ImageProcessingConfig:
+        if dataset.spec.max_dynamic_patch is None:
+            return self.image_cfg
+        max_tiles = max(self.image_cfg.min_tiles, dataset.spec.max_dynamic_patch)
+        return self.image_cfg.model_copy(update={"max_tiles": max_tiles})
+
+    def _estimate_tokens(self, dataset: Dataset, record: dict) -> int:
+        """Token count of a record from image headers only (no decoding); bad records count as 0."""
+        cfg = self._image_cfg(dataset)
+        tiles = []
+        try:
+            for rel in image_list(record):
+                fs, path = filesystem(dataset.image_uri(rel), self.storage_options)
+                with fs.open(path, "rb") as f, Image.open(f) as probe:
+                    tiles.append(num_tiles(probe.width, probe.height, cfg))
+            return len(self.encoder.encode(record, tiles))
+        except (SampleError, OSError, ValueError):
+            return 0
+
+    def encode(self, item: MixItem) -> EncodedSample:
+        """Load, tile, augment and tokenize one stream item.
+
+        Raises:
+            SampleError: for a bad sample (the caller quarantines it).
+        """
+        dataset = self.by_name[item.dataset]
+        record = dataset.records[item.record_index]
+        rng = random.Random(f"vlpipe-sample:{self.config.mixture.seed}:{item.index}")
+        cfg = self._image_cfg(dataset)
+        augment = self.config.augment and dataset.spec.data_augment
+        tiles = []
+        for rel in image_list(record):
+            image = load_image(
+                dataset.image_uri(rel), max_pixels=cfg.max_pixels, storage_options=self.storage_options
+            )
+            tiles.append(process_image(image, cfg, augment=augment, rng=rng))
+        deltas = self.encoder.training_deltas(len(tiles), rng) if self.config.v2pe_training else 1.0
+        sample_id = f"{dataset.name}:{dataset.lines[item.record_index]}"
+        pixels = None
+        if tiles:
+            pixels = torch.cat(tiles)
+        return self.encoder.encode(
+            record, [t.shape[0] for t in tiles], sample_id=sample_id, pixel_values=pixels, v2pe_deltas=deltas
+        )
+
+    def __iter__(self) -> Iterator[EncodedSample]:
+        """Endless stream of good samples; bad ones go to the quarantine."""
+        for item in self.stream:
+            self.processed += 1
+            try:
+                sample = self.encode(item)
+            except SampleError as exc:
+                dataset = self.by_name[item.dataset]
+                self.quarantine.add(item.dataset, dataset.lines[item.record_index], exc.reason, exc.detail)
+                self.bad_items += 1
+                if self.processed >= MIN_SEEN_FOR_BAD_FRACTION:
+                    self.quarantine.check(
+                        self.processed, self.config.mixture.max_bad_fraction, bad=self.bad_items
+                    )
+                continue
+            self.stats.add(item.dataset, len(sample))
+            yield sample
+
+    # -- provenance and state -------------------------------------------------------------------------------
+    @property
+    def achieved_language_share(self) -> float:
+        return self.stats.language_share({d.name: d.is_multimodal for d in self.datasets})
+
+    def manifest(self, packing: dict | None = None) -> dict:
+        """Provenance: content hashes, counts per dataset, target and achieved ratio, seed and packing."""
+        from model.data.provenance import build_manifest
+
+        return build_manifest(self, packing=packing)
+
+    def state_dict(self) -> dict:
+        return {
+            "stream": self.stream.state_dict(),
+            "samples": dict(self.stats.samples),
+            "tokens": dict(self.stats.tokens),
+            "processed": self.processed,
+            "bad_items": self.bad_items,
+            "quarantine": list(self.quarantine.entries[self._read_skips :]),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.stats = MixtureStats(dict(state["samples"]), dict(state["tokens"]))
+        self.processed, self.bad_items = int(state["processed"]), int(state["bad_items"])
+        self.quarantine.entries = self.quarantine.entries[: self._read_skips] + list(state["quarantine"])
