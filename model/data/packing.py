@@ -176,11 +176,15 @@ class GreedyPacker:
         self._open.remove(row)
         return row.samples
 
+    def _packing_limits(self) -> dict[str, int]:
+        # The fields that decide which rows come out (rows_per_batch only groups them afterwards).
+        return self.config.model_dump(include={"max_tokens", "max_tiles", "buffer_size", "min_remaining"})
+
     def state_dict(self) -> dict[str, Any]:
         """The open rows as plain dicts of tensors, strings and lists (loads with `torch.load(weights_only=True)`)."""
         return {
             "version": _STATE_VERSION,
-            "config": self.config.model_dump(),
+            "config": self._packing_limits(),
             "rows": [[_sample_to_dict(s) for s in row.samples] for row in self._open],
         }
 
@@ -193,10 +197,10 @@ class GreedyPacker:
         """
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"packer state version {state.get('version')!r}, expected {_STATE_VERSION}")
-        if state.get("config") != self.config.model_dump():
+        if state.get("config") != self._packing_limits():
             raise ValueError(
                 f"packer state was saved with packing config {state.get('config')}, but this packer uses "
-                f"{self.config.model_dump()}; resume with the same config or start without the packer state"
+                f"{self._packing_limits()}; resume with the same config or start without the packer state"
             )
         self._open = []
         for saved in state["rows"]:
