@@ -124,7 +124,7 @@ def data_demo(
 def demo_run(
     out: str = typer.Option(".vlpipe/run", help="Working directory for the demo."),
     preset: str = typer.Option("tiny", help="Model preset."),
-    steps: int = typer.Option(300, help="Training steps of the smoke SFT."),
+    steps: int = typer.Option(400, help="Training steps of the smoke SFT (packed rows of 1024 tokens)."),
     seed: int = typer.Option(0, help="Seed."),
 ) -> None:
     """Run what exists end to end: demo data → model init → a short SFT → save/reload → generation."""

@@ -1,13 +1,13 @@
 """`make run` until the full pipeline lands: what exists, end to end, on the demo data.
 
-demo data → tokenizer + `tiny` model → a short SFT on the reasoning task with square-averaged LM loss →
+demo data → tokenizer + `tiny` model → a short SFT on the SFT mixture (captions + reasoning), read through the
+meta file with quarantine and provenance, packed into block-diagonal sequences, with square-averaged LM loss →
 HF checkpoint → reload (identical logits) → V2PE generation on held-out items.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
@@ -17,6 +17,9 @@ from rich.console import Console
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.collate import collate_padded
 from model.conversation import ConversationEncoder, EncodedSample
+from model.data.loader import DataConfig, MixtureLoader
+from model.data.mixing import MixtureConfig
+from model.data.packing import PackingConfig, model_inputs, packed_batches, token_utilisation
 from model.generate import generate
 from model.image import load_image, process_image
 from model.init import init_random
@@ -48,7 +51,7 @@ def run_demo(out: Path, *, preset: str, steps: int, seed: int, console: Console)
             text_corpus=200,
             captions=100,
             reasoning_train=400,
-            reasoning_test=20,
+            reasoning_test=100,
             mpo_pairs=20,
             prm_solutions=40,
         )
@@ -59,43 +62,49 @@ def run_demo(out: Path, *, preset: str, steps: int, seed: int, console: Console)
     loaded = load_checkpoint(init_dir)
     model, tok = loaded.model, loaded.tokenizer
 
-    console.print(f"[bold]3/5[/bold] SFT for {steps} steps (square-averaged LM loss)")
-    enc = ConversationEncoder(tok, loaded.tokens_per_tile, max_length=512, mode="sft")
+    console.print(f"[bold]3/5[/bold] SFT for {steps} packed steps (square-averaged LM loss)")
+    data_cfg = DataConfig(
+        meta=str(data_dir / "meta_sft.json"),
+        mode="sft",
+        max_length=512,
+        mixture=MixtureConfig(language_ratio=0, multimodal_ratio=1, seed=seed),
+    )
+    loader = MixtureLoader(data_cfg, tok, loaded.image_cfg, loaded.tokens_per_tile)
+    packing = PackingConfig(max_tokens=1024, max_tiles=64, buffer_size=16)
+    batches = packed_batches(iter(loader), packing, tok.pad_token_id)
     images_root = data_dir / "images"
-    train = [_encode(enc, loaded, r, images_root) for r in _records(data_dir / "reasoning/train.jsonl", 400)]
-    rng = random.Random(seed)
+    enc = ConversationEncoder(tok, loaded.tokens_per_tile, max_length=512, mode="sft")
+    probe_samples = [
+        _encode(enc, loaded, r, images_root) for r in _records(data_dir / "reasoning/train.jsonl", 2)
+    ]
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
-    losses = []
+    losses, utilisation = [], []
     for _ in range(steps):
-        batch = collate_padded(rng.sample(train, 16), tok.pad_token_id)
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            position_ids=batch["position_ids"],
-            pixel_values=batch["pixel_values"],
-        ).logits
-        loss = lm_loss(logits, batch["labels"], reduction="square")
+        batch = next(batches)
+        logits = model(**model_inputs(batch, model.config._attn_implementation)).logits
+        loss = lm_loss(logits, batch["labels"], batch["sample_index"], reduction="square")
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
+        utilisation.append(token_utilisation(batch))
     model.eval()
 
     console.print("[bold]4/5[/bold] HF checkpoint save + reload")
     ckpt = out / "sft"
     save_checkpoint(ckpt, model, tok, loaded.image_cfg, metadata={"preset": preset, "stage": "demo-sft"})
     reloaded = load_checkpoint(ckpt)
-    probe = collate_padded(train[:2], tok.pad_token_id)
+    probe = collate_padded(probe_samples, tok.pad_token_id)
     with torch.no_grad():
         a = model(**{k: v for k, v in probe.items() if k not in ("labels", "sample_index")}).logits
         b = reloaded.model(**{k: v for k, v in probe.items() if k not in ("labels", "sample_index")}).logits
     max_diff = float((a - b).abs().max())
 
     console.print("[bold]5/5[/bold] greedy generation with V2PE on held-out items")
-    test = _records(data_dir / "reasoning/test.jsonl", 20)
+    test = _records(data_dir / "reasoning/test.jsonl", 100)
     prompts = []
     for r in test:
         record = {
@@ -124,13 +133,17 @@ def run_demo(out: Path, *, preset: str, steps: int, seed: int, console: Console)
     correct = sum(extract_answer(t) == r["answer"] for t, r in zip(texts, test, strict=True))
     summary = {
         "preset": preset,
-        "train_samples": len(train),
+        "train_samples": sum(loader.stats.samples.values()),
+        "token_utilisation": round(sum(utilisation) / len(utilisation), 4),
+        "quarantined": len(loader.quarantine),
+        "data_manifest_sha256": loader.manifest(packing=packing.model_dump())["manifest_sha256"],
         "steps": steps,
         "loss_first": round(losses[0], 4),
         "loss_last10_mean": round(sum(losses[-10:]) / min(10, len(losses)), 4),
         "reload_max_logit_diff": max_diff,
         "heldout_items": len(test),
         "heldout_greedy_accuracy": correct / len(test),
+        "chance_accuracy": 0.2,  # answers are uniform over 0–4
         "example_answer": texts[0],
         "checkpoint": str(ckpt),
         "seconds": round(time.perf_counter() - started, 1),
