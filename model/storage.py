@@ -7,6 +7,7 @@ Credentials and endpoints come from the environment (`AWS_ACCESS_KEY_ID`, `AWS_S
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -57,9 +58,14 @@ def localize(uri: str, *, storage_options: dict | None = None, cache_dir: Path |
     fs, path = filesystem(uri, storage_options)
     if not fs.exists(path):
         raise FileNotFoundError(f"{uri} does not exist (check the bucket, the prefix and AWS_ENDPOINT_URL)")
-    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
-    target = (cache_dir or vlpipe_home() / "cache") / key
     is_dir = fs.isdir(path)
+    # The cache key covers the content listing (names, sizes, ETags), so an overwritten object is fetched anew.
+    listing = fs.find(path, detail=True) if is_dir else {path: fs.info(path)}
+    fingerprint = sorted(
+        (k, v.get("size"), str(v.get("ETag", v.get("mtime", "")))) for k, v in listing.items()
+    )
+    key = hashlib.sha256(json.dumps([uri, fingerprint], default=str).encode()).hexdigest()[:16]
+    target = (cache_dir or vlpipe_home() / "cache") / key
     result = target if is_dir else target / Path(path).name
     if target.exists():
         return str(result)

@@ -120,3 +120,20 @@ def test_checkpoint_through_s3(tmp_path, s3_server, monkeypatch, tiny_model, tin
         assert torch.equal(tiny_model(**x).logits, loaded.model(**x).logits)
     with pytest.raises(FileNotFoundError, match="s3://models/nothing"):
         load_checkpoint("s3://models/nothing")
+
+
+def test_overwritten_s3_checkpoint_is_fetched_again(
+    tmp_path, s3_server, monkeypatch, tiny_model, tiny_tokenizer, tiny_image_cfg
+):
+    import boto3
+
+    monkeypatch.setenv("VLPIPE_HOME", str(tmp_path / "home"))
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="models")
+    save_checkpoint("s3://models/m", tiny_model, tiny_tokenizer, tiny_image_cfg)
+    first = load_checkpoint("s3://models/m")
+    with torch.no_grad():
+        tiny_model.lm_head.weight.mul_(2.0)
+    save_checkpoint("s3://models/m", tiny_model, tiny_tokenizer, tiny_image_cfg)
+    second = load_checkpoint("s3://models/m")
+    assert second.path != first.path
+    assert torch.equal(second.model.lm_head.weight, tiny_model.lm_head.weight)
