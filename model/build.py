@@ -27,6 +27,8 @@ from model.tokenizer import IMG_CONTEXT_TOKEN, add_internvl_tokens
 log = logging.getLogger(__name__)
 
 V2PE_CONFIG_KEY = "v2pe_delta"
+# InternVL's pixel unshuffle keeps 1/4 of the patch tokens (0.5 per side).
+DOWNSAMPLE_RATIO = 0.5
 
 
 def internvl_config(
@@ -200,7 +202,8 @@ def compose_pretrained(
         vision_config=vision_cfg.to_dict(),
         text_config=llm.config.to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN),
-        image_seq_length=int(side * side * 0.25),
+        downsample_ratio=DOWNSAMPLE_RATIO,
+        image_seq_length=int(side * side * DOWNSAMPLE_RATIO**2),
         tie_word_embeddings=tie,
         **{V2PE_CONFIG_KEY: v2pe_delta},
     )

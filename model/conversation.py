@@ -132,7 +132,12 @@ class ConversationEncoder:
                 "tokenizer lacks InternVL's special tokens; call model.tokenizer.add_internvl_tokens"
             )
         self.img_start_id, self.img_end_id, self.img_context_id, self.im_start_id, self.im_end_id = ids
-        self._image_ids = {self.img_start_id, self.img_end_id, self.img_context_id}
+        self._image_ids = torch.tensor(sorted({self.img_start_id, self.img_end_id, self.img_context_id}))
+        # Template pieces are tokenised once here, not per turn of every sample (the data pipeline's hot path).
+        self._headers = {
+            role: self._template(f"{IM_START}{role}\n") for role in ("system", "user", "assistant")
+        }
+        self._newline = self._template("\n")
 
     # -- tokenisation helpers -------------------------------------------------------------------------------
     def _template(self, text: str) -> list[int]:
@@ -200,13 +205,13 @@ class ConversationEncoder:
         labels: list[int] = []
         image_cursor = 0
         for role, text in turns:
-            header = self._template(f"{IM_START}{role}\n")
+            header = self._headers[role]
             if role == "user":
                 body, image_cursor = self._user_content(text, num_tiles, image_cursor)
             else:
                 body = self._content(text)
             end = [self.im_end_id]
-            newline = self._template("\n")
+            newline = self._newline
             input_ids += header + body + end + newline
             if self.mode == "pretrain":
                 labels += header + body + end + newline
@@ -215,13 +220,13 @@ class ConversationEncoder:
             else:
                 labels += [IGNORE_INDEX] * (len(header) + len(body) + len(end) + len(newline))
         if add_generation_prompt:
-            header = self._template(f"{IM_START}assistant\n")
+            header = self._headers["assistant"]
             input_ids += header
             labels += [IGNORE_INDEX] * len(header)
 
         ids = torch.tensor(input_ids, dtype=torch.long)
         lab = torch.tensor(labels, dtype=torch.long)
-        lab[torch.isin(ids, torch.tensor(sorted(self._image_ids)))] = IGNORE_INDEX
+        lab[torch.isin(ids, self._image_ids)] = IGNORE_INDEX
         ids, lab = self._truncate(sid, ids, lab, add_generation_prompt)
         positions = v2pe_position_ids(ids, self.img_context_id, v2pe_deltas)
         return EncodedSample(sid, ids, lab, positions, list(num_tiles), pixel_values)

@@ -86,8 +86,3 @@ def sample_deltas(
 ) -> list[float]:
     """Draw one training δ per image from `choices` with a seeded generator."""
     return [rng.choice(choices) for _ in range(num_images)]
-
-
-def next_position(position_ids: torch.Tensor) -> torch.Tensor:
-    """Position of the next generated token after a cached prompt: the prompt's last position + 1."""
-    return position_ids[..., -1:] + 1
