@@ -14,12 +14,12 @@ from collections.abc import Iterator
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 from transformers import PreTrainedTokenizerBase
 
-from model.conversation import ConversationEncoder, EncodedSample, LabelMode, image_list
+from model.conversation import ConversationEncoder, EncodedSample, image_list
+from model.data.config import DataConfig
 from model.data.meta import Dataset, MetaFile, Quarantine, load_meta, read_dataset
-from model.data.mixing import MixedStream, MixItem, MixtureConfig, MixtureStats
+from model.data.mixing import MixedStream, MixItem, MixtureStats
 from model.errors import SampleError
 from model.image import ImageProcessingConfig, load_image, num_tiles, process_image
 from model.storage import filesystem
@@ -28,21 +28,6 @@ log = logging.getLogger(__name__)
 # Skips are only judged against max_bad_fraction once this many samples were seen (one bad sample out of
 # three says little about a dataset).
 MIN_SEEN_FOR_BAD_FRACTION = 50
-
-
-class DataConfig(BaseModel):
-    """The data part of a training stage."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    meta: str = Field(min_length=1, description="InternVL meta JSON (local path or s3://).")
-    mixture: MixtureConfig = MixtureConfig()
-    mode: LabelMode = "sft"
-    max_length: int = Field(default=4096, gt=0)
-    augment: bool = Field(
-        default=True, description="JPEG augmentation where the dataset's data_augment is on."
-    )
-    v2pe_training: bool = Field(default=True, description="Draw V2PE δ per image (else δ = 1).")
 
 
 class MixtureLoader:

@@ -29,9 +29,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.conversation import IGNORE_INDEX, EncodedSample
+from model.data.config import PackingConfig
 from model.errors import SampleError
 
 __all__ = [
@@ -50,35 +50,6 @@ Row = list[EncodedSample]
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 VARLEN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 _STATE_VERSION = 1
-
-
-class PackingConfig(BaseModel):
-    """How samples are packed into rows.
-
-    Attributes:
-        max_tokens: length of every packed row (the training sequence length).
-        max_tiles: most image tiles in one row (bounds the ViT's batch, hence its memory).
-        buffer_size: most rows kept open at once; more rows give fuller rows but hold more samples in memory.
-        min_remaining: a row with fewer free tokens than this is emitted at once (no sample is that short).
-        rows_per_batch: packed rows per training micro-batch (`packed_batches`).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_tokens: int = Field(gt=0)
-    max_tiles: int = Field(gt=0)
-    buffer_size: int = Field(default=64, ge=1)
-    min_remaining: int = Field(default=16, ge=0)
-    rows_per_batch: int = Field(default=1, ge=1)
-
-    @model_validator(mode="after")
-    def _check_min_remaining(self) -> PackingConfig:
-        if self.min_remaining >= self.max_tokens:
-            raise ValueError(
-                f"min_remaining ({self.min_remaining}) must be below max_tokens ({self.max_tokens}); "
-                "lower min_remaining"
-            )
-        return self
 
 
 class _OpenRow:

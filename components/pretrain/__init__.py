@@ -1,0 +1,1 @@
+"""Native multimodal pre-training: ViT, MLP and LLM trained jointly on the mixed text + image-text stream."""

@@ -1,0 +1,1 @@
+"""PRM training: a VisualPRM-style process reward model trained by SFT on `+`/`-` step judgements."""

@@ -1,0 +1,56 @@
+"""`vlpipe train prm`: train the process reward model from a checkpoint on step-labelled solutions.
+
+validate → convert the solutions to `+`/`-` conversations → SFT on the replies (the mixture loader, packing
+and LM loss of the SFT stage) → HF checkpoint. Besides the loss it logs `step_accuracy`: how often the model
+prefers the right one of `+`/`-` at the reply positions of the training batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from components.prm.data import load_prepared, prepare_prm_data
+from components.training.config import PRMStageConfig
+from components.training.lm import run_lm_stage
+from components.training.runtime import barrier, init_distributed
+from objectives.prm import MINUS, PLUS, reply_positions_from_labels
+
+
+def single_token_id(tokenizer: Any, text: str) -> int:
+    """The id of `text` as the conversation encoder tokenises it; it must be one token."""
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"the PRM reply {text!r} must be a single token of this tokenizer, got ids {ids}")
+    return ids[0]
+
+
+def step_accuracy_metric(tokenizer: Any):
+    """Micro-batch metric: correct `+`/`-` preferences at the reply positions (numerator, denominator)."""
+    plus_id, minus_id = single_token_id(tokenizer, PLUS), single_token_id(tokenizer, MINUS)
+
+    def metric(logits: torch.Tensor, batch: dict[str, Any]) -> dict[str, tuple[float, float]]:
+        labels = batch["labels"].to(logits.device)
+        positions = reply_positions_from_labels(labels)  # (B, S), -1 padded
+        valid = positions >= 0
+        rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(positions)
+        at = logits[rows, positions.clamp_min(0)].float()
+        prefers_plus = at[..., plus_id] > at[..., minus_id]
+        target = labels[rows, (positions + 1).clamp_min(0)]
+        correct = (prefers_plus == (target == plus_id)) & valid
+        return {"step_accuracy": (float(correct.sum()), float(valid.sum()))}
+
+    return metric
+
+
+def main(cfg: PRMStageConfig) -> dict[str, Any]:
+    """Run the PRM stage; returns the stage summary (see `components.training.lm.run_lm_stage`)."""
+    info = init_distributed(cfg.trainer.distributed)
+    out_dir = Path(cfg.resolved_work_dir) / "prm_data"
+    if info.is_main:
+        prepare_prm_data(cfg.data, out_dir)
+    barrier()
+    data, report = load_prepared(cfg.data, out_dir)
+    return run_lm_stage(cfg, data, micro_metrics=step_accuracy_metric, extra_report=report, info=info)

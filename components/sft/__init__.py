@@ -1,0 +1,1 @@
+"""Supervised fine-tuning on chat data (packing, square averaging, JPEG augmentation)."""

@@ -1,0 +1,1 @@
+"""What the training stages share: configs, DeepSpeed runtime, loop, checkpoints/resume, MLflow tracking."""

@@ -1,0 +1,5 @@
+import sys
+
+from components.training.entrypoint import main
+
+sys.exit(main())

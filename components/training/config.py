@@ -1,0 +1,357 @@
+"""Validated settings of the four training stages: pretrain, sft, mpo and prm.
+
+Torch-free (pydantic only), so a pipeline recipe is validated on any machine before anything is compiled,
+submitted or put on a GPU; the stage validates the same class again inside its container. Every model here
+is `extra="forbid", frozen=True`: an unknown key, a wrong type or an out-of-range value fails at load time
+with the key's path in the message.
+
+Batch sizes: `global_batch_size` is the number of training units per optimizer step over all ranks (packed
+rows for packed pretrain/SFT/PRM, samples without packing, preference pairs for MPO). Gradient accumulation
+is derived: `global_batch_size / (micro_batch_size * world_size)`, which must divide exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+from model.data.config import DataConfig, PackingConfig
+from objectives.config import LMLossConfig, MPOConfig
+
+StageName = Literal["pretrain", "sft", "mpo", "prm"]
+Precision = Literal["auto", "fp32", "bf16"]
+AttnImplementation = Literal["sdpa", "eager", "flash_attention_2"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class OptimizerConfig(_Strict):
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr`.
+
+    Attributes:
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay (not applied to biases and norm weights).
+        betas, eps: AdamW settings.
+        warmup_steps: linear warmup from 0 to `lr` over this many optimizer steps.
+        min_lr_ratio: the cosine ends at `min_lr_ratio * lr`.
+        grad_clip: global gradient-norm clip; 0 disables clipping.
+    """
+
+    lr: float = Field(2e-5, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(0.05, ge=0, allow_inf_nan=False)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> Self:
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optimizer.betas must lie in [0, 1); got {self.betas}")
+        return self
+
+
+class FreezeConfig(_Strict):
+    """Which of the three parts stay fixed in this stage (InternVL3's native pre-training trains all)."""
+
+    vision: bool = False
+    projector: bool = False
+    llm: bool = False
+
+    @model_validator(mode="after")
+    def _something_trains(self) -> Self:
+        if self.vision and self.projector and self.llm:
+            raise ValueError("freeze: vision, projector and llm are all frozen; nothing would train")
+        return self
+
+
+class DistributedConfig(_Strict):
+    """DeepSpeed settings (rendered by `infra.deepspeed`).
+
+    Attributes:
+        zero_stage: ZeRO stage 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients) or 3 (+ params).
+        offload_optimizer: keep optimizer states in CPU memory (ZeRO 1–3).
+        backend: process-group backend; "auto" is nccl with CUDA, gloo without.
+    """
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> Self:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("distributed.offload_optimizer needs zero_stage >= 1")
+        return self
+
+
+class TrainerConfig(_Strict):
+    """How long and how a stage trains.
+
+    Attributes:
+        global_batch_size: training units per optimizer step over all ranks (see the module docstring).
+        micro_batch_size: units per forward/backward on one rank.
+        max_steps: optimizer steps; exactly one of `max_steps` and `epochs` is set.
+        epochs: passes over the data, converted to steps when the stage starts (an estimate for packed
+            streams: estimated tokens per epoch over tokens per step).
+        precision: "auto" is bf16 on a GPU that supports it and fp32 otherwise.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% more compute).
+        attn_implementation: attention kernel; packed batches use a block-diagonal mask for sdpa/eager and
+            cu_seqlens for flash_attention_2.
+        seed: seed of initialisation-independent randomness (dropout, sampling order comes from the data).
+        log_every: steps between progress log lines (metrics go to MLflow every step).
+    """
+
+    global_batch_size: int = Field(8, ge=1)
+    micro_batch_size: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    precision: Precision = "auto"
+    gradient_checkpointing: bool = False
+    attn_implementation: AttnImplementation = "sdpa"
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    freeze: FreezeConfig = FreezeConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _one_length(self) -> Self:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("trainer: set exactly one of max_steps and epochs")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"trainer.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"micro_batch_size ({self.micro_batch_size})"
+            )
+        return self
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Gradient accumulation steps for `world_size` ranks.
+
+        Raises:
+            ValueError: when global_batch_size is not divisible by micro_batch_size * world_size.
+        """
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"trainer.global_batch_size ({self.global_batch_size}) is not divisible by micro_batch_size "
+                f"({self.micro_batch_size}) x world size ({world_size}); change one of them"
+            )
+        return self.global_batch_size // per_step
+
+
+class CheckpointConfig(_Strict):
+    """Periodic training-state checkpoints for resume (the final output is a separate HF checkpoint).
+
+    Attributes:
+        every_steps: save every this many optimizer steps; 0 saves only at the end.
+        keep_last: how many of the most recent checkpoints to keep.
+        resume: continue from the latest complete checkpoint in `work_dir` when there is one.
+    """
+
+    every_steps: int = Field(0, ge=0)
+    keep_last: int = Field(2, ge=1)
+    resume: bool = True
+
+
+class TrackingConfig(_Strict):
+    """MLflow settings (the tracking URI comes from `MLFLOW_TRACKING_URI`, never from a config file).
+
+    Attributes:
+        experiment: MLflow experiment name.
+        run_name: run name; defaults to the stage name.
+        parent_run_id: nest this stage's run under a pipeline run.
+        recipe: recipe name, a tag that makes runs comparable.
+        tags: extra tags.
+        log_model: log the final checkpoint as an MLflow pyfunc model.
+        system_metrics: log CPU/GPU/memory system metrics.
+    """
+
+    experiment: str = "vlpipe"
+    run_name: str | None = None
+    parent_run_id: str | None = None
+    recipe: str = "custom"
+    tags: dict[str, str] = Field(default_factory=dict)
+    log_model: bool = True
+    system_metrics: bool = True
+
+
+class PairDataConfig(_Strict):
+    """Preference pairs for MPO: JSONL lines `{"id", "image", "question", "chosen", "rejected"}`.
+
+    Attributes:
+        path: JSONL file (local or s3://).
+        image_root: directory the `image` paths are relative to; defaults to `images/` beside the JSONL's
+            directory (the demo dataset's layout).
+        max_length: longest prompt + response in tokens; longer pairs are skipped (and counted).
+        max_bad_fraction: fail when more than this share of lines is bad.
+        seed: shuffling seed (a new permutation every epoch).
+    """
+
+    path: str = Field(min_length=1)
+    image_root: str | None = None
+    max_length: int = Field(2048, gt=0)
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    seed: int = 0
+
+
+class StepDataConfig(_Strict):
+    """Step-labelled solutions for the PRM: JSONL `{"id", "image", "question", "steps", "labels"}`.
+
+    Attributes:
+        path: JSONL file (local or s3://).
+        image_root: directory the `image` paths are relative to; defaults to `images/` beside the JSONL's
+            directory (the demo dataset's layout).
+        max_length: longest conversation in tokens.
+        max_bad_fraction: fail when more than this share of lines is bad.
+        seed: shuffling seed.
+        augment: JPEG augmentation of the images.
+    """
+
+    path: str = Field(min_length=1)
+    image_root: str | None = None
+    max_length: int = Field(2048, gt=0)
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
+    seed: int = 0
+    augment: bool = False
+
+
+class _StageBase(_Strict):
+    """Fields every stage has.
+
+    Attributes:
+        init: checkpoint to start from (local or s3://), HF format as written by vlpipe.
+        output: where the final HF checkpoint goes (local or s3://).
+        work_dir: local/shared directory for resumable checkpoints and the metrics log; defaults to
+            `<output>.work` for a local output.
+    """
+
+    init: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+    work_dir: str | None = None
+    trainer: TrainerConfig = TrainerConfig(max_steps=100)
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _work_dir_for_remote_output(self) -> Self:
+        if self.work_dir is None and "://" in self.output:
+            raise ValueError(
+                f"work_dir is required when output is remote ({self.output}); point it at a local or "
+                "shared-volume directory for resumable checkpoints"
+            )
+        return self
+
+    @property
+    def resolved_work_dir(self) -> str:
+        return self.work_dir or f"{self.output.rstrip('/')}.work"
+
+
+class PretrainStageConfig(_StageBase):
+    """Native multimodal pre-training: all of ViT, MLP and LLM on the mixed text + image-text stream."""
+
+    stage: Literal["pretrain"] = "pretrain"
+    data: DataConfig
+    packing: PackingConfig | None = None
+    loss: LMLossConfig = LMLossConfig()
+
+    @model_validator(mode="after")
+    def _pretrain_labels(self) -> Self:
+        if self.data.mode != "pretrain":
+            raise ValueError('pretrain: data.mode must be "pretrain" (loss on every text token)')
+        return self
+
+
+class SFTStageConfig(_StageBase):
+    """Supervised fine-tuning on chat data with packing, square averaging and JPEG augmentation."""
+
+    stage: Literal["sft"] = "sft"
+    data: DataConfig
+    packing: PackingConfig | None = None
+    loss: LMLossConfig = LMLossConfig()
+
+    @model_validator(mode="after")
+    def _sft_labels(self) -> Self:
+        if self.data.mode != "sft":
+            raise ValueError('sft: data.mode must be "sft" (loss on the assistant replies)')
+        return self
+
+
+class MPOStageConfig(_StageBase):
+    """Mixed preference optimisation against a frozen copy of the starting policy."""
+
+    stage: Literal["mpo"] = "mpo"
+    data: PairDataConfig
+    mpo: MPOConfig = MPOConfig()
+
+
+class PRMStageConfig(_StageBase):
+    """Process reward model training: SFT on the `+`/`-` step-judgement conversations."""
+
+    stage: Literal["prm"] = "prm"
+    data: StepDataConfig
+    packing: PackingConfig | None = None
+    loss: LMLossConfig = LMLossConfig(reduction="token")
+
+
+StageConfig = Annotated[
+    PretrainStageConfig | SFTStageConfig | MPOStageConfig | PRMStageConfig, Field(discriminator="stage")
+]
+STAGE_CONFIGS: dict[str, type[_StageBase]] = {
+    "pretrain": PretrainStageConfig,
+    "sft": SFTStageConfig,
+    "mpo": MPOStageConfig,
+    "prm": PRMStageConfig,
+}
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(StageConfig)
+
+
+def parse_stage_config(data: dict[str, Any], stage: str | None = None) -> Any:
+    """Validate a stage config from a dict.
+
+    Args:
+        data: the config; its "stage" key picks the class (or `stage` when the key is absent).
+        stage: the expected stage; a config for another stage is an error.
+
+    Returns:
+        The validated stage config.
+
+    Raises:
+        ValueError: when `stage` and the config's stage disagree, or the stage is unknown.
+        pydantic.ValidationError: on any invalid field.
+    """
+    data = dict(data)
+    if stage is not None:
+        if stage not in STAGE_CONFIGS:
+            raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CONFIGS)}")
+        data.setdefault("stage", stage)
+        if data["stage"] != stage:
+            raise ValueError(f"the config is for stage {data['stage']!r}, not {stage!r}")
+    elif "stage" not in data:
+        raise ValueError(f"the config has no 'stage' key; set it to one of {', '.join(STAGE_CONFIGS)}")
+    return _ADAPTER.validate_python(data)
+
+
+def load_stage_config(path: str | Path, stage: str | None = None) -> Any:
+    """Read and validate a stage config from a YAML or JSON file.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: when the file is not a mapping, or see `parse_stage_config`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"stage config {path} does not exist")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a stage config must be a mapping of keys to values")
+    return parse_stage_config(data, stage)
