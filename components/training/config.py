@@ -6,7 +6,7 @@ is `extra="forbid", frozen=True`: an unknown key, a wrong type or an out-of-rang
 with the key's path in the message.
 
 Batch sizes: `global_batch_size` is the number of training units per optimizer step over all ranks (packed
-rows for packed pretrain/SFT/PRM, samples without packing, preference pairs for MPO). Gradient accumulation
+rows for packed pretrain/SFT/PRM (a micro-batch is `micro_batch_size` rows), samples without packing, preference pairs for MPO). Gradient accumulation
 is derived: `global_batch_size / (micro_batch_size * world_size)`, which must divide exactly.
 """
 
@@ -255,6 +255,14 @@ class _StageBase(_Strict):
         return self.work_dir or f"{self.output.rstrip('/')}.work"
 
 
+def _check_packing(packing: PackingConfig | None, trainer: TrainerConfig) -> None:
+    if packing is not None and packing.rows_per_batch not in (1, trainer.micro_batch_size):
+        raise ValueError(
+            "packing.rows_per_batch is set by trainer.micro_batch_size in a training stage (a micro-batch is "
+            "micro_batch_size packed rows); remove packing.rows_per_batch"
+        )
+
+
 class PretrainStageConfig(_StageBase):
     """Native multimodal pre-training: all of ViT, MLP and LLM on the mixed text + image-text stream."""
 
@@ -267,6 +275,7 @@ class PretrainStageConfig(_StageBase):
     def _pretrain_labels(self) -> Self:
         if self.data.mode != "pretrain":
             raise ValueError('pretrain: data.mode must be "pretrain" (loss on every text token)')
+        _check_packing(self.packing, self.trainer)
         return self
 
 
@@ -282,6 +291,7 @@ class SFTStageConfig(_StageBase):
     def _sft_labels(self) -> Self:
         if self.data.mode != "sft":
             raise ValueError('sft: data.mode must be "sft" (loss on the assistant replies)')
+        _check_packing(self.packing, self.trainer)
         return self
 
 
@@ -300,6 +310,11 @@ class PRMStageConfig(_StageBase):
     data: StepDataConfig
     packing: PackingConfig | None = None
     loss: LMLossConfig = LMLossConfig(reduction="token")
+
+    @model_validator(mode="after")
+    def _packing_rows(self) -> Self:
+        _check_packing(self.packing, self.trainer)
+        return self
 
 
 StageConfig = Annotated[

@@ -182,7 +182,7 @@ def run_lm_stage(
     )
     pad_id = loaded.tokenizer.pad_token_id
     if cfg.packing is not None:
-        source: Any = PackedSource(loader, cfg.packing, pad_id)
+        source: Any = PackedSource(loader, cfg.packing, trainer.micro_batch_size, pad_id)
     else:
         source = PaddedSource(loader, trainer.micro_batch_size, pad_id)
     total_steps = steps_for(trainer, _units_per_epoch(loader, cfg))

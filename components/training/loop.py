@@ -41,13 +41,17 @@ class PackedSource:
 
     Args:
         loader: a `MixtureLoader` (iterable of `EncodedSample`, with `state_dict`/`load_state_dict`).
-        packing: the packing settings; a micro-batch is `rows_per_batch` rows.
+        packing: the packing settings.
+        rows_per_micro_batch: packed rows per micro-batch (the trainer's `micro_batch_size`).
         pad_token_id: padding id.
     """
 
-    def __init__(self, loader: Any, packing: PackingConfig, pad_token_id: int) -> None:
+    def __init__(
+        self, loader: Any, packing: PackingConfig, rows_per_micro_batch: int, pad_token_id: int
+    ) -> None:
         self.loader = loader
         self.packing = packing
+        self.rows = rows_per_micro_batch
         self.pad_token_id = pad_token_id
         self.packer = GreedyPacker(packing)
         self.pending: list[Row] = []
@@ -56,7 +60,7 @@ class PackedSource:
 
     def next(self, n: int) -> list[dict[str, Any]]:
         """The next `n` micro-batches."""
-        need = n * self.packing.rows_per_batch
+        need = n * self.rows
         while len(self.pending) < need:
             sample = next(self._samples)
             try:
@@ -64,7 +68,7 @@ class PackedSource:
             except SampleError as err:  # e.g. more tiles than max_tiles: counted, reported in the manifest
                 self.unpackable[err.reason] += 1
         rows, self.pending = self.pending[:need], self.pending[need:]
-        per = self.packing.rows_per_batch
+        per = self.rows
         return [
             pack_rows(rows[i : i + per], self.packing.max_tokens, self.pad_token_id)
             for i in range(0, need, per)

@@ -1,0 +1,202 @@
+"""Each stage trains a few steps in-process (tiny preset, one gloo process): the loss on a fixed batch goes
+down, the output is a loadable HF checkpoint, and MLflow holds the run with its params, metrics, tags,
+artifacts, dataset inputs and model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from components.training.config import parse_stage_config
+from components.training.entrypoint import run_stage
+from components.training.loop import read_metrics
+from tests.components.training.conftest import sft_config
+
+pytestmark = pytest.mark.slow
+
+
+def _records(path: Path, n: int) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()[:n]]
+
+
+def _sft_batch_loss(ckpt: Path, data: Path) -> float:
+    """Square-averaged LM loss of a fixed batch of 4 reasoning samples under a checkpoint."""
+    from model.checkpoint import load_checkpoint
+    from model.collate import collate_padded
+    from model.conversation import ConversationEncoder
+    from model.image import load_image, process_image
+    from objectives.lm import lm_loss
+
+    loaded = load_checkpoint(ckpt)
+    enc = ConversationEncoder(loaded.tokenizer, loaded.tokens_per_tile, 512, mode="sft")
+    samples = []
+    for r in _records(data / "reasoning" / "train.jsonl", 4):
+        pixels = process_image(load_image(str(data / "images" / r["image"])), loaded.image_cfg)
+        samples.append(enc.encode(r, [pixels.shape[0]], pixel_values=pixels))
+    batch = collate_padded(samples, loaded.tokenizer.pad_token_id)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids", "pixel_values")}
+    with torch.no_grad():
+        logits = loaded.model(**inputs).logits
+    return float(lm_loss(logits, batch["labels"], reduction="square"))
+
+
+def test_sft_trains_saves_and_tracks(workspace, tmp_path, tracking):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking)
+    parent = MlflowClient().create_run(MlflowClient().create_experiment("pipeline")).info.run_id
+    raw = sft_config(workspace, tmp_path / "sft", max_steps=10)
+    raw["tracking"] = {
+        "experiment": "test",
+        "recipe": "unit",
+        "parent_run_id": parent,
+        "system_metrics": False,
+    }
+    cfg = parse_stage_config(raw)
+    summary = run_stage("sft", cfg)
+
+    before = _sft_batch_loss(workspace["init"], workspace["data"])
+    after = _sft_batch_loss(tmp_path / "sft", workspace["data"])
+    assert after < 0.85 * before, (before, after)
+    assert json.loads((tmp_path / "sft" / "vlpipe.json").read_text())["stage"] == "sft"
+
+    run = MlflowClient().get_run(summary["mlflow_run_id"])
+    tags = run.data.tags
+    assert tags["stage"] == "sft" and tags["recipe"] == "unit" and tags["mlflow.parentRunId"] == parent
+    assert tags["data_manifest_sha256"] == summary["data_manifest_sha256"] and len(tags["git_commit"]) >= 7
+    params = run.data.params
+    assert params["trainer.optimizer.lr"] == "0.003" and params["derived.accumulation_steps"] == "2"
+    for name in ("loss", "lr", "grad_norm", "tokens_per_s", "token_utilisation", "peak_memory_gb"):
+        history = MlflowClient().get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == list(range(1, 11)), name
+    losses = [m["loss"] for m in read_metrics(tmp_path / "sft.work")]
+    assert len(losses) == 10 and losses[-1] < losses[0]
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"config", "data"} <= artifacts
+    resolved = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config/resolved.json")
+        ).read_text()
+    )
+    assert resolved["derived"]["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"demo_captions", "demo_reasoning_train"}
+    model = mlflow.models.get_model_info(summary["model_uri"])
+    assert model.flavors["python_function"]["loader_module"] == "mlflow.pyfunc.model"
+
+    # A retried step with the same config returns the finished run instead of training again.
+    again = run_stage("sft", cfg)
+    assert again == json.loads(json.dumps(summary, default=str))
+    with pytest.raises(ValueError, match="another config"):
+        run_stage("sft", parse_stage_config({**raw, "trainer": {**raw["trainer"], "max_steps": 11}}))
+
+
+def test_pretrain_mixes_text_and_images_with_all_parts_training(workspace, tmp_path, tracking):
+    cfg = parse_stage_config(
+        {
+            **sft_config(workspace, tmp_path / "pt", max_steps=6),
+            "stage": "pretrain",
+            "data": {
+                "meta": str(workspace["data"] / "meta_pretrain.json"),
+                "mode": "pretrain",
+                "max_length": 512,
+            },
+        }
+    )
+    summary = run_stage("pretrain", cfg)
+    metrics = read_metrics(tmp_path / "pt.work")
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    resolved = json.loads((tmp_path / "pt.work" / "complete.json").read_text())
+    assert resolved["config"]["data"]["mixture"]["language_ratio"] == 1.0
+    from mlflow import MlflowClient
+
+    run = MlflowClient().get_run(summary["mlflow_run_id"])
+    for part in ("vision", "projector", "llm"):  # ViT, MLP and LLM all train
+        assert int(run.data.params[f"derived.trainable_parameters.{part}"]) > 0
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} >= {"demo_text", "demo_captions"}
+    # Frozen parts keep their weights.
+    from safetensors.torch import load_file
+
+    frozen = parse_stage_config(
+        {**sft_config(workspace, tmp_path / "frozen", max_steps=2, freeze={"vision": True, "llm": True})}
+    )
+    run_stage("sft", frozen)
+    a, b = (
+        load_file(workspace["init"] / "model.safetensors"),
+        load_file(tmp_path / "frozen" / "model.safetensors"),
+    )
+    vision = [k for k in a if "vision_tower" in k]
+    projector = [k for k in a if "multi_modal_projector" in k and k.endswith("weight")]
+    assert vision and all(torch.equal(a[k], b[k]) for k in vision)
+    assert any(not torch.equal(a[k], b[k]) for k in projector)
+
+
+def test_mpo_lowers_its_loss_and_keeps_the_reward_shift(workspace, tmp_path, tracking):
+    cfg = parse_stage_config(
+        {
+            "stage": "mpo",
+            "init": str(workspace["init"]),
+            "output": str(tmp_path / "mpo"),
+            "data": {"path": str(workspace["data"] / "mpo" / "pairs.jsonl"), "max_length": 512},
+            "trainer": {
+                "global_batch_size": 4,
+                "micro_batch_size": 2,
+                "max_steps": 8,
+                "optimizer": {"lr": 3e-3},
+                "distributed": {"zero_stage": 0},
+            },
+            "tracking": {"experiment": "test", "log_model": False, "system_metrics": False},
+        }
+    )
+    summary = run_stage("mpo", cfg)
+    metrics = read_metrics(tmp_path / "mpo.work")
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert {"preference", "quality", "generation", "reward_shift", "reward_accuracy"} <= set(metrics[0])
+    # The policy starts as the reference: first rewards are exactly 0, so the first shift is 0.
+    assert metrics[0]["reward_shift"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics[0]["reward_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["pairs_used"] == 20 and summary["reward_shift"] != 0.0
+    assert (tmp_path / "mpo.work" / "reference_logps.pt").exists()
+
+
+def test_prm_trains_on_step_labels_and_counts_bad_lines(workspace, tmp_path, tracking):
+    data = tmp_path / "prm"
+    shutil.copytree(workspace["data"] / "prm", data)
+    lines = (data / "train.jsonl").read_text().splitlines()
+    bad = json.loads(lines[0])
+    bad["labels"] = bad["labels"][:-1]
+    (data / "train.jsonl").write_text("\n".join([*lines, json.dumps(bad), "{not json"]) + "\n")
+    cfg = parse_stage_config(
+        {
+            "stage": "prm",
+            "init": str(workspace["init"]),
+            "output": str(tmp_path / "prm-out"),
+            "data": {
+                "path": str(data / "train.jsonl"),
+                "image_root": str(workspace["data"] / "images"),
+                "max_bad_fraction": 0.1,
+            },
+            "packing": {"max_tokens": 512, "max_tiles": 32, "buffer_size": 8},
+            "trainer": {
+                "global_batch_size": 2,
+                "max_steps": 8,
+                "optimizer": {"lr": 3e-3},
+                "distributed": {"zero_stage": 3},
+            },
+            "tracking": {"experiment": "test", "log_model": False, "system_metrics": False},
+        }
+    )
+    summary = run_stage("prm", cfg)
+    assert summary["prm_solutions"] == len(lines)
+    assert summary["prm_skipped_lines"] == 2
+    assert summary["prm_skipped"] == {"prm_steps/invalid_record": 1, "prm_steps/malformed_json": 1}
+    metrics = read_metrics(tmp_path / "prm-out.work")
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert all(0.0 <= m["step_accuracy"] <= 1.0 for m in metrics)
+    from model.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "prm-out").metadata["stage"] == "prm"
