@@ -17,6 +17,8 @@ demo_app = typer.Typer(help="The local end-to-end demo (`make run`).", no_args_i
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(demo_app, name="demo")
+deepspeed_app = typer.Typer(help="DeepSpeed configs.", no_args_is_help=True)
+app.add_typer(deepspeed_app, name="deepspeed")
 console = Console()
 
 
@@ -134,6 +136,44 @@ def demo_run(
     console.print_json(json.dumps(summary))
 
 
+@app.command("train", context_settings={"allow_extra_args": False})
+def train(
+    stage: str = typer.Argument(..., help="pretrain, sft, mpo or prm."),
+    config: Path = typer.Option(..., "--config", "-c", help="Stage config (YAML or JSON)."),
+    summary: Path | None = typer.Option(None, help="Write the stage summary JSON here."),
+) -> None:
+    """Train one stage from a config file (also under `torchrun` / `deepspeed` launchers)."""
+    from pydantic import ValidationError
+
+    from components.training.config import STAGE_CONFIGS, load_stage_config
+
+    if stage not in STAGE_CONFIGS:
+        raise typer.BadParameter(f"choose one of {', '.join(STAGE_CONFIGS)}", param_hint="STAGE")
+    try:
+        cfg = load_stage_config(config, stage)
+    except (ValidationError, ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]invalid config {config}:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    from components.training.entrypoint import run_stage
+
+    result = run_stage(stage, cfg)
+    if summary is not None:
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps(result, indent=2, default=str))
+    console.print_json(json.dumps(result, default=str))
+
+
+@deepspeed_app.command("render")
+def deepspeed_render(
+    out: Path = typer.Option(None, help="Directory (default: the package's infra/deepspeed/)."),
+) -> None:
+    """Write the reference DeepSpeed configs rendered from the typed settings."""
+    from infra.ds_config import REFERENCE_DIR, write_reference_configs
+
+    for path in write_reference_configs(out or REFERENCE_DIR):
+        console.print(f"wrote {path}")
+
+
 @app.command("compile")
 def compile_pipelines(out: str = typer.Option(".vlpipe/compiled", help="Output directory.")) -> None:
     """Compile the Kubeflow pipelines (arrives with the Pipelines issue)."""
@@ -148,6 +188,14 @@ def bench(out: str = typer.Option(".vlpipe/bench", help="Where JSON results go."
 
     run_benchmarks(Path(out), console=console)
 
+
+def _register_eval() -> None:
+    from components.evaluate.cli import eval_command
+
+    app.command("eval", help="Best-of-N evaluation with the PRM as critic (`--config FILE`).")(eval_command)
+
+
+_register_eval()
 
 if __name__ == "__main__":
     app()

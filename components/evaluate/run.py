@@ -1,0 +1,492 @@
+"""The Best-of-N evaluation entrypoint: validate → load → evaluate → save → log, top to bottom.
+
+For each benchmark item: a greedy answer (pass@1; greedy answers of `batch_items` items in one batch) and N
+sampled answers (the prompt repeated N times in one batch, seeded per item), both with KV-cache generation on
+V2PE positions (`model.generate`) and the training image processing (`model.image.process_image` with the
+checkpoint's settings); the PRM scores every step of the N answers in one padded forward
+(`components.evaluate.scoring`); the best aggregated score picks the answer (ties → earliest sample); final
+answers are extracted and checked per benchmark format (`components.evaluate.benchmarks`); metrics are pure
+functions of the per-item outcomes (`components.evaluate.metrics`).
+
+Writes `metrics.json`, `items.jsonl`, `skipped.json`, `config.json` and `best_of_k*.png` to `output_dir`, and
+records an MLflow run (params, metrics with Best-of-k at step k, the files above and a per-item table).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from components.evaluate.benchmarks import (
+    BenchmarkError,
+    BenchmarkItem,
+    LoadedBenchmark,
+    SkippedRow,
+    load_benchmark,
+)
+from components.evaluate.config import OVERALL, EvalConfig
+from components.evaluate.metrics import ItemOutcome, compute_metrics, ks_for, majority_vote, select_best
+from components.evaluate.plot import plot_best_of_k
+from components.evaluate.scoring import PRMScorer
+from model.checkpoint import LoadedModel, load_checkpoint
+from model.conversation import ConversationEncoder, EncodedSample
+from model.errors import SampleError
+from model.generate import generate
+from model.image import decode_image, process_image
+from model.storage import is_remote, upload_dir, vlpipe_home
+from model.tokenizer import IM_END
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SCALAR_METRICS = (
+    "items",
+    "pass_at_1",
+    "best_of_n",
+    "majority",
+    "oracle",
+    "sample_accuracy",
+    "prm_score_correct_mean",
+    "prm_score_incorrect_mean",
+)
+_PER_K_METRICS = ("best_of_k", "majority_at_k", "oracle_at_k")
+
+
+def tracking_uri() -> str:
+    """MLflow tracking URI: `$MLFLOW_TRACKING_URI`, default `sqlite:///<VLPIPE_HOME>/mlflow.db`."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    home = vlpipe_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def item_seed(seed: int, benchmark: str, item_id: str) -> int:
+    """The sampling seed of one item: stable across runs, limits, batch sizes and benchmark order."""
+    digest = hashlib.sha256(f"{seed}:{benchmark}:{item_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+@dataclass
+class PreparedItem:
+    """An item ready for generation and scoring."""
+
+    item: BenchmarkItem
+    prompt: EncodedSample  # the policy's generation prompt, with its pixel values
+    prm_tiles: list[int]
+    prm_pixels: torch.Tensor | None
+
+
+def _pixels(images: Sequence, loaded: LoadedModel) -> tuple[list[int], torch.Tensor | None]:
+    tiles = [process_image(image, loaded.image_cfg) for image in images]
+    return [t.shape[0] for t in tiles], (torch.cat(tiles) if tiles else None)
+
+
+def prepare_item(
+    item: BenchmarkItem, policy: LoadedModel, encoder: ConversationEncoder, prm: LoadedModel
+) -> PreparedItem:
+    """Decode and process the item's images for each model and encode the policy's generation prompt.
+
+    Args:
+        item: the benchmark item.
+        policy: the policy checkpoint (its image settings, tokens per tile and V2PE δ apply to the prompt).
+        encoder: the policy's conversation encoder (`max_length` caps the prompt).
+        prm: the PRM checkpoint (its own image settings apply to its pixels).
+
+    Raises:
+        SampleError: an image does not decode, or the prompt is longer than `max_length` (`too_long`).
+    """
+    images = [
+        decode_image(data, source=f"{item.benchmark}:{item.item_id} image {i}")
+        for i, data in enumerate(item.images)
+    ]
+    tiles, pixels = _pixels(images, policy)
+    record: dict = {"id": item.item_id, "conversations": [{"from": "human", "value": item.prompt_text}]}
+    if images:
+        record["image"] = [f"image-{i}" for i in range(len(images))]
+    prompt = encoder.encode(
+        record, tiles, pixel_values=pixels, v2pe_deltas=policy.v2pe_delta, add_generation_prompt=True
+    )
+    if prm is policy:
+        prm_tiles, prm_pixels = tiles, pixels
+    else:
+        prm_tiles, prm_pixels = _pixels(images, prm)
+    return PreparedItem(item, prompt, prm_tiles, prm_pixels)
+
+
+def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+class _Evaluator:
+    """Holds the models and settings; evaluates a benchmark batch by batch."""
+
+    def __init__(self, config: EvalConfig, policy: LoadedModel, prm: LoadedModel) -> None:
+        self.config = config
+        self.policy = policy
+        self.tokenizer = policy.tokenizer
+        self.encoder = ConversationEncoder(
+            policy.tokenizer, policy.tokens_per_tile, config.max_length, mode="sft"
+        )
+        self.prm = prm
+        self.scorer = PRMScorer(prm, config.aggregation)
+        self.eos_id = int(policy.tokenizer.convert_tokens_to_ids(IM_END))
+        self.pad_id = int(policy.tokenizer.pad_token_id)
+
+    def _generate(self, prompts: list[EncodedSample], *, sample: bool, seed: int | None = None) -> list[str]:
+        c = self.config
+        ids = generate(
+            self.policy.model,
+            prompts,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            max_new_tokens=c.max_new_tokens,
+            do_sample=sample,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            seed=seed,
+        )
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+    def evaluate(self, loaded: LoadedBenchmark) -> tuple[list[ItemOutcome], list[dict], list[SkippedRow]]:
+        """Evaluate every item of a loaded benchmark; returns outcomes, per-item records and items skipped
+        while preparing (e.g. prompts longer than `max_length`)."""
+        c = self.config
+        outcomes: list[ItemOutcome] = []
+        records: list[dict] = []
+        skipped: list[SkippedRow] = []
+        for batch in _chunks(loaded.items, c.batch_items):
+            prepared = []
+            for item in batch:
+                try:
+                    prepared.append(prepare_item(item, self.policy, self.encoder, self.prm))
+                except SampleError as exc:
+                    skipped.append(
+                        SkippedRow(item.benchmark, loaded.spec.path, item.item_id, exc.reason, exc.detail)
+                    )
+            if not prepared:
+                continue
+            greedy = self._generate([p.prompt for p in prepared], sample=False)
+            for p, greedy_text in zip(prepared, greedy, strict=True):
+                outcome, record = self._evaluate_item(p, greedy_text)
+                outcomes.append(outcome)
+                records.append(record)
+        return outcomes, records, skipped
+
+    def _evaluate_item(self, p: PreparedItem, greedy_text: str) -> tuple[ItemOutcome, dict]:
+        c, item = self.config, p.item
+        texts = self._generate(
+            [p.prompt] * c.n, sample=True, seed=item_seed(c.seed, item.benchmark, item.item_id)
+        )
+        scored = self.scorer.score_answers(
+            item.prompt_text, texts, p.prm_tiles, p.prm_pixels, f"{item.benchmark}:{item.item_id}"
+        )
+        extracted = [item.extract(t) for t in texts]
+        correct = [item.is_correct(e) for e in extracted]
+        greedy_extracted = item.extract(greedy_text)
+        outcome = ItemOutcome(
+            benchmark=item.benchmark,
+            item_id=item.item_id,
+            greedy_correct=item.is_correct(greedy_extracted),
+            sample_answers=tuple(extracted),
+            sample_correct=tuple(correct),
+            sample_scores=tuple(s.score for s in scored),
+        )
+        chosen = select_best(outcome.sample_scores)
+        vote = majority_vote(outcome.sample_answers)
+        record = {
+            "benchmark": item.benchmark,
+            "id": item.item_id,
+            "question": item.question,
+            "reference": item.raw_answer,
+            "reference_canonical": item.answer,
+            "greedy": {
+                "answer": greedy_text,
+                "extracted": greedy_extracted,
+                "correct": outcome.greedy_correct,
+            },
+            "samples": [
+                {
+                    "answer": text,
+                    "steps": list(s.steps),
+                    "step_scores": list(s.step_scores),
+                    "score": _finite(s.score),
+                    "extracted": e,
+                    "correct": ok,
+                }
+                for text, s, e, ok in zip(texts, scored, extracted, correct, strict=True)
+            ],
+            "chosen": chosen,
+            "chosen_correct": correct[chosen],
+            "majority_answer": None if vote is None else extracted[vote],
+            "majority_correct": vote is not None and correct[vote],
+            "oracle": any(correct),
+        }
+        return outcome, record
+
+
+def _table(records: list[dict]) -> dict[str, list]:
+    """Per-item columns for `mlflow.log_table` (lists as JSON strings, so every cell is a scalar)."""
+    return {
+        "benchmark": [r["benchmark"] for r in records],
+        "id": [r["id"] for r in records],
+        "question": [r["question"] for r in records],
+        "reference": [r["reference"] for r in records],
+        "greedy_answer": [r["greedy"]["answer"] for r in records],
+        "greedy_correct": [r["greedy"]["correct"] for r in records],
+        "answers": [json.dumps([s["answer"] for s in r["samples"]]) for r in records],
+        "step_scores": [json.dumps([s["step_scores"] for s in r["samples"]]) for r in records],
+        "scores": [json.dumps([s["score"] for s in r["samples"]]) for r in records],
+        "extracted": [json.dumps([s["extracted"] for s in r["samples"]]) for r in records],
+        "chosen": [r["chosen"] for r in records],
+        "chosen_answer": [r["samples"][r["chosen"]]["answer"] for r in records],
+        "chosen_correct": [r["chosen_correct"] for r in records],
+        "majority_correct": [r["majority_correct"] for r in records],
+        "oracle": [r["oracle"] for r in records],
+    }
+
+
+def _mlflow_metrics(metrics: dict) -> list[tuple[str, float, int]]:
+    out: list[tuple[str, float, int]] = []
+    scopes = [(OVERALL, metrics[OVERALL]), *metrics["benchmarks"].items()]
+    for scope, summary in scopes:
+        for key in _SCALAR_METRICS:
+            if summary.get(key) is not None:
+                out.append((f"{scope}/{key}", float(summary[key]), 0))
+        for key in _PER_K_METRICS:
+            for k, value in summary[key].items():
+                out.append((f"{scope}/{key}", float(value), int(k)))
+        out.append((f"{scope}/skipped", float(summary["skipped"]), 0))
+        out.append((f"{scope}/items_per_second", float(summary["items_per_second"]), 0))
+    return out
+
+
+def _params(config: EvalConfig) -> dict[str, str]:
+    params = {
+        key: str(value)
+        for key, value in config.model_dump(exclude={"benchmarks", "mlflow"}).items()
+        if value is not None
+    }
+    for b in config.benchmarks:
+        for key, value in b.model_dump(exclude={"name"}).items():
+            if value is not None:
+                params[f"benchmark.{b.name}.{key}"] = str(value)[:6000]
+    return params
+
+
+class _Run:
+    """The MLflow run of one evaluation, through an explicit client (no global active-run state)."""
+
+    def __init__(self, config: EvalConfig) -> None:
+        from mlflow import MlflowClient
+
+        settings = config.mlflow
+        self.tracking_uri = tracking_uri()
+        self.client = MlflowClient(self.tracking_uri)
+        tags = {"stage": "eval", **settings.tags}
+        if settings.parent_run_id:
+            parent = self.client.get_run(settings.parent_run_id)
+            experiment_id = parent.info.experiment_id
+            tags["mlflow.parentRunId"] = settings.parent_run_id
+        else:
+            experiment = self.client.get_experiment_by_name(settings.experiment)
+            experiment_id = (
+                experiment.experiment_id if experiment else self.client.create_experiment(settings.experiment)
+            )
+        run_name = settings.run_name or f"eval-{Path(config.policy.rstrip('/')).name}"
+        self.experiment_id = experiment_id
+        self.run_id = self.client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, values: list[tuple[str, float, int]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(key, value, now, step) for key, value, step in values]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[start : start + 500])
+
+    def finish(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+def _report_skipped(console: Console, rows: Sequence[SkippedRow], show: int = 10) -> None:
+    for i, row in enumerate(rows):
+        logger.warning("skipped %s item %s: %s: %s", row.benchmark, row.item_id, row.reason, row.detail)
+        if i < show:
+            console.print(
+                f"  skipped {row.benchmark} item {row.item_id}: {row.reason}: {row.detail}", soft_wrap=True
+            )
+    if len(rows) > show:
+        console.print(f"  ... and {len(rows) - show} more skipped rows (all in skipped.json)")
+
+
+def _progress(console: Console, name: str, done: int, total: int, started: float) -> None:
+    rate = done / max(time.perf_counter() - started, 1e-9)
+    console.print(f"  {name}: {done}/{total} items ({rate:.2f} items/s)")
+
+
+def run_evaluation(config: EvalConfig, console: Console | None = None) -> dict:
+    """Run the Best-of-N evaluation described by `config`.
+
+    Args:
+        config: the validated settings (validated again here: a config built elsewhere may be stale).
+        console: where progress goes; default a console on stderr.
+
+    Returns:
+        The metrics (as also written to `<output_dir>/metrics.json`): `benchmarks` (per benchmark) and `overall`
+        scopes (see `components.evaluate.metrics.summarize`, plus `skipped`, `skipped_reasons`,
+        `items_per_second`), `n`, `ks`, `aggregation`, `evaluated_items`, `seconds`, `items_per_second`,
+        `skipped` (every skipped row with its reason), `output_dir` and `mlflow` (tracking URI, experiment
+        and run id).
+
+    Raises:
+        FileNotFoundError: a benchmark file or checkpoint does not exist.
+        BenchmarkError: a benchmark is empty or has no usable row (the message names the file).
+    """
+    console = console or Console(stderr=True)
+    config = EvalConfig.model_validate(config.model_dump())
+
+    # 1. Benchmarks first: bad input fails before any model is loaded or run recorded.
+    benchmarks = [load_benchmark(spec) for spec in config.benchmarks]
+    skipped: list[SkippedRow] = [row for b in benchmarks for row in b.skipped]
+    for b in benchmarks:
+        reasons = Counter(row.reason for row in b.skipped)
+        console.print(
+            f"benchmark {b.spec.name}: {len(b.items)} items from {b.spec.path}, {len(b.skipped)} skipped"
+            + (f" ({', '.join(f'{r}: {n}' for r, n in sorted(reasons.items()))})" if reasons else "")
+        )
+    _report_skipped(console, skipped)
+
+    # 2. Set up: output directory, MLflow run, models.
+    staging = Path(tempfile.mkdtemp(prefix="vlpipe-eval-")) if is_remote(config.output_dir) else None
+    out = staging or Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _Run(config)
+    try:
+        run.log_params(_params(config))
+        config_json = config.model_dump_json(indent=2)
+        (out / "config.json").write_text(config_json + "\n")
+        run.client.log_artifact(run.run_id, str(out / "config.json"), "eval")
+
+        if config.device == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(config.device)
+        dtype = _DTYPES[config.dtype]
+        console.print(f"loading policy {config.policy} and PRM {config.prm} on {device}")
+        policy = load_checkpoint(config.policy, dtype=dtype, device=device)
+        prm = (
+            policy if config.prm == config.policy else load_checkpoint(config.prm, dtype=dtype, device=device)
+        )
+
+        # 3. Evaluate.
+        evaluator = _Evaluator(config, policy, prm)
+        outcomes: list[ItemOutcome] = []
+        records: list[dict] = []
+        per_benchmark_seconds: dict[str, float] = {}
+        started = time.perf_counter()
+        for b in benchmarks:
+            t0 = time.perf_counter()
+            got, recs, bad = evaluator.evaluate(b)
+            per_benchmark_seconds[b.spec.name] = time.perf_counter() - t0
+            skipped += bad
+            _report_skipped(console, bad)
+            if not got:
+                raise BenchmarkError(
+                    f"benchmark {b.spec.name!r}: no item of {b.spec.path} could be evaluated "
+                    f"({len(b.skipped) + len(bad)} skipped; see the skipped reasons)"
+                )
+            outcomes += got
+            records += recs
+            _progress(console, b.spec.name, len(got), len(b.items), t0)
+        seconds = time.perf_counter() - started
+
+        # 4. Metrics and files.
+        ks = ks_for(config.n)
+        metrics = compute_metrics(outcomes, ks)
+        counts = Counter((row.benchmark, row.reason) for row in skipped)
+        for name, summary in metrics["benchmarks"].items():
+            reasons = {reason: n for (bench, reason), n in sorted(counts.items()) if bench == name}
+            summary["skipped"] = sum(reasons.values())
+            summary["skipped_reasons"] = reasons
+            summary["items_per_second"] = summary["items"] / max(per_benchmark_seconds[name], 1e-9)
+        metrics[OVERALL]["skipped"] = len(skipped)
+        metrics[OVERALL]["skipped_reasons"] = dict(sorted(Counter(row.reason for row in skipped).items()))
+        metrics[OVERALL]["items_per_second"] = len(outcomes) / max(seconds, 1e-9)
+        metrics.update(
+            n=config.n,
+            ks=ks,
+            aggregation=config.aggregation,
+            evaluated_items=len(outcomes),
+            seconds=round(seconds, 3),
+            items_per_second=len(outcomes) / max(seconds, 1e-9),
+            skipped=[row.to_dict() for row in skipped],
+            output_dir=config.output_dir,
+            mlflow={
+                "tracking_uri": run.tracking_uri,
+                "experiment_id": run.experiment_id,
+                "run_id": run.run_id,
+            },
+        )
+        metrics = json.loads(json.dumps(metrics))  # what metrics.json holds: string keys for k
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        with (out / "items.jsonl").open("w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        (out / "skipped.json").write_text(json.dumps(metrics["skipped"], indent=2) + "\n")
+        plots = [plot_best_of_k(metrics[OVERALL], out / "best_of_k.png", "all benchmarks")]
+        if len(metrics["benchmarks"]) > 1:
+            plots += [
+                plot_best_of_k(summary, out / f"best_of_k_{name}.png", name)
+                for name, summary in metrics["benchmarks"].items()
+            ]
+
+        # 5. Log.
+        run.log_metrics([*_mlflow_metrics(metrics), ("items_per_second", metrics["items_per_second"], 0)])
+        for name in ("metrics.json", "items.jsonl", "skipped.json"):
+            run.client.log_artifact(run.run_id, str(out / name), "eval")
+        for plot in plots:
+            run.client.log_artifact(run.run_id, str(plot), "eval/plots")
+        run.client.log_table(run.run_id, data=_table(records), artifact_file="eval/items_table.json")
+        if staging is not None:
+            upload_dir(staging, config.output_dir)
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    run.finish("FINISHED")
+    o = metrics[OVERALL]
+    console.print(
+        f"evaluated {len(outcomes)} items ({metrics['items_per_second']:.2f} items/s): pass@1 {o['pass_at_1']:.3f}, "
+        f"Best-of-{config.n} {o['best_of_n']:.3f}, majority {o['majority']:.3f}, oracle {o['oracle']:.3f}; "
+        f"{len(skipped)} skipped; MLflow run {run.run_id}"
+    )
+    return metrics
