@@ -10,6 +10,21 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_tracking(tmp_path_factory):
+    """Keep every test's MLflow runs and local state out of the repository (./mlruns, .vlpipe/)."""
+    home = tmp_path_factory.mktemp("vlpipe-home")
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "VLPIPE_HOME")}
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
+    os.environ["VLPIPE_HOME"] = str(home)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from model.tokenizer import default_corpus, train_bpe_tokenizer

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -41,12 +40,13 @@ from components.evaluate.config import OVERALL, EvalConfig
 from components.evaluate.metrics import ItemOutcome, compute_metrics, ks_for, majority_vote, select_best
 from components.evaluate.plot import plot_best_of_k
 from components.evaluate.scoring import PRMScorer
+from components.training.tracking import ensure_experiment, git_commit, tracking_uri
 from model.checkpoint import LoadedModel, load_checkpoint
 from model.conversation import ConversationEncoder, EncodedSample
 from model.errors import SampleError
 from model.generate import generate
 from model.image import decode_image, process_image
-from model.storage import is_remote, upload_dir, vlpipe_home
+from model.storage import is_remote, upload_dir
 from model.tokenizer import IM_END
 
 logger = logging.getLogger(__name__)
@@ -63,16 +63,6 @@ _SCALAR_METRICS = (
     "prm_score_incorrect_mean",
 )
 _PER_K_METRICS = ("best_of_k", "majority_at_k", "oracle_at_k")
-
-
-def tracking_uri() -> str:
-    """MLflow tracking URI: `$MLFLOW_TRACKING_URI`, default `sqlite:///<VLPIPE_HOME>/mlflow.db`."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    home = vlpipe_home()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'mlflow.db'}"
 
 
 def item_seed(seed: int, benchmark: str, item_id: str) -> int:
@@ -302,16 +292,13 @@ class _Run:
         settings = config.mlflow
         self.tracking_uri = tracking_uri()
         self.client = MlflowClient(self.tracking_uri)
-        tags = {"stage": "eval", **settings.tags}
+        tags = {"stage": "eval", "git_commit": git_commit(), **settings.tags}
         if settings.parent_run_id:
             parent = self.client.get_run(settings.parent_run_id)
             experiment_id = parent.info.experiment_id
             tags["mlflow.parentRunId"] = settings.parent_run_id
         else:
-            experiment = self.client.get_experiment_by_name(settings.experiment)
-            experiment_id = (
-                experiment.experiment_id if experiment else self.client.create_experiment(settings.experiment)
-            )
+            experiment_id = ensure_experiment(settings.experiment)
         run_name = settings.run_name or f"eval-{Path(config.policy.rstrip('/')).name}"
         self.experiment_id = experiment_id
         self.run_id = self.client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id

@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=sorted(STAGE_CONFIGS))
     parser.add_argument("--config", required=True, type=Path, help="stage config (YAML or JSON)")
     parser.add_argument("--summary", type=Path, help="write the stage summary JSON here (rank 0)")
+    # The `deepspeed` launcher passes --local_rank; LOCAL_RANK in the environment is what is used.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = load_stage_config(args.config, args.stage)

@@ -117,7 +117,12 @@ class Tracker:
             return None
         import mlflow
 
-        experiment_id = ensure_experiment(tracking.experiment)
+        if tracking.parent_run_id:  # MLflow shows nested runs inside their parent's experiment only
+            experiment_id = (
+                mlflow.MlflowClient(tracking_uri()).get_run(tracking.parent_run_id).info.experiment_id
+            )
+        else:
+            experiment_id = ensure_experiment(tracking.experiment)
         tags = {
             "stage": stage,
             "recipe": tracking.recipe,

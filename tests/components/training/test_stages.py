@@ -200,3 +200,37 @@ def test_prm_trains_on_step_labels_and_counts_bad_lines(workspace, tmp_path, tra
     from model.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "prm-out").metadata["stage"] == "prm"
+
+
+def test_gradient_checkpointing_and_epochs(workspace, tmp_path, tracking):
+    # Recomputing activations changes memory, not the maths: same losses as without.
+    plain = parse_stage_config(
+        sft_config(workspace, tmp_path / "plain", max_steps=3, distributed={"zero_stage": 0})
+    )
+    ckpt = parse_stage_config(
+        sft_config(
+            workspace,
+            tmp_path / "gc",
+            max_steps=3,
+            distributed={"zero_stage": 0},
+            gradient_checkpointing=True,
+        )
+    )
+    run_stage("sft", plain)
+    run_stage("sft", ckpt)
+    a, b = read_metrics(tmp_path / "plain.work"), read_metrics(tmp_path / "gc.work")
+    assert [m["loss"] for m in b] == pytest.approx([m["loss"] for m in a], rel=1e-6)
+
+    # epochs: 20 pairs x 0.5 epochs / global batch 4 = 2.5 -> 3 steps.
+    mpo = parse_stage_config(
+        {
+            "stage": "mpo",
+            "init": str(workspace["init"]),
+            "output": str(tmp_path / "mpo-epochs"),
+            "data": {"path": str(workspace["data"] / "mpo" / "pairs.jsonl"), "max_length": 512},
+            "trainer": {"global_batch_size": 4, "micro_batch_size": 4, "epochs": 0.5},
+            "tracking": {"experiment": "test", "log_model": False, "system_metrics": False},
+        }
+    )
+    assert run_stage("mpo", mpo)["steps"] == 3
+    assert len(read_metrics(tmp_path / "mpo-epochs.work")) == 3
