@@ -177,6 +177,13 @@ def _bench_prm_scoring(work: Path) -> dict:
     return bench_prm_scoring(work / "prm_scoring")
 
 
+def _bench_serving(work: Path) -> dict:
+    """Chat completion p50/p99 through the HTTP server vs in-process; errors under 32 clients for 60 s."""
+    from serving.bench import bench_serving
+
+    return bench_serving(work / "serving")
+
+
 def run_benchmarks(out: Path, *, console: Console) -> dict[str, dict]:
     """Run every benchmark, write `out/<name>.json`, print a table; returns the results."""
     work = out / "work"
@@ -185,6 +192,7 @@ def run_benchmarks(out: Path, *, console: Console) -> dict[str, dict]:
         "data_pipeline_throughput": bench_pipeline_throughput(),
         "training_sft_packing": bench_training_packing(work),
         "eval_prm_scoring": _bench_prm_scoring(work),
+        "serving_latency": _bench_serving(work),
     }
     table = Table(title="vlpipe benchmarks")
     table.add_column("benchmark")

@@ -1,0 +1,441 @@
+"""OpenAI-compatible chat completions (`POST /openai/v1/chat/completions`) on KServe's FastAPI app.
+
+KServe 0.21's own OpenAI model classes import vLLM, so without vLLM their routes are never registered; this
+module adds the route itself (`register_openai_routes`) with pydantic request/response models. A request
+carries OpenAI chat messages whose content is a string or a list of `text` and `image_url` parts; images must
+be base64 data URLs (`data:image/png;base64,...`) — remote `http(s)` URLs are refused, the server never fetches
+anything. Messages map to InternVL conversation turns (system/developer → system, user → human, assistant →
+gpt); each image part becomes an `<image>` placeholder at its place in the user turn (parts are joined by
+newlines, so `[image, text]` gives InternVL's `<image>\\n...`). Supported fields: `model`, `messages`,
+`max_tokens` (or `max_completion_tokens`), `temperature` (default 1.0, as OpenAI; 0 = greedy), `top_p`, `n`,
+`seed`, `stream` (server-sent events ending with `data: [DONE]`), and the extension `best_of`: sample that many
+answers at the request's temperature and return the `n` the process reward model scores highest, best first,
+each with its `prm_score` (at temperature 0 every sample is the greedy answer). Unknown fields are ignored, as
+OpenAI clients send many optional ones.
+
+Streaming sends the answer token by token as chunks, but only after the whole answer is generated
+(`model.generate.generate` has no streamer hook): the protocol is OpenAI's, the time to first token is not.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.limits import RequestRejected, ServingLimits
+from serving.pyfunc import decode_image_field
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+    from kserve.model_repository import ModelRepository
+
+OPENAI_ROUTE_PREFIX = "/openai/v1"
+_ROLES = {"system": "system", "developer": "system", "user": "human", "assistant": "gpt"}
+
+
+# -- request ------------------------------------------------------------------------------------------------
+class ImageURL(BaseModel):
+    """An image given as a URL; only `data:image/...;base64,` URLs are accepted."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    url: str
+    detail: str | None = None
+
+
+class TextPart(BaseModel):
+    """A text part of a message's content."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    """An image part of a message's content (`image_url` as an object, or as the URL string itself)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    """One chat message."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """The body of `POST /openai/v1/chat/completions`. Static ranges fail with 422; the server's caps
+    (`ServingLimits`) are checked by the route and fail with 400."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1)
+    best_of: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    stream: bool = False
+
+
+# -- response -----------------------------------------------------------------------------------------------
+FinishReason = Literal["stop", "length"]
+
+
+class AssistantMessage(BaseModel):
+    """The answer of one choice."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    """One answer; `prm_score` is set when the answer was chosen by `best_of`."""
+
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    prm_score: float | None = None
+
+
+class Usage(BaseModel):
+    """Token counts of a request (completion tokens over every sampled answer, `best_of` included)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionResponse(BaseModel):
+    """A non-streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class ChoiceDelta(BaseModel):
+    """The part of an answer a chunk adds."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionChunkChoice(BaseModel):
+    """One choice's piece within a streamed chunk."""
+
+    index: int
+    delta: ChoiceDelta
+    finish_reason: FinishReason | None = None
+    prm_score: float | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+
+
+# -- what the route hands the model, and what it gets back -----------------------------------------------------
+@dataclass(frozen=True)
+class Conversation:
+    """A chat request as InternVL turns: (`system`|`human`|`gpt`, text with `<image>` placeholders), and the
+    encoded image files in placeholder order."""
+
+    turns: tuple[tuple[str, str], ...]
+    images: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """Generation settings of a chat request, already checked against the caps."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    n: int = 1
+    best_of: int | None = None
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer: its text, token ids (without the end token) and why it stopped."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    prm_score: float | None = None
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """The chosen answers of a chat request and its token counts."""
+
+    completions: list[Completion]
+    prompt_tokens: int
+    completion_tokens: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ChatModel(Protocol):
+    """What the route needs of a served model (`serving.predictor.VLPipeModel` is one)."""
+
+    name: str
+    ready: bool
+    limits: ServingLimits
+
+    async def chat(self, conversation: Conversation, settings: ChatSettings) -> ChatResult: ...
+
+    def text_pieces(self, token_ids: Sequence[int]) -> list[str]: ...
+
+
+# -- request → conversation --------------------------------------------------------------------------------
+def _image_count(request: ChatCompletionRequest) -> int:
+    return sum(
+        isinstance(part, ImagePart)
+        for message in request.messages
+        if isinstance(message.content, list)
+        for part in message.content
+    )
+
+
+def _image_bytes(part: ImagePart, where: str) -> bytes:
+    url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+    scheme = url.strip()[:8].lower()
+    if scheme.startswith(("http://", "https://")):
+        raise RequestRejected(
+            400,
+            f"{where}: remote image URLs are not fetched by this server; send the image inline as a base64 "
+            "data URL, 'data:image/png;base64,...'",
+            param=where,
+        )
+    if not scheme.startswith("data:"):
+        raise RequestRejected(
+            400, f"{where}: image_url must be a base64 data URL, 'data:image/png;base64,...'", param=where
+        )
+    try:
+        return decode_image_field(url, where)
+    except ValueError as exc:
+        raise RequestRejected(400, str(exc), param=where) from exc
+
+
+def to_conversation(request: ChatCompletionRequest, limits: ServingLimits) -> Conversation:
+    """Map OpenAI messages to InternVL turns and decode their base64 images (not yet the image files).
+
+    Args:
+        request: the validated request.
+        limits: the caps on messages and images.
+
+    Returns:
+        The conversation; its last turn is a human turn.
+
+    Raises:
+        RequestRejected: (400) too many messages or images, a remote or malformed image URL, invalid base64,
+            an image outside a user message, or a conversation that does not end with a user message.
+    """
+    if len(request.messages) > limits.max_messages:
+        raise RequestRejected(
+            400,
+            f"{len(request.messages)} messages, above the server's cap of {limits.max_messages}",
+            param="messages",
+        )
+    count = _image_count(request)
+    if count > limits.max_images:
+        raise RequestRejected(
+            400,
+            f"{count} images in the request, above the server's cap of {limits.max_images}; send fewer images",
+            param="messages",
+        )
+    turns: list[tuple[str, str]] = []
+    images: list[bytes] = []
+    for i, message in enumerate(request.messages):
+        content = message.content
+        if content is None or isinstance(content, str):
+            turns.append((_ROLES[message.role], content or ""))
+            continue
+        pieces: list[str] = []
+        for j, part in enumerate(content):
+            if isinstance(part, TextPart):
+                pieces.append(part.text)
+                continue
+            where = f"messages[{i}].content[{j}]"
+            if message.role != "user":
+                raise RequestRejected(
+                    400, f"{where}: images belong in user messages, not {message.role}", param=where
+                )
+            images.append(_image_bytes(part, where))
+            pieces.append("<image>")
+        turns.append((_ROLES[message.role], "\n".join(pieces)))
+    if turns[-1][0] != "human":
+        raise RequestRejected(
+            400,
+            f"the last message is a {request.messages[-1].role} message; end the conversation with a user "
+            "message to get an answer",
+            param="messages",
+        )
+    return Conversation(tuple(turns), tuple(images))
+
+
+def chat_settings(request: ChatCompletionRequest, limits: ServingLimits) -> ChatSettings:
+    """The request's generation settings, checked against the server's caps.
+
+    Raises:
+        RequestRejected: (400) `max_tokens`, `n` or `best_of` above their caps, or `best_of` below `n`.
+    """
+    max_tokens = request.max_completion_tokens or request.max_tokens or limits.default_max_tokens
+    if max_tokens > limits.max_tokens:
+        raise RequestRejected(
+            400, f"max_tokens {max_tokens} is above the server's cap of {limits.max_tokens}", "max_tokens"
+        )
+    if request.n > limits.max_n:
+        raise RequestRejected(400, f"n {request.n} is above the server's cap of {limits.max_n}", "n")
+    if request.best_of is not None:
+        if request.best_of > limits.max_best_of:
+            raise RequestRejected(
+                400, f"best_of {request.best_of} is above the server's cap of {limits.max_best_of}", "best_of"
+            )
+        if request.best_of < request.n:
+            raise RequestRejected(
+                400, f"best_of ({request.best_of}) must be at least n ({request.n})", "best_of"
+            )
+    return ChatSettings(
+        max_tokens=max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        n=request.n,
+        best_of=request.best_of,
+        seed=request.seed,
+    )
+
+
+# -- responses -----------------------------------------------------------------------------------------------
+def completion_response(model_name: str, result: ChatResult, *, response_id: str, created: int) -> dict:
+    """The JSON body of a non-streamed completion (`prm_score` only on `best_of` answers)."""
+    response = ChatCompletionResponse(
+        id=response_id,
+        created=created,
+        model=model_name,
+        choices=[
+            ChatCompletionChoice(
+                index=i,
+                message=AssistantMessage(content=c.text),
+                finish_reason=c.finish_reason,
+                prm_score=c.prm_score,
+            )
+            for i, c in enumerate(result.completions)
+        ],
+        usage=Usage(
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            total_tokens=result.prompt_tokens + result.completion_tokens,
+        ),
+    )
+    return response.model_dump(mode="json", exclude_none=True)
+
+
+def _sse(chunk: ChatCompletionChunk) -> str:
+    data = chunk.model_dump(mode="json")
+    for choice in data["choices"]:
+        choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        if choice["prm_score"] is None:
+            del choice["prm_score"]
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+async def stream_events(
+    model: ChatModel, result: ChatResult, *, response_id: str, created: int
+) -> AsyncIterator[str]:
+    """Server-sent events of a completion: per choice a role chunk, one chunk per decoded token piece and a
+    chunk with the finish reason; then `data: [DONE]`."""
+
+    def chunk(index: int, delta: ChoiceDelta, finish: FinishReason | None = None, score=None) -> str:
+        choice = ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish, prm_score=score)
+        return _sse(ChatCompletionChunk(id=response_id, created=created, model=model.name, choices=[choice]))
+
+    for i, completion in enumerate(result.completions):
+        yield chunk(i, ChoiceDelta(role="assistant", content=""))
+        for piece in model.text_pieces(completion.token_ids):
+            yield chunk(i, ChoiceDelta(content=piece))
+        yield chunk(i, ChoiceDelta(), completion.finish_reason, completion.prm_score)
+    yield "data: [DONE]\n\n"
+
+
+# -- routes ------------------------------------------------------------------------------------------------
+def _find_model(registry: ModelRepository, name: str | None) -> ChatModel:
+    models = registry.get_models()
+    if name is None:
+        if len(models) != 1:
+            raise RequestRejected(400, f"name the model: one of {sorted(models)}", param="model")
+        name = next(iter(models))
+    model = registry.get_model(name)
+    if model is None:
+        raise RequestRejected(
+            404, f"model {name!r} is not served here; available: {sorted(models)}", param="model"
+        )
+    if not hasattr(model, "chat"):
+        raise RequestRejected(400, f"model {name!r} does not support chat completions", param="model")
+    if not model.ready:
+        raise RequestRejected(503, f"model {name!r} is not ready yet; retry shortly", param="model")
+    return model
+
+
+def register_openai_routes(app: FastAPI, registry: ModelRepository) -> None:
+    """Add `POST /openai/v1/chat/completions` and `GET /openai/v1/models` to KServe's FastAPI app.
+
+    Args:
+        app: the app KServe's REST server serves (its V1/V2 routes are already on it).
+        registry: KServe's model repository; requests name a model in it (or omit `model` when there is one).
+    """
+    from fastapi import APIRouter
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    async def chat_completions(body: ChatCompletionRequest):
+        model = _find_model(registry, body.model)
+        settings = chat_settings(body, model.limits)
+        conversation = to_conversation(body, model.limits)
+        result = await model.chat(conversation, settings)
+        response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            return StreamingResponse(
+                stream_events(model, result, response_id=response_id, created=created),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache"},
+            )
+        return JSONResponse(completion_response(model.name, result, response_id=response_id, created=created))
+
+    async def list_models():
+        names = sorted(registry.get_models())
+        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "vlpipe"} for n in names]}
+
+    router = APIRouter(prefix=OPENAI_ROUTE_PREFIX, tags=["OpenAI"])
+    router.add_api_route("/chat/completions", chat_completions, methods=["POST"], response_model=None)
+    router.add_api_route("/models", list_models, methods=["GET"], response_model=None)
+    app.include_router(router)
