@@ -127,6 +127,20 @@ def is_correct(solution: str, answer: str) -> bool:
     return extracted is not None and extracted == str(answer).strip()
 
 
+_LISTING = re.compile(r"^(I see |The \w+ ones are |The \w+s are )(.+)\.$")
+
+
+def canonical_step(step: str) -> str:
+    """A step with the order of its listed items removed ("I see a red circle and a blue square." and
+    "I see a blue square and a red circle." are the same observation); other steps unchanged."""
+    text = step.strip()
+    match = _LISTING.match(text)
+    if not match:
+        return text
+    items = re.split(r", | and ", match.group(2))
+    return match.group(1) + " | ".join(sorted(items))
+
+
 def label_steps(steps: list[str], reference: list[str]) -> list[bool]:
     """Per-step labels: true while each step equals the reference step, false from the first mismatch on.
 
