@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: install
-	$(VENV)/bin/vlpipe demo run --out $(VLPIPE_HOME)/run
+	$(VENV)/bin/vlpipe run --local --recipe tiny --summary-json $(VLPIPE_HOME)/run/summary.json
 
 test: install
 	$(PY) -m pytest -q -m "not integration" tests

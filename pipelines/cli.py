@@ -13,10 +13,8 @@ from rich.table import Table
 app = typer.Typer(help="vlpipe: the InternVL3 training recipe as pipelines.", no_args_is_help=True)
 model_app = typer.Typer(help="Build and inspect models.", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets.", no_args_is_help=True)
-demo_app = typer.Typer(help="The local end-to-end demo (`make run`).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
-app.add_typer(demo_app, name="demo")
 deepspeed_app = typer.Typer(help="DeepSpeed configs.", no_args_is_help=True)
 app.add_typer(deepspeed_app, name="deepspeed")
 console = Console()
@@ -122,20 +120,6 @@ def data_demo(
     console.print_json(summary.model_dump_json())
 
 
-@demo_app.command("run")
-def demo_run(
-    out: str = typer.Option(".vlpipe/run", help="Working directory for the demo."),
-    preset: str = typer.Option("tiny", help="Model preset."),
-    steps: int = typer.Option(400, help="Training steps of the smoke SFT (packed rows of 1024 tokens)."),
-    seed: int = typer.Option(0, help="Seed."),
-) -> None:
-    """Run what exists end to end: demo data → model init → a short SFT → save/reload → generation."""
-    from pipelines.demo import run_demo
-
-    summary = run_demo(Path(out), preset=preset, steps=steps, seed=seed, console=console)
-    console.print_json(json.dumps(summary))
-
-
 @app.command("train", context_settings={"allow_extra_args": False})
 def train(
     stage: str = typer.Argument(..., help="pretrain, sft, mpo or prm."),
@@ -174,11 +158,94 @@ def deepspeed_render(
         console.print(f"wrote {path}")
 
 
+def _recipe(name: str):
+    """Load and validate a recipe, turning its errors into a clean CLI error (exit code 2)."""
+    from pipelines.config import load_recipe
+
+    try:
+        return load_recipe(name)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]invalid recipe {name}:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from exc
+
+
+def _parameters(values: list[str]) -> dict[str, str]:
+    params = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected NAME=VALUE, got {value!r}", param_hint="--param")
+        params[key] = val
+    return params
+
+
 @app.command("compile")
-def compile_pipelines(out: str = typer.Option(".vlpipe/compiled", help="Output directory.")) -> None:
-    """Compile the Kubeflow pipelines (arrives with the Pipelines issue)."""
-    console.print("[yellow]vlpipe compile:[/yellow] no pipelines are defined yet (Pipelines issue #7).")
-    raise typer.Exit(2)
+def compile_pipelines(
+    recipe: str = typer.Option(None, help="Recipe name or YAML file; default: every shipped recipe."),
+    out: Path = typer.Option(Path(".vlpipe/compiled"), help="Output directory."),
+) -> None:
+    """Compile the Kubeflow pipelines to IR YAML, one file per pipeline: `<pipeline>-<version>.yaml`.
+
+    With --recipe the files go to OUT; without, each shipped recipe's go to OUT/<recipe>/.
+    """
+    from pipelines.compile import compile_recipe
+    from pipelines.config import list_recipes
+
+    names = [recipe] if recipe else list_recipes()
+    for name in names:
+        config = _recipe(name)
+        for path in compile_recipe(config, out if recipe else out / config.name).values():
+            console.print(f"wrote {path}")
+
+
+@app.command("submit")
+def submit(
+    host: str = typer.Option(
+        ..., help="Kubeflow Pipelines API endpoint (credentials: kube config/env only)."
+    ),
+    recipe: str = typer.Option(..., help="Recipe name or YAML file."),
+    experiment: str = typer.Option(None, help="Kubeflow experiment (default: the recipe's experiment)."),
+    pipeline: str = typer.Option("internvl3-recipe", help="internvl3-recipe, sft-mpo or evaluate."),
+    param: list[str] = typer.Option([], help="Pipeline parameter NAME=VALUE (repeatable)."),
+) -> None:
+    """Upload the pipeline (or a new version of it) and start a run on Kubeflow Pipelines."""
+    from pipelines.submit import submit_recipe
+
+    result = submit_recipe(
+        _recipe(recipe), host=host, pipeline=pipeline, experiment=experiment, arguments=_parameters(param)
+    )
+    console.print(
+        f"{'uploaded' if result.uploaded else 'reused'} {result.pipeline_name} version "
+        f"{result.version_name}; started run {result.run_id} in experiment {result.experiment}"
+    )
+
+
+@app.command("run")
+def run(
+    local_run: bool = typer.Option(False, "--local", help="Run with kfp.local (the only mode here)."),
+    recipe: str = typer.Option("tiny", help="Recipe name or YAML file."),
+    pipeline: str = typer.Option("internvl3-recipe", help="internvl3-recipe, sft-mpo or evaluate."),
+    param: list[str] = typer.Option([], help="Pipeline parameter NAME=VALUE (repeatable)."),
+    summary_json: Path = typer.Option(None, "--summary-json", help="Also write the summary as JSON here."),
+) -> None:
+    """Run a pipeline locally with kfp.local (subprocesses, no containers) and print its summary."""
+    if not local_run:
+        console.print("[red]only --local runs here;[/red] use `vlpipe submit --host URL` for a cluster")
+        raise typer.Exit(2)
+    from pipelines.local import run_local
+    from pipelines.summary import print_summary
+
+    config = _recipe(recipe)
+    try:
+        result = run_local(config, pipeline=pipeline, arguments=_parameters(param))
+    except RuntimeError as exc:
+        console.print(f"[red]pipeline failed:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    if summary_json is not None:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    wide = Console(width=max(console.width, 120))  # the summary tables are wider than a pipe's 80 columns
+    print_summary(result, wide, tracking_uri=result["tracking_uri"], seconds=result["seconds"])
 
 
 @app.command("bench")
@@ -189,13 +256,22 @@ def bench(out: str = typer.Option(".vlpipe/bench", help="Where JSON results go."
     run_benchmarks(Path(out), console=console)
 
 
-def _register_eval() -> None:
+def _register_stage_commands() -> None:
+    """Commands whose functions live beside their stage (imports there are light; heavy ones run inside)."""
     from components.evaluate.cli import eval_command
+    from serving.cli import serve_command
+    from serving.registry_cli import compare_command, promote_command, rollback_command
 
     app.command("eval", help="Best-of-N evaluation with the PRM as critic (`--config FILE`).")(eval_command)
+    app.command("serve", help="Serve a checkpoint or MLflow model with KServe (V1, V2, OpenAI chat).")(
+        serve_command
+    )
+    app.command("promote")(promote_command)
+    app.command("rollback")(rollback_command)
+    app.command("compare")(compare_command)
 
 
-_register_eval()
+_register_stage_commands()
 
 if __name__ == "__main__":
     app()

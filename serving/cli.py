@@ -13,9 +13,10 @@ import typer
 def serve_command(
     model_uri: Annotated[
         str,
-        typer.Argument(
+        typer.Option(
+            "--model-uri",
             help="Checkpoint: a directory, s3://bucket/prefix, or an MLflow model (models:/name@alias, "
-            "models:/name/version)."
+            "models:/name/version).",
         ),
     ],
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8080,

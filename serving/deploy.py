@@ -1,7 +1,7 @@
 """The KServe InferenceService of the predictor, applied with `kserve.KServeClient`, and canary rollouts.
 
 `inference_service(config)` builds a `V1beta1InferenceService` with a custom-container predictor: the container
-`kserve-container` runs `vlpipe serve /mnt/models` from `ghcr.io/vlpipe/vlpipe-serving:<vlpipe version>`; its
+`kserve-container` runs `vlpipe serve --model-uri /mnt/models` from `ghcr.io/vlpipe/vlpipe-serving:<vlpipe version>`; its
 `STORAGE_URI` env (an `s3://` checkpoint) makes KServe's storage initializer download the checkpoint into
 `/mnt/models` with the credentials of the service account's S3 secret (KServe's `serving.kserve.io/s3-*`
 annotations say where the endpoint is). The same secret gives the container AWS variables for a PRM on S3.
@@ -143,7 +143,7 @@ def inference_service(config: ServingDeployment) -> V1beta1InferenceService:
     from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec, constants
     from kubernetes import client as k8s
 
-    args = [MODEL_MOUNT, "--name", config.model_name, "--host", "0.0.0.0", "--port", "8080"]
+    args = ["--model-uri", MODEL_MOUNT, "--name", config.model_name, "--host", "0.0.0.0", "--port", "8080"]
     if config.prm_uri is not None:
         args += ["--prm-uri", config.prm_uri]
     env = [

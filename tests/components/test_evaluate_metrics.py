@@ -120,6 +120,8 @@ def test_light_modules_import_without_torch_and_nothing_imports_kfp():
     root = Path(components.evaluate.__file__).parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
     for path in Path(components.evaluate.__file__).parent.glob("*.py"):
+        if path.name == "component.py":  # the Kubeflow component definition is the one place kfp belongs
+            continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = (
                 [a.name for a in node.names]

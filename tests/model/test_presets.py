@@ -1,5 +1,3 @@
-import time
-
 import pytest
 import torch
 
@@ -42,18 +40,18 @@ def test_preset_rejects_bad_shapes():
         ModelPreset.model_validate({**PRESETS["tiny"].model_dump(), "surprise": 1})
 
 
-def test_tiny_forward_backward_is_fast(tiny_model, tiny_preset):
+def test_tiny_forward_backward(tiny_model, tiny_preset):
+    # Speed lives in `make bench`, not in timed tests; this checks shapes, gradients and the param count.
     vocab = tiny_model.config.text_config.vocab_size
     n_img = tiny_preset.tokens_per_tile
     ids = torch.randint(0, 300, (8, 64))
     ids[:, 1 : 1 + n_img] = tiny_model.config.image_token_id
     pixels = torch.randn(8, 3, 32, 32)
     tiny_model.train()
-    start = time.perf_counter()
     out = tiny_model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), labels=ids)
     out.loss.backward()
-    elapsed = time.perf_counter() - start
     assert out.logits.shape == (8, 64, vocab)
-    assert elapsed < 1.0  # generous: typically ~0.05 s
+    vision_grads = [p.grad for p in tiny_model.model.vision_tower.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in vision_grads)  # images reach the loss
     counts = count_parameters(tiny_model)
     assert counts.total == sum(p.numel() for p in tiny_model.parameters())

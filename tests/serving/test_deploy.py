@@ -144,7 +144,7 @@ def test_inference_service_manifest_fields():
     assert container["image"] == f"ghcr.io/vlpipe/vlpipe-serving:{version('vlpipe')}"
     assert container["command"] == ["vlpipe", "serve"]
     assert container["args"] == [
-        "/mnt/models", "--name", "vlpipe", "--host", "0.0.0.0", "--port", "8080", "--prm-uri", "s3://models/prm",
+        "--model-uri", "/mnt/models", "--name", "vlpipe", "--host", "0.0.0.0", "--port", "8080", "--prm-uri", "s3://models/prm",
     ]  # fmt: skip
     env = _env(container)
     assert env["STORAGE_URI"] == "s3://models/internvl3-2b/sft-v2"

@@ -1,0 +1,78 @@
+"""Kubeflow components of the data steps: prepare-data, init-model and mix-data (thin shells).
+
+Each body imports vlpipe inside (lightweight components ship only the function's source) and calls one
+entrypoint, which validates the JSON settings with the step's pydantic class.
+"""
+
+# No `from __future__ import annotations` here: kfp reads the parameter annotations as types.
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+
+from components.release import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def prepare_data(
+    config: str,
+    parent_run_id: str,
+    data: Output[Dataset],
+    metrics: Output[Metrics],
+    report: Output[Markdown],
+):
+    """Write the demo dataset (demo recipes) and validate the meta files, annotations and data files.
+
+    Args:
+        config: `components.data.config.PrepareDataConfig` as JSON.
+        parent_run_id: the pipeline's MLflow run.
+    """
+    from components.data.prepare import prepare_data_step
+
+    prepare_data_step(config, parent_run_id=parent_run_id, dataset=data, metrics=metrics, report=report)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def init_model(
+    config: str,
+    parent_run_id: str,
+    data: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Write the starting checkpoint: random (tiny/small) or composed from a pretrained ViT and LLM.
+
+    Args:
+        config: `components.data.config.InitModelConfig` as JSON.
+        parent_run_id: the pipeline's MLflow run.
+    """
+    from components.data.init_model import init_model_step
+
+    init_model_step(config, parent_run_id=parent_run_id, dataset=data, model=model, metrics=metrics)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def mix_data(
+    config: str,
+    parent_run_id: str,
+    data: Input[Dataset],
+    model: Input[Model],
+    mixture: Output[Dataset],
+    metrics: Output[Metrics],
+    report: Output[Markdown],
+):
+    """Build and record the provenance manifest of the pre-training and SFT mixtures.
+
+    Args:
+        config: `components.data.config.MixConfig` as JSON.
+        parent_run_id: the pipeline's MLflow run.
+    """
+    from components.data.mix import mix_data_step
+
+    mix_data_step(
+        config,
+        parent_run_id=parent_run_id,
+        dataset=data,
+        model=model,
+        mixture=mixture,
+        metrics=metrics,
+        report=report,
+    )

@@ -1,0 +1,96 @@
+"""The `init-model` step: the pipeline's starting checkpoint.
+
+validate settings → random model of a `tiny`/`small` preset with a byte-level BPE trained on the conversation
+texts of the pre-training mixture (`model.init.init_random`), or the real presets' native pre-training start
+composed from a pretrained InternViT and a pretrained base LLM (`model.init.init_composed`) → log to a child
+MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from components.data.config import InitModelConfig
+from components.data.prepare import load_dataset_info
+from components.pipeline_run.runs import child_run
+
+
+def conversation_texts(meta_uri: str) -> Iterator[str]:
+    """Every turn of every conversation of a meta file's datasets, `<image>` placeholders removed (the
+    tokenizer's training corpus; for the demo data these are the texts `model.data.demo.iter_demo_texts`
+    yields)."""
+    from model.data.meta import Quarantine, load_meta, read_dataset
+
+    meta = load_meta(meta_uri)
+    for name, spec in meta.datasets.items():
+        for record in read_dataset(name, spec, Quarantine()).records:
+            for turn in record["conversations"]:
+                value = str(turn.get("value", ""))
+                yield value.replace("<image>\n", "").replace("<image>", "")
+
+
+def init_model(
+    config: InitModelConfig, *, dataset_dir: str, out_dir: str, parent_run_id: str
+) -> dict[str, Any]:
+    """Write the starting checkpoint to `out_dir`; returns its `vlpipe.json` facts.
+
+    Raises:
+        ValueError: a random init of a real preset or a composed init of a random one (the recipe check
+            catches both first).
+    """
+    from model.init import init_composed, init_random
+
+    config = InitModelConfig.model_validate(config.model_dump())
+    init = config.init
+    started = time.perf_counter()
+    with child_run(
+        parent_run_id,
+        "init",
+        experiment=config.tracking.experiment,
+        recipe=config.recipe,
+        tags=config.tracking.tags,
+    ) as run_id:
+        import mlflow
+
+        if init.composed:
+            assert init.vision is not None and init.llm is not None
+            init_composed(
+                config.preset,
+                out_dir,
+                vision_uri=init.vision,
+                llm_uri=init.llm,
+                tokenizer_uri=init.tokenizer,
+                seed=init.seed,
+            )
+        else:
+            info = load_dataset_info(dataset_dir)
+            corpus = list(conversation_texts(info["files"]["pretrain_meta"]))
+            init_random(config.preset, out_dir, corpus=corpus, vocab_size=init.vocab_size, seed=init.seed)
+        facts = json.loads((Path(out_dir) / "vlpipe.json").read_text())
+        mlflow.log_params({"preset": config.preset, **{k: str(v) for k, v in init.model_dump().items()}})
+        mlflow.set_tag("preset", config.preset)
+        mlflow.log_metric("seconds", time.perf_counter() - started)
+    return {**facts, "mlflow_run_id": run_id}
+
+
+def init_model_step(config_json: str, *, parent_run_id: str, dataset: Any, model: Any, metrics: Any) -> None:
+    """The component's entrypoint: validate `config_json`, write the checkpoint into the `Model` artifact.
+
+    Args:
+        config_json: `InitModelConfig` as JSON.
+        parent_run_id: the pipeline's MLflow run.
+        dataset: the `prepare-data` output (its texts train a random init's tokenizer).
+        model: output `Model` artifact.
+        metrics: output `Metrics` artifact.
+    """
+    config = InitModelConfig.model_validate_json(config_json)
+    facts = init_model(config, dataset_dir=dataset.path, out_dir=model.path, parent_run_id=parent_run_id)
+    model.metadata.update(
+        {"preset": config.preset, "stage": "init", "lineage": {"init": facts["mlflow_run_id"]}}
+    )
+    hf_config = json.loads((Path(model.path) / "config.json").read_text())
+    metrics.log_metric("vocab_size", hf_config["text_config"]["vocab_size"])

@@ -1,0 +1,201 @@
+"""The `prepare-data` step: write the demo dataset (demo recipes) and validate the data every stage reads.
+
+validate settings → (demo) write the demo dataset into the output directory → read both meta files and
+every annotation through the quarantine → check the MPO pairs and PRM solutions exist → write
+`dataset.json` (where each file is, records and hashes per dataset, skips) → log it to a child MLflow run.
+
+The output directory is the step's `Dataset` artifact. For the demo it holds the data itself; for
+`source: meta` it holds only `dataset.json`, pointing at the files (large data stays where it is).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from components.data.config import DATA_FILES, DataSettings, PrepareDataConfig, is_absolute
+from components.pipeline_run.runs import child_run
+from model.storage import filesystem, join
+
+log = logging.getLogger(__name__)
+DATASET_FILE = "dataset.json"
+
+
+def resolve(settings: DataSettings, root: str) -> dict[str, str]:
+    """Absolute path or URL of every data file (`DATA_FILES`), relative ones joined onto `root`."""
+    return {
+        name: path if is_absolute(path) else join(root, path)
+        for name in DATA_FILES
+        for path in [getattr(settings, name)]
+    }
+
+
+def _jsonl_facts(uri: str) -> dict[str, Any]:
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{uri} does not exist; check the recipe's data settings")
+    with fs.open(path, "rb") as f:
+        raw = f.read()
+    lines = sum(1 for line in raw.splitlines() if line.strip())
+    return {"path": uri, "lines": lines, "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def validate_files(files: dict[str, str]) -> dict[str, Any]:
+    """Read both meta files and every annotation they name (bad lines into a quarantine), and hash the pair
+    and step files.
+
+    Returns:
+        `{"datasets": {name: {...}}, "quarantine": {...}, "jsonl": {mpo_pairs/prm_steps: {...}}}`.
+
+    Raises:
+        model.data.meta.MetaError: a meta file is wrong (names the dataset and key).
+        FileNotFoundError: a meta file, annotation or data file does not exist.
+    """
+    from model.data.meta import Quarantine, load_meta, read_dataset
+
+    quarantine = Quarantine()
+    datasets: dict[str, Any] = {}
+    for meta_name in ("pretrain_meta", "sft_meta"):
+        meta = load_meta(files[meta_name])
+        for name, spec in meta.datasets.items():
+            if name in datasets:
+                continue
+            dataset = read_dataset(name, spec, quarantine)
+            datasets[name] = {
+                "annotation": spec.annotation,
+                "sha256": dataset.sha256,
+                "records": len(dataset.records),
+                "modality": "multimodal" if dataset.is_multimodal else "language",
+                "meta": meta_name,
+            }
+    others = {name: _jsonl_facts(files[name]) for name in ("mpo_pairs", "prm_steps")}
+    return {"datasets": datasets, "quarantine": quarantine.report(), "jsonl": others}
+
+
+def prepare_data(config: PrepareDataConfig, *, out_dir: str, parent_run_id: str) -> dict[str, Any]:
+    """Run the step; returns what `dataset.json` holds.
+
+    Args:
+        config: the step's settings (validated again here).
+        out_dir: the output artifact's directory.
+        parent_run_id: the pipeline's MLflow run ("" for none).
+    """
+    config = PrepareDataConfig.model_validate(config.model_dump())
+    settings = config.data
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with child_run(
+        parent_run_id,
+        "data",
+        experiment=config.tracking.experiment,
+        recipe=config.recipe,
+        tags=config.tracking.tags,
+    ) as run_id:
+        import mlflow
+
+        if settings.source == "demo":
+            from model.data.demo import write_demo_dataset
+
+            assert settings.demo is not None  # checked by DataSettings
+            summary = write_demo_dataset(
+                str(out), seed=settings.demo.seed, sizes=settings.demo.sizes, overwrite=True
+            )
+            root = summary.out
+            mlflow.log_params({f"demo.{k}": v for k, v in settings.demo.sizes.model_dump().items()})
+        else:
+            assert settings.root is not None or all(is_absolute(getattr(settings, n)) for n in DATA_FILES)
+            root = settings.root or ""
+        files = resolve(settings, root)
+        facts = validate_files(files)
+        info = {
+            "source": settings.source,
+            "root": root,
+            "artifact_dir": str(out.resolve()),
+            "files": files,
+            **facts,
+            "mlflow_run_id": run_id,
+        }
+        (out / DATASET_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        mlflow.log_params({"source": settings.source, **{k: v[:6000] for k, v in files.items()}})
+        mlflow.log_dict(info, "data/dataset.json")
+        records = sum(d["records"] for d in facts["datasets"].values())
+        mlflow.log_metrics(
+            {
+                "records": records,
+                "quarantined": facts["quarantine"]["total"],
+                "mpo_pairs": facts["jsonl"]["mpo_pairs"]["lines"],
+                "prm_solutions": facts["jsonl"]["prm_steps"]["lines"],
+                "seconds": time.perf_counter() - started,
+            }
+        )
+    log.info(
+        "data: %d datasets, %d records, %d quarantined",
+        len(facts["datasets"]),
+        records,
+        facts["quarantine"]["total"],
+    )
+    return info
+
+
+def load_dataset_info(dataset_dir: str) -> dict[str, Any]:
+    """Read a `prepare-data` artifact's `dataset.json`.
+
+    Raises:
+        FileNotFoundError: the directory is not a `prepare-data` output.
+        ValueError: a demo dataset was moved (its meta files name absolute paths of where it was written).
+    """
+    path = Path(dataset_dir) / DATASET_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{dataset_dir} has no {DATASET_FILE}; pass the prepare-data step's output")
+    info = json.loads(path.read_text())
+    if info["source"] == "demo" and Path(info["artifact_dir"]) != Path(dataset_dir).resolve():
+        raise ValueError(
+            f"the demo dataset was written to {info['artifact_dir']} but is read from {dataset_dir}; its "
+            "meta files name absolute paths. Run prepare-data again where the data is read, or use source: meta"
+        )
+    return info
+
+
+def dataset_summary_markdown(info: dict[str, Any]) -> str:
+    """A Markdown table of the datasets (the step's visualisation)."""
+    lines = [
+        f"### Data ({info['source']})",
+        "",
+        "| dataset | modality | records | sha256 |",
+        "|---|---|---:|---|",
+    ]
+    for name, d in sorted(info["datasets"].items()):
+        lines.append(f"| {name} | {d['modality']} | {d['records']} | `{d['sha256'][:12]}` |")
+    for name, f in sorted(info["jsonl"].items()):
+        lines.append(f"| {name} | - | {f['lines']} | `{f['sha256'][:12]}` |")
+    lines += ["", f"Quarantined lines: {info['quarantine']['total']} {info['quarantine']['counts'] or ''}"]
+    return "\n".join(lines) + "\n"
+
+
+def prepare_data_step(
+    config_json: str, *, parent_run_id: str, dataset: Any, metrics: Any, report: Any
+) -> None:
+    """The component's entrypoint: validate `config_json`, run the step, fill the output artifacts.
+
+    Args:
+        config_json: `PrepareDataConfig` as JSON.
+        parent_run_id: the pipeline's MLflow run.
+        dataset: output `Dataset` artifact (the data, or a pointer to it, plus `dataset.json`).
+        metrics: output `Metrics` artifact.
+        report: output `Markdown` artifact (the dataset table).
+    """
+    config = PrepareDataConfig.model_validate_json(config_json)
+    info = prepare_data(config, out_dir=dataset.path, parent_run_id=parent_run_id)
+    dataset.metadata.update(
+        {"source": info["source"], "root": info["root"], "mlflow_run_id": info["mlflow_run_id"]}
+    )
+    metrics.log_metric("datasets", len(info["datasets"]))
+    metrics.log_metric("records", sum(d["records"] for d in info["datasets"].values()))
+    metrics.log_metric("quarantined", info["quarantine"]["total"])
+    Path(report.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(report.path).write_text(dataset_summary_markdown(info))

@@ -1,0 +1,43 @@
+"""Kubeflow component of the Best-of-N evaluation (a thin shell around `pipeline_step.run_eval_step`)."""
+
+# No `from __future__ import annotations` here: kfp reads the parameter annotations as types.
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+
+from components.release import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate(
+    config: str,
+    preset: str,
+    parent_run_id: str,
+    policy: Input[Model],
+    prm: Input[Model],
+    data: Input[Dataset],
+    results: Output[Dataset],
+    metrics: Output[Metrics],
+    table: Output[Markdown],
+    report: Output[HTML],
+):
+    """Greedy pass@1 and Best-of-N answers of the policy on the benchmarks, every step scored by the PRM.
+
+    Args:
+        config: the evaluation settings (an `EvalConfig` without policy, prm and output_dir) as JSON.
+        preset: the recipe's preset (policy and PRM must be ones).
+        parent_run_id: the pipeline's MLflow run.
+    """
+    from components.evaluate.pipeline_step import run_eval_step
+
+    run_eval_step(
+        config,
+        preset=preset,
+        parent_run_id=parent_run_id,
+        policy=policy,
+        prm=prm,
+        data=data,
+        results=results,
+        metrics=metrics,
+        table=table,
+        report=report,
+    )

@@ -1,0 +1,173 @@
+"""What the `evaluate` component calls: wire the recipe's evaluation settings to the pipeline's artifacts,
+validate them with `EvalConfig`, run `run_evaluation`, fill the output artifacts (metrics, the Markdown
+table and an HTML report with the Best-of-k plot).
+
+Torch-free at import. Benchmark paths in a recipe may be relative: they are read from the data root (the
+demo dataset's artifact, or the recipe's `data.root`).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from components.evaluate.config import OVERALL, EvalConfig
+
+PIPELINE_OWNED = ("policy", "prm", "output_dir")
+"""`EvalConfig` keys the pipeline sets (plus `mlflow.parent_run_id`)."""
+PLACEHOLDERS = {"policy": "/pipeline/policy", "prm": "/pipeline/prm", "output_dir": "/pipeline/eval"}
+
+
+def owned_keys_in(settings: dict[str, Any]) -> list[str]:
+    """The pipeline-owned keys a recipe's evaluation settings set (they must set none)."""
+    found = [key for key in PIPELINE_OWNED if key in settings]
+    if "parent_run_id" in settings.get("mlflow", {}):
+        found.append("mlflow.parent_run_id")
+    return found
+
+
+def wire_eval_config(
+    settings: dict[str, Any],
+    *,
+    policy: str,
+    prm: str,
+    output_dir: str,
+    data_root: str,
+    parent_run_id: str | None,
+) -> EvalConfig:
+    """The full, validated `EvalConfig`: `settings` plus checkpoints, output directory and parent run.
+
+    Relative benchmark paths (and image roots) are joined onto `data_root`.
+
+    Raises:
+        pydantic.ValidationError: an invalid setting (the message names the key).
+    """
+    from components.data.config import is_absolute
+    from model.storage import join
+
+    cfg = copy.deepcopy(settings)
+    benchmarks = []
+    for spec in cfg.get("benchmarks", []):
+        spec = dict(spec)
+        for key in ("path", "image_root"):
+            if spec.get(key) and not is_absolute(spec[key]) and data_root:
+                spec[key] = join(data_root, spec[key])
+        benchmarks.append(spec)
+    cfg["benchmarks"] = benchmarks
+    cfg["mlflow"] = {"run_name": "eval", **cfg.get("mlflow", {}), "parent_run_id": parent_run_id or None}
+    cfg.update(policy=policy, prm=prm, output_dir=output_dir)
+    return EvalConfig.model_validate(cfg)
+
+
+def metrics_markdown(metrics: dict[str, Any]) -> str:
+    """The evaluation table: pass@1 against Best-of-N (and majority, oracle) per benchmark and overall."""
+    n = metrics["n"]
+    lines = [
+        f"### Best-of-{n} evaluation ({metrics['aggregation']} PRM aggregation)",
+        "",
+        f"| benchmark | items | pass@1 | Best-of-{n} | majority@{n} | oracle@{n} |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    scopes = [*metrics["benchmarks"].items(), (OVERALL, metrics[OVERALL])]
+    for name, m in scopes:
+        lines.append(
+            f"| {name} | {m['items']} | {m['pass_at_1']:.3f} | {m['best_of_n']:.3f} | "
+            f"{m['majority']:.3f} | {m['oracle']:.3f} |"
+        )
+    overall = metrics[OVERALL]
+    ks = ", ".join(f"{k}: {v:.3f}" for k, v in overall["best_of_k"].items())
+    lines += ["", f"Best-of-k (overall): {ks}"]
+    return "\n".join(lines) + "\n"
+
+
+def metrics_html(metrics: dict[str, Any], plot: Path | None) -> str:
+    """A self-contained HTML report: the evaluation table and the Best-of-k plot (embedded PNG)."""
+    n = metrics["n"]
+    head = ["benchmark", "items", "pass@1", f"Best-of-{n}", f"majority@{n}", f"oracle@{n}"]
+    rows = []
+    for name, m in [*metrics["benchmarks"].items(), (OVERALL, metrics[OVERALL])]:
+        cells = [name, m["items"], *(f"{m[k]:.3f}" for k in ("pass_at_1", "best_of_n", "majority", "oracle"))]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    image = ""
+    if plot is not None and plot.exists():
+        encoded = base64.b64encode(plot.read_bytes()).decode()
+        image = f'<img alt="Best-of-k" src="data:image/png;base64,{encoded}"/>'
+    return (
+        "<html><head><meta charset='utf-8'><title>Best-of-N evaluation</title></head><body>"
+        f"<h3>Best-of-{n} evaluation ({html.escape(metrics['aggregation'])} PRM aggregation)</h3>"
+        "<table border='1' cellpadding='4'><tr>"
+        + "".join(f"<th>{h}</th>" for h in head)
+        + "</tr>"
+        + "".join(rows)
+        + f"</table>{image}</body></html>\n"
+    )
+
+
+def run_eval_step(
+    config_json: str,
+    *,
+    preset: str,
+    parent_run_id: str,
+    policy: Any,
+    prm: Any,
+    data: Any,
+    results: Any,
+    metrics: Any,
+    table: Any,
+    report: Any,
+) -> dict[str, Any]:
+    """The `evaluate` component's entrypoint.
+
+    Args:
+        config_json: the recipe's evaluation settings (an `EvalConfig` without the pipeline's keys) as JSON.
+        preset: the recipe's preset (policy and PRM must be ones).
+        parent_run_id: the pipeline's MLflow run.
+        policy, prm: input `Model` artifacts.
+        data: the `prepare-data` output (root of relative benchmark paths).
+        results: output `Dataset` artifact: `metrics.json`, `items.jsonl`, plots.
+        metrics: output `Metrics` artifact (overall pass@1, Best-of-N, majority, oracle).
+        table: output `Markdown` artifact (the evaluation table).
+        report: output `HTML` artifact (table + Best-of-k plot).
+
+    Returns:
+        The evaluation metrics (`run_evaluation`'s result).
+    """
+    from components.data.prepare import load_dataset_info
+    from components.evaluate.run import run_evaluation
+    from components.training.kfp_entry import check_preset
+
+    info = load_dataset_info(data.path)
+    config = wire_eval_config(
+        json.loads(config_json),
+        policy=policy.path,
+        prm=prm.path,
+        output_dir=results.path,
+        data_root=info["root"],
+        parent_run_id=parent_run_id,
+    )
+    check_preset(policy.path, preset)
+    check_preset(prm.path, preset)
+    result = run_evaluation(config)
+    overall = result[OVERALL]
+    results.metadata.update(
+        {
+            "mlflow_run_id": result["mlflow"]["run_id"],
+            "n": result["n"],
+            "pass_at_1": overall["pass_at_1"],
+            "best_of_n": overall["best_of_n"],
+        }
+    )
+    for key in ("items", "pass_at_1", "best_of_n", "majority", "oracle", "sample_accuracy"):
+        if overall.get(key) is not None:
+            metrics.log_metric(key, float(overall[key]))
+    for path, text in (
+        (table.path, metrics_markdown(result)),
+        (report.path, metrics_html(result, Path(results.path) / "best_of_k.png")),
+    ):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text)
+    return result

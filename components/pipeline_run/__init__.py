@@ -1,0 +1,1 @@
+"""The pipeline's MLflow parent run: opened by the first step, closed by the exit handler."""

@@ -1,0 +1,42 @@
+"""Kubeflow components that open and close the pipeline's MLflow parent run (thin shells)."""
+
+# No `from __future__ import annotations` here: kfp reads the parameter annotations as types.
+from kfp import dsl
+
+from components.release import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def start_pipeline_run(
+    tracking: str, pipeline: str, recipe: str, parent_run_id: str, job_id: str, job_name: str
+) -> str:
+    """Open (or adopt) the pipeline's MLflow parent run; returns its id for every later step.
+
+    Args:
+        tracking: the recipe's `TrackingSettings` as JSON.
+        pipeline: the pipeline's name.
+        recipe: the recipe's name.
+        parent_run_id: a run to adopt (local runs), or empty.
+        job_id, job_name: the Kubeflow job's id and name.
+    """
+    from components.pipeline_run.config import TrackingSettings
+    from components.pipeline_run.runs import start_parent_run
+
+    return start_parent_run(
+        TrackingSettings.model_validate_json(tracking),
+        pipeline=pipeline,
+        recipe=recipe,
+        parent_run_id=parent_run_id,
+        job_id=job_id,
+        job_name=job_name,
+    )
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def finish_pipeline_run(parent_run_id: str, job_id: str, status: dsl.PipelineTaskFinalStatus):
+    """Exit handler: close the parent run with the pipeline's final state."""
+    from components.pipeline_run.runs import finish_parent_run
+
+    finish_parent_run(
+        parent_run_id=parent_run_id, job_id=job_id, state=status.state, error=status.error_message
+    )

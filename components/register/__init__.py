@@ -1,0 +1,1 @@
+"""The register step: the trained policy into the MLflow model registry, with lineage and an alias."""

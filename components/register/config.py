@@ -1,0 +1,28 @@
+"""Settings of the register step (torch-free)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from components.pipeline_run.config import StepConfig
+
+
+class RegisterSettings(BaseModel):
+    """Where the trained policy goes in the MLflow model registry.
+
+    Attributes:
+        model_name: registered model name; every pipeline run adds a version.
+        alias: alias set on the new version (`challenger`: promotion to `champion` is a later step).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", max_length=128)
+    alias: str = Field("challenger", pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", max_length=64)
+
+
+class RegisterConfig(StepConfig):
+    """The `register-model` step's settings."""
+
+    preset: str = Field(min_length=1)
+    registry: RegisterSettings

@@ -1,0 +1,241 @@
+"""What the training components call: wire the recipe's stage settings to the pipeline's artifacts, validate
+them with the stage's own config class, run the stage, fill the output artifacts.
+
+Torch-free at import (pipeline definitions and recipe validation import this module); the stage itself is
+imported when it runs.
+
+A recipe's stage settings are a stage config without the keys the pipeline owns (`PIPELINE_OWNED`): where
+the model starts (`init`, the upstream `Model` artifact), the resumable `work_dir` (`<work root>/<pipeline
+job id>/<stage>`, on the recipe's volume in a cluster), where the checkpoint goes (`output`,
+`<work_dir>/final`, then copied into this step's `Model` artifact), the data file (`data.meta` or
+`data.path`, from the `prepare-data` artifact) and the MLflow parent run. Keeping `output` in the work
+directory makes a retried step (a new pod, an empty artifact directory) find the completed run there
+(`run_stage` is idempotent) and publish its checkpoint again instead of training again. `wire_stage_config` adds them and validates the result with `parse_stage_config`; recipe
+validation calls it with placeholders, the component with the real values.
+
+One GPU (or the CPU) trains in-process; `world_size > 1` launches `torch.distributed.run` with one process
+per GPU on this node. Multi-node training (a PyTorchJob per stage) is an extension point, not implemented.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PIPELINE_OWNED = ("stage", "init", "output", "work_dir")
+"""Top-level stage config keys the pipeline sets."""
+PIPELINE_OWNED_TRACKING = ("experiment", "run_name", "parent_run_id", "recipe")
+"""`tracking` keys the pipeline sets (from the recipe's tracking settings and the parent run)."""
+STAGE_DATA = {
+    "pretrain": ("meta", "pretrain_meta"),
+    "sft": ("meta", "sft_meta"),
+    "mpo": ("path", "mpo_pairs"),
+    "prm": ("path", "prm_steps"),
+}
+"""Per stage: the `data` key the pipeline sets and the `DataSettings` file it comes from."""
+FINAL_CHECKPOINT = "final"
+"""The stage's output checkpoint directory inside its work directory."""
+PLACEHOLDERS = {
+    "init": "/pipeline/init-model",
+    "output": "/pipeline/output-model",
+    "work_dir": "/pipeline/work",
+    "data": "/pipeline/data-file",
+}
+
+
+def owned_keys_in(stage: str, settings: dict[str, Any]) -> list[str]:
+    """The pipeline-owned keys a recipe's stage settings set (they must set none)."""
+    found = [key for key in PIPELINE_OWNED if key in settings]
+    found += [f"tracking.{key}" for key in PIPELINE_OWNED_TRACKING if key in settings.get("tracking", {})]
+    data_key = STAGE_DATA[stage][0]
+    if data_key in settings.get("data", {}):
+        found.append(f"data.{data_key}")
+    return found
+
+
+def wire_stage_config(
+    stage: str,
+    settings: dict[str, Any],
+    *,
+    init: str,
+    output: str,
+    work_dir: str,
+    data_file: str,
+    parent_run_id: str | None,
+) -> Any:
+    """The full, validated stage config: `settings` plus the pipeline's paths and parent run.
+
+    Args:
+        stage: pretrain, sft, mpo or prm.
+        settings: the stage settings as the component receives them (recipe settings + tracking).
+        init, output, work_dir: checkpoint in, checkpoint out, resumable work directory.
+        data_file: the meta file (pretrain, sft) or JSONL file (mpo, prm).
+        parent_run_id: the pipeline's MLflow run (None: a top-level run).
+
+    Returns:
+        The stage's config object (`PretrainStageConfig`, ...).
+
+    Raises:
+        pydantic.ValidationError: an invalid setting (the message names the key).
+    """
+    from components.training.config import parse_stage_config
+
+    cfg = copy.deepcopy(settings)
+    data_key = STAGE_DATA[stage][0]
+    cfg["data"] = {**cfg.get("data", {}), data_key: data_file}
+    cfg["tracking"] = {
+        "run_name": stage,
+        **cfg.get("tracking", {}),
+        "parent_run_id": parent_run_id or None,
+    }
+    cfg.update(stage=stage, init=init, output=output, work_dir=work_dir)
+    return parse_stage_config(cfg, stage)
+
+
+def stage_work_dir(work_root: str, run_key: str, stage: str) -> str:
+    """`<work root>/<run key>/<stage>`; an empty work root means `<VLPIPE_HOME>/work` (local runs)."""
+    from model.storage import vlpipe_home
+
+    root = Path(work_root) if work_root else vlpipe_home() / "work"
+    return str(root / (run_key or "standalone") / stage)
+
+
+def checkpoint_preset(checkpoint_dir: str) -> str | None:
+    """The preset recorded in a vlpipe checkpoint's `vlpipe.json` (None when absent)."""
+    path = Path(checkpoint_dir) / "vlpipe.json"
+    return json.loads(path.read_text()).get("preset") if path.exists() else None
+
+
+def check_preset(checkpoint_dir: str, preset: str) -> None:
+    """Refuse a starting checkpoint of another preset than the recipe's.
+
+    Raises:
+        ValueError: naming both presets.
+    """
+    found = checkpoint_preset(checkpoint_dir)
+    if found is not None and found != preset:
+        raise ValueError(
+            f"the starting checkpoint {checkpoint_dir} is a {found!r} model but the recipe's preset is "
+            f"{preset!r}; pass a {preset} checkpoint or use the {found} recipe"
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_stage_processes(stage: str, config: Any, world_size: int) -> dict[str, Any]:
+    """Run the stage in this process (`world_size` 1) or one process per GPU under `torch.distributed.run`.
+
+    Raises:
+        subprocess.CalledProcessError: a distributed run failed (its output is in the step's log).
+    """
+    if world_size <= 1:
+        from components.training.entrypoint import run_stage
+
+        return run_stage(stage, config)
+    work = Path(config.resolved_work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    config_file, summary_file = work / "stage_config.json", work / "stage_summary.json"
+    config_file.write_text(config.model_dump_json(indent=2))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        "-m", "components.training", stage, "--config", str(config_file), "--summary", str(summary_file),
+    ]  # fmt: skip
+    log.info("launching %s", " ".join(command))
+    subprocess.run(command, check=True, env=os.environ.copy())
+    return json.loads(summary_file.read_text())
+
+
+def run_training_step(
+    stage: str,
+    config_json: str,
+    *,
+    preset: str,
+    parent_run_id: str,
+    run_key: str,
+    work_root: str,
+    world_size: int,
+    init_model: Any,
+    data: Any,
+    model: Any,
+    metrics: Any,
+    mixture: Any | None = None,
+) -> dict[str, Any]:
+    """The training components' entrypoint.
+
+    Args:
+        stage: pretrain, sft, mpo or prm.
+        config_json: the stage settings (recipe settings + tracking) as JSON.
+        preset: the recipe's preset; the starting checkpoint must be one.
+        parent_run_id: the pipeline's MLflow run.
+        run_key: the pipeline job's id (names the work directory, so a retried step resumes).
+        work_root: the work volume's mount path ("" locally).
+        world_size: processes (GPUs) on this node.
+        init_model: input `Model` artifact (the starting checkpoint).
+        data: input `Dataset` artifact of the `prepare-data` step.
+        model: output `Model` artifact (the stage's HF checkpoint).
+        metrics: output `Metrics` artifact.
+        mixture: input `Dataset` artifact of the `mix-data` step (pretrain, sft): the stage must train on the
+            mixture whose manifest the mix step recorded.
+
+    Returns:
+        The stage's summary.
+
+    Raises:
+        ValueError: a starting checkpoint of another preset, or data other than the mix step checked.
+    """
+    from components.data.prepare import load_dataset_info
+
+    info = load_dataset_info(data.path)
+    work_dir = stage_work_dir(work_root, run_key, stage)
+    config = wire_stage_config(
+        stage,
+        json.loads(config_json),
+        init=init_model.path,
+        output=str(Path(work_dir) / FINAL_CHECKPOINT),
+        work_dir=work_dir,
+        data_file=info["files"][STAGE_DATA[stage][1]],
+        parent_run_id=parent_run_id,
+    )
+    check_preset(init_model.path, preset)
+    summary = run_stage_processes(stage, config, world_size)
+    shutil.copytree(config.output, model.path, dirs_exist_ok=True)
+    if mixture is not None:
+        expected = mixture.metadata.get(f"{stage}_manifest_sha256")
+        if expected and summary.get("data_manifest_sha256") != expected:
+            raise ValueError(
+                f"{stage} trained on data with manifest {summary.get('data_manifest_sha256')} but the mix "
+                f"step recorded {expected}; the stage and mix settings disagree"
+            )
+    lineage = {**init_model.metadata.get("lineage", {}), stage: summary["mlflow_run_id"]}
+    model.metadata.update(
+        {
+            "preset": preset,
+            "stage": stage,
+            "mlflow_run_id": summary["mlflow_run_id"],
+            "lineage": lineage,
+            **(
+                {"data_manifest_sha256": summary["data_manifest_sha256"]}
+                if "data_manifest_sha256" in summary
+                else {}
+            ),
+        }
+    )
+    for key in ("steps", "loss_first", "loss_last", "reward_shift", "quarantined"):
+        if isinstance(summary.get(key), int | float):
+            metrics.log_metric(key, float(summary[key]))
+    return summary

@@ -1,0 +1,430 @@
+"""`PipelineConfig`: a recipe (`pipelines/recipes/*.yaml`), validated before anything is compiled or run.
+
+A recipe names the model preset, where the data comes from, how the starting checkpoint is made, each
+training stage's settings with its resources, the Best-of-N evaluation, the registry entry, MLflow tracking
+and the cluster settings (GPU type, tolerations, secrets, the work volume). Every section is validated with
+the class its step validates with again inside the container (`PretrainStageConfig`, ..., `EvalConfig`),
+with placeholder paths for what the pipeline wires at run time; cross-stage rules follow:
+
+- one preset everywhere: random init for `tiny`/`small`, composed from a pretrained InternViT and LLM for the
+  real presets; steps that receive a checkpoint check its preset at run time;
+- each stage's global batch divides into micro-batches over its GPUs; bf16 and NCCL need GPUs;
+- evaluation and PRM agree: Best-of-N needs n ≥ 2, and the PRM was trained on sequences at least as long as
+  the prompts the evaluation admits; a GPU device or half precision needs GPUs;
+- a training step that retries needs the work volume (a retried pod resumes from the checkpoints there);
+- nothing in the recipe is a credential: secrets are referenced by Kubernetes secret name, plain environment
+  variables must not look like credentials, and URLs must not carry user info.
+
+Torch-free: `load_recipe` runs on any machine.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.data.config import (
+    DataSettings,
+    InitModelConfig,
+    InitSettings,
+    MixConfig,
+    Mixture,
+    PrepareDataConfig,
+)
+from components.pipeline_run.config import TrackingSettings
+from components.register.config import RegisterConfig, RegisterSettings
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+STAGES = ("pretrain", "sft", "mpo", "prm")
+_CREDENTIAL_NAME = re.compile(
+    r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE|API_KEY", re.IGNORECASE
+)
+_USERINFO = re.compile(r"^[a-z][a-z0-9+.\-]*://[^/@]+@", re.IGNORECASE)
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_RESERVED_ENV = ("MLFLOW_TRACKING_URI", "VLPIPE_GIT_COMMIT")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Strict):
+    """What one step's pod asks for.
+
+    Attributes:
+        gpus: GPUs on the node (the training world size; 0 trains on the CPU in one process).
+        cpu, memory: Kubernetes requests and limits (`"8"`, `"500m"`; `"64Gi"`).
+        retries: Kubernetes-level retries of an infrastructure failure (training steps: needs
+            `cluster.work_volume`, where a retried pod resumes).
+    """
+
+    gpus: int = Field(0, ge=0, le=16)
+    cpu: str | None = Field(None, pattern=r"^\d+(\.\d+)?m?$")
+    memory: str | None = Field(None, pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+    retries: int = Field(0, ge=0, le=10)
+
+    @property
+    def world_size(self) -> int:
+        return max(1, self.gpus)
+
+
+class Toleration(_Strict):
+    """A Kubernetes toleration added to GPU steps (e.g. of a tainted GPU node pool)."""
+
+    key: str = Field(min_length=1)
+    operator: Literal["Equal", "Exists"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoExecute", "NoSchedule", "PreferNoSchedule"] | None = None
+
+    @model_validator(mode="after")
+    def _value_matches_operator(self) -> Self:
+        if (self.operator == "Equal") != (self.value is not None):
+            raise ValueError(f"toleration {self.key}: operator Equal needs a value, Exists takes none")
+        return self
+
+
+class SecretEnv(_Strict):
+    """Environment variables read from a Kubernetes secret (credentials never appear in a recipe).
+
+    Attributes:
+        secret: the secret's name.
+        env: environment variable → key in the secret.
+    """
+
+    secret: str = Field(pattern=_K8S_NAME, max_length=253)
+    env: dict[str, str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _env_names(self) -> Self:
+        bad = [name for name in self.env if not re.match(_ENV_NAME, name)]
+        if bad:
+            raise ValueError(f"secret {self.secret}: invalid environment variable names {bad}")
+        return self
+
+
+class WorkVolume(_Strict):
+    """A PersistentVolumeClaim mounted on the training steps for their resumable work directories."""
+
+    pvc: str = Field(pattern=_K8S_NAME, max_length=253)
+    mount_path: str = Field("/mnt/vlpipe-work", pattern=r"^/")
+
+
+def _check_url(name: str, value: str) -> None:
+    if _USERINFO.match(value):
+        raise ValueError(f"{name} carries user info (credentials) in the URL; put them in a cluster secret")
+
+
+class ClusterConfig(_Strict):
+    """Kubernetes settings compiled into the pipeline (none of them a credential).
+
+    Attributes:
+        pipeline_root: where Kubeflow stores artifacts (`s3://bucket/prefix`); default the deployment's.
+        tracking_uri: the MLflow server's URL, set as `MLFLOW_TRACKING_URI` on every step.
+        env: plain environment variables on every step (e.g. `AWS_ENDPOINT_URL`).
+        secrets: Kubernetes secrets exposed as environment variables on every step (S3, MLflow credentials).
+        accelerator_type: the GPU resource name.
+        tolerations: tolerations of GPU steps.
+        node_selector: node labels GPU steps require (e.g. a GPU product).
+        work_volume: the PVC for the training steps' resumable work directories.
+        default_resources: resources of the steps without their own (data, mix, register).
+    """
+
+    pipeline_root: str | None = Field(None, pattern=r"^(s3|gs|minio)://.+")
+    tracking_uri: str | None = Field(None, pattern=r"^https?://.+")
+    env: dict[str, str] = Field(default_factory=dict)
+    secrets: list[SecretEnv] = Field(default_factory=list)
+    accelerator_type: str = Field("nvidia.com/gpu", min_length=1)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    work_volume: WorkVolume | None = None
+    default_resources: Resources = Resources()
+
+    @model_validator(mode="after")
+    def _no_credentials(self) -> Self:
+        for name, value in self.env.items():
+            if not re.match(_ENV_NAME, name):
+                raise ValueError(f"cluster.env: invalid environment variable name {name!r}")
+            if _CREDENTIAL_NAME.search(name):
+                raise ValueError(
+                    f"cluster.env.{name} looks like a credential; compiled pipelines hold env values in "
+                    "plain text. Put it in a Kubernetes secret and list it under cluster.secrets"
+                )
+            if name in _RESERVED_ENV:
+                raise ValueError(
+                    f"cluster.env.{name} is set by the pipeline; remove it (tracking_uri sets MLflow's)"
+                )
+            _check_url(f"cluster.env.{name}", value)
+        if self.tracking_uri:
+            _check_url("cluster.tracking_uri", self.tracking_uri)
+        if self.pipeline_root:
+            _check_url("cluster.pipeline_root", self.pipeline_root)
+        names = [name for s in self.secrets for name in s.env]
+        duplicates = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(self.env)))
+        if duplicates:
+            raise ValueError(f"cluster: environment variables set twice: {duplicates}")
+        return self
+
+
+class StageStep(_Strict):
+    """A training stage in a recipe.
+
+    Attributes:
+        resources: the step's pod.
+        config: the stage's settings: a stage config (see `components.training.config`) without the keys the
+            pipeline sets (`components.training.kfp_entry.PIPELINE_OWNED`, `data.meta`/`data.path`, tracking
+            names and parent run).
+    """
+
+    resources: Resources = Resources()
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvalStep(_Strict):
+    """The evaluation step: its pod and an `EvalConfig` without policy, prm and output_dir."""
+
+    resources: Resources = Resources()
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class Stages(_Strict):
+    pretrain: StageStep
+    sft: StageStep
+    mpo: StageStep
+    prm: StageStep
+
+
+def _prefix(where: str, exc: Exception) -> ValueError:
+    """A `ValueError` naming `where` and each problem's key (without pydantic's union tags and prefixes)."""
+    if not isinstance(exc, ValidationError):
+        return ValueError(f"{where}: {exc}")
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = [str(part) for part in error["loc"]]
+        if loc and loc[0] in STAGES:  # the discriminated union's tag, not a key
+            loc = loc[1:]
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{'.'.join(loc)}: {message}" if loc else message)
+    return ValueError(f"{where}: {'; '.join(problems)}")
+
+
+class PipelineConfig(_Strict):
+    """A validated recipe (see the module docstring for the cross-stage rules).
+
+    Attributes:
+        name: the recipe's name (tag `recipe` on every MLflow run).
+        description: one line on what the recipe is for.
+        preset: the model preset (`tiny`, `small`, `1b`, `2b`, `8b`).
+        data, init: the data and init steps' settings.
+        stages: pretrain, sft, mpo and prm.
+        eval: the Best-of-N evaluation (policy: the MPO model; critic: the PRM).
+        registry: the registry entry of the final policy.
+        tracking: MLflow settings shared by every step.
+        cluster: Kubernetes settings.
+    """
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9\-]*$", max_length=63)
+    description: str = ""
+    preset: str
+    data: DataSettings
+    init: InitSettings = InitSettings()
+    stages: Stages
+    eval: EvalStep
+    registry: RegisterSettings
+    tracking: TrackingSettings
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Self:
+        self._check_preset()
+        for stage in STAGES:
+            self._check_stage(stage)
+        self._check_eval()
+        return self
+
+    def _check_preset(self) -> None:
+        from model.presets import get_preset
+
+        try:
+            preset = get_preset(self.preset)
+        except ValueError as exc:
+            raise ValueError(f"preset: {exc}") from exc
+        fixed_vocabulary = preset.text.vocab_size is not None
+        if fixed_vocabulary and not self.init.composed:
+            raise ValueError(
+                f"preset {self.preset} starts from pretrained parts: set init.vision and init.llm "
+                "(InternViT and Qwen2.5 HF directories)"
+            )
+        if not fixed_vocabulary and self.init.composed:
+            raise ValueError(f"preset {self.preset} is initialised randomly; remove init.vision and init.llm")
+
+    def _check_stage(self, stage: str) -> None:
+        from components.training.kfp_entry import owned_keys_in
+
+        step: StageStep = getattr(self.stages, stage)
+        owned = owned_keys_in(stage, step.config)
+        if owned:
+            raise ValueError(f"stages.{stage}.config sets {owned}; the pipeline sets them")
+        cfg = self.stage_config(stage)
+        world = step.resources.world_size
+        try:
+            cfg.trainer.accumulation_steps(world)
+        except ValueError as exc:
+            raise _prefix(f"stages.{stage}", exc) from exc
+        if step.resources.gpus == 0:
+            if cfg.trainer.precision == "bf16":
+                raise ValueError(f"stages.{stage}: trainer.precision bf16 needs GPUs (resources.gpus > 0)")
+            if cfg.trainer.distributed.backend == "nccl":
+                raise ValueError(f"stages.{stage}: distributed.backend nccl needs GPUs (resources.gpus > 0)")
+        if step.resources.retries and self.cluster.work_volume is None:
+            raise ValueError(
+                f"stages.{stage}.resources.retries needs cluster.work_volume: without it a retried pod "
+                "starts from step 0"
+            )
+
+    def _check_eval(self) -> None:
+        from components.evaluate.pipeline_step import owned_keys_in
+
+        owned = owned_keys_in(self.eval.config)
+        if owned:
+            raise ValueError(f"eval.config sets {owned}; the pipeline sets them")
+        cfg = self.eval_config()
+        if cfg.n < 2:
+            raise ValueError("eval.config.n must be at least 2: Best-of-N picks among N sampled answers")
+        prm_length = self.stage_config("prm").data.max_length
+        if cfg.max_length > prm_length:
+            raise ValueError(
+                f"eval.config.max_length ({cfg.max_length}) exceeds the PRM's training length "
+                f"(stages.prm.config.data.max_length = {prm_length}); the PRM would score longer sequences "
+                "than it was trained on"
+            )
+        gpus = self.eval.resources.gpus
+        if gpus == 0 and (cfg.device == "cuda" or cfg.dtype != "float32"):
+            raise ValueError(
+                "eval: device cuda and half-precision dtypes need GPUs (eval.resources.gpus > 0)"
+            )
+        if self.data.source == "demo" and any(b.format != "demo" for b in cfg.benchmarks):
+            raise ValueError("eval: the demo data only has demo-format benchmarks")
+
+    # -- what each step receives ---------------------------------------------------------------------------
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """The JSON-ready settings the stage's component receives: the recipe's plus tracking."""
+        step: StageStep = getattr(self.stages, stage)
+        settings = json.loads(json.dumps(step.config))
+        tracking = settings.get("tracking", {})
+        settings["tracking"] = {
+            "log_model": self.tracking.log_stage_models,
+            "system_metrics": self.tracking.system_metrics,
+            **tracking,
+            "experiment": self.tracking.experiment,
+            "recipe": self.name,
+            "tags": {**self.tracking.tags, **tracking.get("tags", {})},
+        }
+        return settings
+
+    def stage_config(self, stage: str) -> Any:
+        """The stage's config with placeholder paths (what validation checks)."""
+        from components.training.kfp_entry import PLACEHOLDERS, wire_stage_config
+
+        try:
+            return wire_stage_config(
+                stage,
+                self.stage_settings(stage),
+                init=PLACEHOLDERS["init"],
+                output=PLACEHOLDERS["output"],
+                work_dir=PLACEHOLDERS["work_dir"],
+                data_file=PLACEHOLDERS["data"],
+                parent_run_id=None,
+            )
+        except (ValidationError, ValueError) as exc:
+            raise _prefix(f"stages.{stage}.config", exc) from exc
+
+    def eval_settings(self) -> dict[str, Any]:
+        """The JSON-ready settings the evaluation component receives."""
+        settings = json.loads(json.dumps(self.eval.config))
+        mlflow = settings.get("mlflow", {})
+        settings["mlflow"] = {
+            **mlflow,
+            "experiment": self.tracking.experiment,
+            "tags": {"stage": "eval", "recipe": self.name, **self.tracking.tags, **mlflow.get("tags", {})},
+        }
+        return settings
+
+    def eval_config(self) -> Any:
+        """The `EvalConfig` with placeholder paths (what validation checks)."""
+        from components.evaluate.pipeline_step import PLACEHOLDERS, wire_eval_config
+
+        try:
+            return wire_eval_config(
+                self.eval_settings(),
+                policy=PLACEHOLDERS["policy"],
+                prm=PLACEHOLDERS["prm"],
+                output_dir=PLACEHOLDERS["output_dir"],
+                data_root="/pipeline/data",
+                parent_run_id=None,
+            )
+        except (ValidationError, ValueError) as exc:
+            raise _prefix("eval.config", exc) from exc
+
+    def prepare_data_config(self) -> PrepareDataConfig:
+        return PrepareDataConfig(recipe=self.name, tracking=self.tracking, data=self.data)
+
+    def init_model_config(self) -> InitModelConfig:
+        return InitModelConfig(recipe=self.name, tracking=self.tracking, preset=self.preset, init=self.init)
+
+    def mix_config(self, stages: tuple[str, ...] = ("pretrain", "sft")) -> MixConfig:
+        """The mix step's settings for the mixtures of `stages`."""
+        mixtures = []
+        for stage in stages:
+            settings = self.stage_settings(stage)
+            mixtures.append(
+                Mixture(stage=stage, data=settings.get("data", {}), packing=settings.get("packing"))
+            )
+        return MixConfig(recipe=self.name, tracking=self.tracking, data=self.data, mixtures=mixtures)
+
+    def register_config(self) -> RegisterConfig:
+        return RegisterConfig(
+            recipe=self.name, tracking=self.tracking, preset=self.preset, registry=self.registry
+        )
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A shipped recipe's file (`tiny` → `pipelines/recipes/tiny.yaml`) or the given file.
+
+    Raises:
+        FileNotFoundError: naming the shipped recipes.
+    """
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    raise FileNotFoundError(f"no recipe {str(name_or_path)!r}; shipped recipes: {', '.join(list_recipes())}")
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> PipelineConfig:
+    """Read and validate a recipe.
+
+    Raises:
+        FileNotFoundError: no such recipe.
+        ValueError: the file is not a mapping, or any setting is invalid (the message names the key).
+    """
+    path = recipe_path(name_or_path)
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe must be a mapping of settings")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _prefix(str(path), exc) from exc

@@ -1,0 +1,239 @@
+"""The Kubeflow pipelines of a recipe: the full InternVL3 recipe and two sub-pipelines.
+
+```
+internvl3-recipe  start-pipeline-run → prepare-data → init-model → mix-data → pretrain → sft
+                  sft → mpo, sft → prm;  mpo + prm → evaluate → register-model (+ mpo, prm, mix-data)
+sft-mpo           start-pipeline-run → prepare-data → importer(checkpoint_uri) → mix-data → sft → mpo
+evaluate          start-pipeline-run → prepare-data → importer(policy_uri), importer(prm_uri) → evaluate
+```
+
+Every pipeline runs its body inside an exit handler whose `finish-pipeline-run` task closes the MLflow
+parent run with the final state. The recipe is compiled in: each step receives its settings as a JSON
+constant and gets the recipe's resources (GPUs via `set_accelerator_type`/`set_accelerator_limit`, CPU and
+memory), GPU tolerations and node selector, Kubernetes secrets as environment variables, the work volume
+(training steps), `MLFLOW_TRACKING_URI` and the source commit (`VLPIPE_GIT_COMMIT`). Caching is off: every
+step records MLflow runs, and a cached parent run id would be another pipeline run's.
+
+The PRM starts from the SFT checkpoint (VisualPRM is trained from an instruction-tuned model) and trains in
+parallel with MPO. Extension points: promote and deploy (Serving issue) take the register step's output, the
+registered model URI; multi-node training would replace a training task by a PyTorchJob (not done here).
+"""
+
+# No `from __future__ import annotations` here: kfp reads the pipeline parameters' annotations as types.
+import json
+from collections.abc import Callable
+from typing import Any
+
+from kfp import dsl, kubernetes
+
+from components.data.component import init_model, mix_data, prepare_data
+from components.evaluate.component import evaluate
+from components.mpo.component import mpo
+from components.pipeline_run.component import finish_pipeline_run, start_pipeline_run
+from components.pretrain.component import pretrain
+from components.prm.component import prm
+from components.register.component import register_model
+from components.sft.component import sft
+from pipelines.config import PipelineConfig, Resources
+
+RECIPE_PIPELINE = "internvl3-recipe"
+SFT_MPO_PIPELINE = "sft-mpo"
+EVALUATE_PIPELINE = "evaluate"
+PIPELINES = (RECIPE_PIPELINE, SFT_MPO_PIPELINE, EVALUATE_PIPELINE)
+STAGE_COMPONENTS = {"pretrain": pretrain, "sft": sft, "mpo": mpo, "prm": prm}
+JOB_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+JOB_NAME = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
+
+
+def _json(value: Any) -> str:
+    if hasattr(value, "model_dump"):
+        value = value.model_dump(mode="json")
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class _Builder:
+    """Adds the recipe's steps, with their Kubernetes settings, to the pipeline being defined."""
+
+    def __init__(self, recipe: PipelineConfig, commit: str) -> None:
+        self.recipe = recipe
+        self.commit = commit
+
+    # -- Kubernetes settings --------------------------------------------------------------------------------
+    def configure(self, task: Any, resources: Resources | None = None, *, work_volume: bool = False) -> Any:
+        """Caching off, environment, secrets, resources, GPU scheduling, retries and the work volume."""
+        cluster = self.recipe.cluster
+        resources = resources or cluster.default_resources
+        task.set_caching_options(False)
+        task.set_env_variable("VLPIPE_GIT_COMMIT", self.commit)
+        if cluster.tracking_uri:
+            task.set_env_variable("MLFLOW_TRACKING_URI", cluster.tracking_uri)
+        for name, value in sorted(cluster.env.items()):
+            task.set_env_variable(name, value)
+        for secret in cluster.secrets:
+            kubernetes.use_secret_as_env(
+                task,
+                secret_name=secret.secret,
+                secret_key_to_env={key: env for env, key in secret.env.items()},
+            )
+        if resources.cpu:
+            task.set_cpu_request(resources.cpu).set_cpu_limit(resources.cpu)
+        if resources.memory:
+            task.set_memory_request(resources.memory).set_memory_limit(resources.memory)
+        if resources.gpus:
+            task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(resources.gpus)
+            for toleration in cluster.tolerations:
+                kubernetes.add_toleration(task, **toleration.model_dump())
+            for key, value in sorted(cluster.node_selector.items()):
+                kubernetes.add_node_selector(task, label_key=key, label_value=value)
+        if resources.retries:
+            task.set_retry(num_retries=resources.retries, backoff_duration="60s", backoff_factor=2.0)
+        if work_volume and cluster.work_volume is not None:
+            kubernetes.mount_pvc(
+                task, pvc_name=cluster.work_volume.pvc, mount_path=cluster.work_volume.mount_path
+            )
+        return task
+
+    @property
+    def work_root(self) -> str:
+        volume = self.recipe.cluster.work_volume
+        return volume.mount_path if volume is not None else ""
+
+    # -- steps ----------------------------------------------------------------------------------------------
+    def finish(self, parent_run_id: Any) -> Any:
+        return self.configure(finish_pipeline_run(parent_run_id=parent_run_id, job_id=JOB_ID))
+
+    def start(self, pipeline: str, parent_run_id: Any) -> Any:
+        task = start_pipeline_run(
+            tracking=_json(self.recipe.tracking),
+            pipeline=pipeline,
+            recipe=self.recipe.name,
+            parent_run_id=parent_run_id,
+            job_id=JOB_ID,
+            job_name=JOB_NAME,
+        )
+        return self.configure(task)
+
+    def prepare_data(self, parent: Any) -> Any:
+        task = prepare_data(config=_json(self.recipe.prepare_data_config()), parent_run_id=parent)
+        return self.configure(task)
+
+    def init_model(self, parent: Any, data: Any) -> Any:
+        task = init_model(config=_json(self.recipe.init_model_config()), parent_run_id=parent, data=data)
+        return self.configure(task)
+
+    def mix(self, parent: Any, data: Any, model: Any, stages: tuple[str, ...]) -> Any:
+        config = _json(self.recipe.mix_config(stages))
+        return self.configure(mix_data(config=config, parent_run_id=parent, data=data, model=model))
+
+    def stage(self, stage: str, parent: Any, *, init: Any, data: Any, mixture: Any = None) -> Any:
+        step = getattr(self.recipe.stages, stage)
+        inputs = {"mixture": mixture} if stage in ("pretrain", "sft") else {}
+        task = STAGE_COMPONENTS[stage](
+            config=_json(self.recipe.stage_settings(stage)),
+            preset=self.recipe.preset,
+            parent_run_id=parent,
+            run_key=JOB_ID,
+            work_root=self.work_root,
+            world_size=step.resources.world_size,
+            init_model=init,
+            data=data,
+            **inputs,
+        )
+        return self.configure(task, step.resources, work_volume=True)
+
+    def evaluate(self, parent: Any, *, policy: Any, prm_model: Any, data: Any) -> Any:
+        task = evaluate(
+            config=_json(self.recipe.eval_settings()),
+            preset=self.recipe.preset,
+            parent_run_id=parent,
+            policy=policy,
+            prm=prm_model,
+            data=data,
+        )
+        return self.configure(task, self.recipe.eval.resources)
+
+    def register(self, parent: Any, *, policy: Any, prm_model: Any, mixture: Any, results: Any) -> Any:
+        task = register_model(
+            config=_json(self.recipe.register_config()),
+            parent_run_id=parent,
+            job_id=JOB_ID,
+            policy=policy,
+            prm=prm_model,
+            mixture=mixture,
+            eval_results=results,
+        )
+        return self.configure(task)
+
+    @staticmethod
+    def checkpoint(uri: Any) -> Any:
+        """An existing checkpoint (local path or `s3://`) as a `Model` artifact."""
+        return dsl.importer(artifact_uri=uri, artifact_class=dsl.Model, reimport=False)
+
+
+def _description(recipe: PipelineConfig, what: str, version: str) -> str:
+    return f"{what} — recipe {recipe.name} ({recipe.preset}), vlpipe {version}. {recipe.description}".strip()
+
+
+def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dict[str, Callable]:
+    """The recipe's pipelines (`PIPELINES` → `@dsl.pipeline` function), ready to compile or run locally.
+
+    Args:
+        recipe: the validated recipe (compiled into every step's settings).
+        commit: the source commit (`VLPIPE_GIT_COMMIT` on every step).
+        version: the pipeline version (package version + commit), for the descriptions.
+    """
+    b = _Builder(recipe, commit)
+    root = recipe.cluster.pipeline_root
+
+    @dsl.pipeline(
+        name=RECIPE_PIPELINE,
+        description=_description(
+            recipe, "The InternVL3 recipe: data → pretrain → SFT → MPO, PRM → eval → register", version
+        ),
+        pipeline_root=root,
+    )
+    def internvl3_recipe(parent_run_id: str = ""):
+        with dsl.ExitHandler(b.finish(parent_run_id), name="recipe"):
+            parent = b.start(RECIPE_PIPELINE, parent_run_id).output
+            data = b.prepare_data(parent).outputs["data"]
+            init = b.init_model(parent, data).outputs["model"]
+            mixture = b.mix(parent, data, init, ("pretrain", "sft")).outputs["mixture"]
+            pretrained = b.stage("pretrain", parent, init=init, data=data, mixture=mixture).outputs["model"]
+            sft_model = b.stage("sft", parent, init=pretrained, data=data, mixture=mixture).outputs["model"]
+            policy = b.stage("mpo", parent, init=sft_model, data=data).outputs["model"]
+            critic = b.stage("prm", parent, init=sft_model, data=data).outputs["model"]
+            results = b.evaluate(parent, policy=policy, prm_model=critic, data=data).outputs["results"]
+            b.register(parent, policy=policy, prm_model=critic, mixture=mixture, results=results)
+
+    @dsl.pipeline(
+        name=SFT_MPO_PIPELINE,
+        description=_description(recipe, "SFT then MPO from a given checkpoint", version),
+        pipeline_root=root,
+    )
+    def sft_mpo(checkpoint_uri: str, parent_run_id: str = ""):
+        with dsl.ExitHandler(b.finish(parent_run_id), name="sft-mpo"):
+            parent = b.start(SFT_MPO_PIPELINE, parent_run_id).output
+            data = b.prepare_data(parent).outputs["data"]
+            start_model = b.checkpoint(checkpoint_uri).output
+            mixture = b.mix(parent, data, start_model, ("sft",)).outputs["mixture"]
+            sft_model = b.stage("sft", parent, init=start_model, data=data, mixture=mixture).outputs["model"]
+            b.stage("mpo", parent, init=sft_model, data=data)
+
+    @dsl.pipeline(
+        name=EVALUATE_PIPELINE,
+        description=_description(recipe, "Best-of-N evaluation of a given policy with a given PRM", version),
+        pipeline_root=root,
+    )
+    def evaluate_pipeline(policy_uri: str, prm_uri: str, parent_run_id: str = ""):
+        with dsl.ExitHandler(b.finish(parent_run_id), name="evaluate"):
+            parent = b.start(EVALUATE_PIPELINE, parent_run_id).output
+            data = b.prepare_data(parent).outputs["data"]
+            policy = b.checkpoint(policy_uri).output
+            critic = b.checkpoint(prm_uri).output
+            b.evaluate(parent, policy=policy, prm_model=critic, data=data)
+
+    return {
+        RECIPE_PIPELINE: internvl3_recipe,
+        SFT_MPO_PIPELINE: sft_mpo,
+        EVALUATE_PIPELINE: evaluate_pipeline,
+    }

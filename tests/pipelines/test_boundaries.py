@@ -1,0 +1,70 @@
+"""Component definitions and pipeline modules import neither torch nor transformers at module level (they are
+imported to compile pipelines on machines without them); the heavy work happens inside the steps."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+DEFINITION_MODULES = (
+    "components.release",
+    "components.pipeline_run.component",
+    "components.data.component",
+    "components.pretrain.component",
+    "components.sft.component",
+    "components.mpo.component",
+    "components.prm.component",
+    "components.evaluate.component",
+    "components.register.component",
+    "components.training.kfp_entry",
+    "components.evaluate.pipeline_step",
+    "pipelines.config",
+    "pipelines.dag",
+    "pipelines.compile",
+    "pipelines.submit",
+    "pipelines.local",
+)
+
+
+@pytest.mark.parametrize("module", DEFINITION_MODULES)
+def test_module_imports_without_torch(module):
+    code = (
+        f"import sys, {module}\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_component_bodies_only_import_and_call_one_entrypoint():
+    """A component body is a docstring, imports from vlpipe, and one call (no training or eval logic)."""
+    import ast
+    import inspect
+
+    from components.data import component as data
+    from components.evaluate.component import evaluate
+    from components.mpo.component import mpo
+    from components.pipeline_run import component as run
+    from components.pretrain.component import pretrain
+    from components.prm.component import prm
+    from components.register.component import register_model
+    from components.sft.component import sft
+
+    components = [
+        data.prepare_data, data.init_model, data.mix_data, pretrain, sft, mpo, prm, evaluate, register_model,
+        run.start_pipeline_run, run.finish_pipeline_run,
+    ]  # fmt: skip
+    for component in components:
+        func = ast.parse(inspect.getsource(component.python_func).lstrip()).body[0]
+        body = [
+            node
+            for node in func.body
+            if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
+        ]
+        imports = [node for node in body if isinstance(node, ast.ImportFrom)]
+        calls = [node for node in body if not isinstance(node, ast.ImportFrom)]
+        assert all(node.module.startswith("components.") for node in imports), component.name
+        assert len(calls) == 1 and isinstance(calls[0], ast.Expr | ast.Return), component.name

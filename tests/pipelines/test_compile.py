@@ -1,0 +1,209 @@
+"""Every pipeline of every recipe compiles; the IR has the expected tasks, edges and cluster settings;
+compiling is reproducible and puts no credential from the environment into the files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from components.release import IMAGE, VERSION
+from pipelines.cli import app
+from pipelines.compile import compile_recipe, pipeline_version
+from pipelines.config import list_recipes, load_recipe
+from pipelines.dag import PIPELINES
+from tests.pipelines.ir import artifact_edges, body_tasks, constant, load_ir, parameter_edges
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+STEPS = {
+    "prepare-data",
+    "init-model",
+    "mix-data",
+    "pretrain",
+    "sft",
+    "mpo",
+    "prm",
+    "evaluate",
+    "register-model",
+}
+# What each step consumes (artifacts), i.e. the recipe's data flow.
+RECIPE_EDGES = {
+    ("prepare-data", "init-model"),
+    ("prepare-data", "mix-data"),
+    ("init-model", "mix-data"),
+    ("prepare-data", "pretrain"),
+    ("init-model", "pretrain"),
+    ("mix-data", "pretrain"),
+    ("prepare-data", "sft"),
+    ("pretrain", "sft"),
+    ("mix-data", "sft"),
+    ("prepare-data", "mpo"),
+    ("sft", "mpo"),
+    ("prepare-data", "prm"),
+    ("sft", "prm"),
+    ("prepare-data", "evaluate"),
+    ("mpo", "evaluate"),
+    ("prm", "evaluate"),
+    ("mpo", "register-model"),
+    ("prm", "register-model"),
+    ("mix-data", "register-model"),
+    ("evaluate", "register-model"),
+}
+FAKE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEACCESSKEY0001",
+    "AWS_SECRET_ACCESS_KEY": "fake-secret-key-do-not-leak-7f3a",
+    "MLFLOW_TRACKING_USERNAME": "fake-mlflow-user-2b9c",
+    "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-password-9d1e",
+    "MLFLOW_TRACKING_TOKEN": "fake-mlflow-token-5c7f",
+    "KFP_BEARER_TOKEN": "fake-kfp-token-3e8a",
+}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """Every recipe compiled once (recipe → pipeline → file), with fake credentials in the environment."""
+    mp = pytest.MonkeyPatch()
+    for key, value in FAKE_CREDENTIALS.items():
+        mp.setenv(key, value)
+    mp.setenv("MLFLOW_TRACKING_URI", "http://leaky-user:leaky-password@mlflow.example:5000")
+    try:
+        out = tmp_path_factory.mktemp("compiled")
+        return {name: compile_recipe(load_recipe(name), out / name, commit=COMMIT) for name in list_recipes()}
+    finally:
+        mp.undo()
+
+
+def test_every_pipeline_of_every_recipe_compiles_to_a_versioned_file(compiled):
+    version = f"{VERSION}+{COMMIT[:12]}"
+    assert pipeline_version(COMMIT) == version
+    for files in compiled.values():
+        assert set(files) == set(PIPELINES)
+        for name, path in files.items():
+            assert path.name == f"{name}-{version}.yaml"
+            spec, _ = load_ir(path)
+            assert spec["pipelineInfo"]["name"] == name
+
+
+def test_recipe_dag_has_the_expected_tasks_and_edges(compiled):
+    spec, _ = load_ir(compiled["tiny"]["internvl3-recipe"])
+    assert set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "finish-pipeline-run"}
+    tasks = body_tasks(spec)
+    assert set(tasks) == STEPS | {"start-pipeline-run"}
+    assert artifact_edges(tasks) == RECIPE_EDGES
+    # Every step nests its MLflow run under the parent run the first step opens.
+    assert parameter_edges(tasks) == {("start-pipeline-run", step) for step in STEPS}
+    finish = spec["root"]["dag"]["tasks"]["finish-pipeline-run"]
+    assert finish["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert finish["dependentTasks"] == ["exit-handler-1"]
+
+
+def test_sub_pipelines_have_the_expected_tasks_and_edges(compiled):
+    spec, _ = load_ir(compiled["tiny"]["sft-mpo"])
+    tasks = body_tasks(spec)
+    assert set(tasks) == {"start-pipeline-run", "prepare-data", "importer", "mix-data", "sft", "mpo"}
+    assert artifact_edges(tasks) == {
+        ("prepare-data", "mix-data"),
+        ("importer", "mix-data"),
+        ("prepare-data", "sft"),
+        ("importer", "sft"),
+        ("mix-data", "sft"),
+        ("prepare-data", "mpo"),
+        ("sft", "mpo"),
+    }
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"checkpoint_uri", "parent_run_id"}
+
+    spec, _ = load_ir(compiled["tiny"]["evaluate"])
+    tasks = body_tasks(spec)
+    assert set(tasks) == {"start-pipeline-run", "prepare-data", "importer", "importer-2", "evaluate"}
+    assert artifact_edges(tasks) == {
+        ("prepare-data", "evaluate"),
+        ("importer", "evaluate"),
+        ("importer-2", "evaluate"),
+    }
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"policy_uri", "prm_uri", "parent_run_id"}
+
+
+def test_steps_receive_the_recipe_settings_and_run_on_the_release_image(compiled):
+    spec, _ = load_ir(compiled["tiny"]["internvl3-recipe"])
+    tasks = body_tasks(spec)
+    sft = json.loads(constant(tasks["sft"], "config"))
+    assert sft["trainer"]["max_steps"] == load_recipe("tiny").stage_config("sft").trainer.max_steps
+    assert sft["tracking"]["experiment"] == "vlpipe-tiny" and "init" not in sft
+    assert constant(tasks["sft"], "run_key") == "{{$.pipeline_job_uuid}}"
+    for executor in spec["deploymentSpec"]["executors"].values():
+        if "container" in executor:
+            assert executor["container"]["image"] == IMAGE
+            env = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
+            assert env["VLPIPE_GIT_COMMIT"] == COMMIT
+    for task in tasks.values():
+        if "cachingOptions" in task:
+            assert not task["cachingOptions"].get("enableCache", False)
+
+
+def test_gpu_toleration_secret_volume_and_env_settings_are_in_the_ir(compiled):
+    recipe = load_recipe("internvl3-8b")
+    spec, platform = load_ir(compiled["internvl3-8b"]["internvl3-recipe"])
+    executors = spec["deploymentSpec"]["executors"]
+    k8s = platform["deploymentSpec"]["executors"]
+    for stage in ("pretrain", "sft", "mpo", "prm"):
+        resources = executors[f"exec-{stage}"]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert resources["accelerator"]["resourceCount"] == "8"
+        assert resources["resourceMemoryLimit"] == "800Gi"
+        assert k8s[f"exec-{stage}"]["tolerations"] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+        assert k8s[f"exec-{stage}"]["pvcMount"][0]["mountPath"] == "/mnt/vlpipe-work"
+        assert k8s[f"exec-{stage}"]["nodeSelector"]["labels"] == {
+            "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"
+        }
+    assert executors["exec-evaluate"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+    # CPU steps get no GPU and no GPU toleration.
+    assert "accelerator" not in executors["exec-prepare-data"]["container"].get("resources", {})
+    assert "tolerations" not in k8s["exec-prepare-data"]
+    # Every step gets the credentials from the secrets and MLflow's URL from the recipe.
+    for name, executor in executors.items():
+        if "container" not in executor:
+            continue
+        secrets = {
+            s["secretName"]: {e["envVar"]: e["secretKey"] for e in s["keyToEnv"]}
+            for s in k8s[name]["secretAsEnv"]
+        }
+        assert secrets == {
+            "vlpipe-s3": {"AWS_ACCESS_KEY_ID": "access-key-id", "AWS_SECRET_ACCESS_KEY": "secret-access-key"},
+            "vlpipe-mlflow": {"MLFLOW_TRACKING_USERNAME": "username", "MLFLOW_TRACKING_PASSWORD": "password"},
+        }
+        env = {e["name"]: e["value"] for e in executor["container"]["env"]}
+        assert env["MLFLOW_TRACKING_URI"] == recipe.cluster.tracking_uri
+        assert env["AWS_ENDPOINT_URL"] == recipe.cluster.env["AWS_ENDPOINT_URL"]
+    # Training steps retry (they resume from the work volume).
+    assert body_tasks(spec)["sft"]["retryPolicy"]["maxRetryCount"] == 2
+    assert spec["defaultPipelineRoot"] == recipe.cluster.pipeline_root
+
+
+def test_no_credential_from_the_environment_appears_in_any_compiled_file(compiled):
+    leaks = [*FAKE_CREDENTIALS.values(), "leaky-user", "leaky-password"]
+    for files in compiled.values():
+        for path in files.values():
+            text = path.read_text()
+            assert not [value for value in leaks if value in text], path
+
+
+def test_recompiling_the_same_commit_gives_byte_identical_files(compiled, tmp_path):
+    again = compile_recipe(load_recipe("internvl3-8b"), tmp_path, commit=COMMIT)
+    for name, path in again.items():
+        assert path.read_bytes() == compiled["internvl3-8b"][name].read_bytes()
+
+
+def test_compile_command_writes_one_file_per_pipeline(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLPIPE_GIT_COMMIT", COMMIT)
+    result = CliRunner().invoke(app, ["compile", "--recipe", "tiny", "--out", str(tmp_path / "one")])
+    assert result.exit_code == 0, result.output
+    version = f"{VERSION}+{COMMIT[:12]}"
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(
+        f"{n}-{version}.yaml" for n in PIPELINES
+    )
+    result = CliRunner().invoke(app, ["compile", "--recipe", "nope", "--out", str(tmp_path / "bad")])
+    assert result.exit_code == 2 and "shipped recipes" in result.output
