@@ -60,8 +60,8 @@ def init_distributed(config: DistributedConfig) -> DistInfo:
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # not under a launcher: a group of one on a free loopback port
-            # DeepSpeed reads these for the life of the process (LOCAL_RANK at initialize, too).
+        group_of_one = "RANK" not in os.environ  # not under a launcher: a group of one on a free port
+        if group_of_one:
             os.environ.update(
                 RANK="0",
                 WORLD_SIZE="1",
@@ -72,7 +72,14 @@ def init_distributed(config: DistributedConfig) -> DistInfo:
         backend = config.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, timeout=_PROCESS_GROUP_TIMEOUT)
+        try:
+            deepspeed.init_distributed(dist_backend=backend, timeout=_PROCESS_GROUP_TIMEOUT)
+        finally:
+            if group_of_one:
+                # Child processes (pipeline steps, launchers) must not join this process's group; DeepSpeed
+                # only needs LOCAL_RANK later (at `deepspeed.initialize`).
+                for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                    os.environ.pop(key, None)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
