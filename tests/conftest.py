@@ -25,6 +25,21 @@ def _isolated_tracking(tmp_path_factory):
             os.environ[key] = value
 
 
+@pytest.fixture(autouse=True)
+def _reset_mlflow_uris():
+    """A stage sets MLflow's process-wide tracking URI; reset it after each test so the next test's
+    MLFLOW_TRACKING_URI (set with monkeypatch) is the one used."""
+    yield
+    import sys
+
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        tracking_utils._tracking_uri = None
+        registry_utils._registry_uri = None
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from model.tokenizer import default_corpus, train_bpe_tokenizer
