@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from components.training.loop import LoopContext
 from components.training.runtime import DistInfo, Engine, barrier, full_parameters
 from components.training.state import ResumeState, latest_checkpoint, load_training_state
 from components.training.tracking import Tracker
@@ -90,3 +91,47 @@ def ensure_local_dir(path: str) -> Path:
     target = Path(path)
     target.mkdir(parents=True, exist_ok=True)
     return target
+
+
+def resolved_config(
+    cfg: Any, info: DistInfo, engine: Engine, total_steps: int, trainable: dict[str, int]
+) -> dict[str, Any]:
+    """The stage config plus what was derived at launch (logged to MLflow, written beside checkpoints)."""
+    return {
+        **cfg.model_dump(mode="json"),
+        "derived": {
+            "world_size": info.world_size,
+            "accumulation_steps": engine.accumulation_steps,
+            "total_steps": total_steps,
+            "bf16": engine.bf16,
+            "trainable_parameters": trainable,
+            "deepspeed": engine.ds_config,
+        },
+    }
+
+
+def loop_context(
+    cfg: Any,
+    info: DistInfo,
+    engine: Engine,
+    tracker: Tracker,
+    work_dir: Path,
+    total_steps: int,
+    resolved: dict[str, Any],
+    run_id: str | None,
+) -> LoopContext:
+    """The training loop's context for a stage config."""
+    return LoopContext(
+        stage=cfg.stage,
+        info=info,
+        engine=engine,
+        tracker=tracker,
+        work_dir=work_dir,
+        total_steps=total_steps,
+        every_steps=cfg.checkpoint.every_steps,
+        keep_last=cfg.checkpoint.keep_last,
+        log_every=cfg.trainer.log_every,
+        resolved_config=resolved,
+        trainer_state={"mlflow_run_id": run_id, "stage": cfg.stage},
+        flops_per_token=6.0 * parameter_count(engine.module),
+    )

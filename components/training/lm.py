@@ -18,12 +18,13 @@ import torch
 from components.training.common import (
     ensure_local_dir,
     load_start,
-    parameter_count,
+    loop_context,
+    resolved_config,
     resume_point,
     save_final,
     steps_for,
 )
-from components.training.loop import LoopContext, PackedSource, PaddedSource, train_loop
+from components.training.loop import PackedSource, PaddedSource, train_loop
 from components.training.runtime import (
     DistInfo,
     Engine,
@@ -195,17 +196,7 @@ def run_lm_stage(
         start_step = resume.step
     packing = cfg.packing.model_dump() if cfg.packing else None
     manifest_hash = loader.manifest(packing=packing)["manifest_sha256"]
-    resolved = {
-        **cfg.model_dump(mode="json"),
-        "derived": {
-            "world_size": info.world_size,
-            "accumulation_steps": engine.accumulation_steps,
-            "total_steps": total_steps,
-            "bf16": engine.bf16,
-            "trainable_parameters": trainable,
-            "deepspeed": engine.ds_config,
-        },
-    }
+    resolved = resolved_config(cfg, info, engine, total_steps, trainable)
     tracker = Tracker(info.is_main)
     preset = str(loaded.metadata.get("preset", "unknown"))
     run_id = tracker.start(
@@ -228,20 +219,7 @@ def run_lm_stage(
         )
 
     # -- train --------------------------------------------------------------------------------------------
-    ctx = LoopContext(
-        stage=cfg.stage,
-        info=info,
-        engine=engine,
-        tracker=tracker,
-        work_dir=work_dir,
-        total_steps=total_steps,
-        every_steps=cfg.checkpoint.every_steps,
-        keep_last=cfg.checkpoint.keep_last,
-        log_every=trainer.log_every,
-        resolved_config=resolved,
-        trainer_state={"mlflow_run_id": run_id, "stage": cfg.stage},
-        flops_per_token=6.0 * parameter_count(engine.module),
-    )
+    ctx = loop_context(cfg, info, engine, tracker, work_dir, total_steps, resolved, run_id)
     status = "FAILED"
     try:
         metric = micro_metrics(loaded.tokenizer) if micro_metrics else None
