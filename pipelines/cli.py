@@ -205,7 +205,9 @@ def submit(
     ),
     recipe: str = typer.Option(..., help="Recipe name or YAML file."),
     experiment: str = typer.Option(None, help="Kubeflow experiment (default: the recipe's experiment)."),
-    pipeline: str = typer.Option("internvl3-recipe", help="internvl3-recipe, sft-mpo or evaluate."),
+    pipeline: str = typer.Option(
+        "internvl3-recipe", help="internvl3-recipe, sft-mpo, evaluate or promote-deploy."
+    ),
     param: list[str] = typer.Option([], help="Pipeline parameter NAME=VALUE (repeatable)."),
 ) -> None:
     """Upload the pipeline (or a new version of it) and start a run on Kubeflow Pipelines."""
@@ -224,7 +226,9 @@ def submit(
 def run(
     local_run: bool = typer.Option(False, "--local", help="Run with kfp.local (the only mode here)."),
     recipe: str = typer.Option("tiny", help="Recipe name or YAML file."),
-    pipeline: str = typer.Option("internvl3-recipe", help="internvl3-recipe, sft-mpo or evaluate."),
+    pipeline: str = typer.Option(
+        "internvl3-recipe", help="internvl3-recipe, sft-mpo, evaluate or promote-deploy."
+    ),
     param: list[str] = typer.Option([], help="Pipeline parameter NAME=VALUE (repeatable)."),
     summary_json: Path = typer.Option(None, "--summary-json", help="Also write the summary as JSON here."),
 ) -> None:

@@ -13,7 +13,11 @@ with placeholder paths for what the pipeline wires at run time; cross-stage rule
   the prompts the evaluation admits; a GPU device or half precision needs GPUs;
 - a training step that retries needs the work volume (a retried pod resumes from the checkpoints there);
 - nothing in the recipe is a credential: secrets are referenced by Kubernetes secret name, plain environment
-  variables must not look like credentials, and URLs must not carry user info.
+  variables must not look like credentials, and URLs must not carry user info;
+- promotion gates name metrics the register step records (`eval.<metric>` version tags), each once;
+- deployment validates its service with `serving.deploy.ServingDeployment`, needs S3 storage (a fixed
+  `storage_uri` or the MLflow server's S3 artifact destination), the cluster's MLflow server (the registry the
+  champion is found in) and the same S3 endpoint as the pipeline's steps.
 
 Torch-free: `load_recipe` runs on any machine.
 """
@@ -36,8 +40,11 @@ from components.data.config import (
     Mixture,
     PrepareDataConfig,
 )
+from components.deploy.config import DeployConfig, DeploySettings
 from components.pipeline_run.config import TrackingSettings
+from components.promote.config import PromoteConfig
 from components.register.config import RegisterConfig, RegisterSettings
+from serving.promote import DEFAULT_EVAL_METRICS, PromotionConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 STAGES = ("pretrain", "sft", "mpo", "prm")
@@ -224,6 +231,8 @@ class PipelineConfig(_Strict):
         stages: pretrain, sft, mpo and prm.
         eval: the Best-of-N evaluation (policy: the MPO model; critic: the PRM).
         registry: the registry entry of the final policy.
+        promotion: the gates the registered version must pass to become `champion` (`serving.promote`).
+        deploy: whether and how the champion is served with KServe after a promotion.
         tracking: MLflow settings shared by every step.
         cluster: Kubernetes settings.
     """
@@ -236,6 +245,8 @@ class PipelineConfig(_Strict):
     stages: Stages
     eval: EvalStep
     registry: RegisterSettings
+    promotion: PromotionConfig = PromotionConfig()
+    deploy: DeploySettings = DeploySettings()
     tracking: TrackingSettings
     cluster: ClusterConfig = ClusterConfig()
 
@@ -245,6 +256,8 @@ class PipelineConfig(_Strict):
         for stage in STAGES:
             self._check_stage(stage)
         self._check_eval()
+        self._check_promotion()
+        self._check_deploy()
         return self
 
     def _check_preset(self) -> None:
@@ -310,6 +323,58 @@ class PipelineConfig(_Strict):
             )
         if self.data.source == "demo" and any(b.format != "demo" for b in cfg.benchmarks):
             raise ValueError("eval: the demo data only has demo-format benchmarks")
+
+    def _check_promotion(self) -> None:
+        metrics = [gate.metric for gate in self.promotion.gates]
+        unknown = [m for m in metrics if m not in DEFAULT_EVAL_METRICS]
+        if unknown:
+            raise ValueError(
+                f"promotion.gates: unknown metrics {unknown}; the register step records "
+                f"{', '.join(DEFAULT_EVAL_METRICS)}"
+            )
+        twice = sorted({m for m in metrics if metrics.count(m) > 1})
+        if twice:
+            raise ValueError(f"promotion.gates: one gate per metric, {twice} appear more than once")
+        for gate in self.promotion.gates:
+            if gate.minimum is not None and not 0 <= gate.minimum <= 1:
+                raise ValueError(f"promotion.gates.{gate.metric}.minimum must be an accuracy within 0..1")
+            if gate.tolerance > 1:
+                raise ValueError(f"promotion.gates.{gate.metric}.tolerance must be within 0..1")
+
+    def _check_deploy(self) -> None:
+        deploy = self.deploy
+        if not deploy.enabled and not deploy.service:
+            return
+        try:
+            service = self.deploy_config().deploy.serving_deployment()
+        except ValidationError as exc:
+            raise _prefix("deploy.service", exc) from exc
+        if "canary_traffic_percent" in deploy.service:
+            raise ValueError(
+                "deploy.service sets canary_traffic_percent; the rollout sets it (use deploy.canary.steps)"
+            )
+        if service.mlflow_tracking_uri:
+            _check_url("deploy.service.mlflow_tracking_uri", service.mlflow_tracking_uri)
+        if not deploy.enabled:
+            return
+        if "storage_uri" not in deploy.service and deploy.artifacts_destination is None:
+            raise ValueError(
+                "deploy needs S3 storage: set deploy.service.storage_uri (an s3:// checkpoint) or "
+                "deploy.artifacts_destination (the MLflow server's S3 artifact destination, where the "
+                "registered version's files are)"
+            )
+        if not self.cluster.tracking_uri:
+            raise ValueError(
+                "deploy.enabled needs cluster.tracking_uri: the promote and deploy steps find the champion "
+                "in the cluster's MLflow registry"
+            )
+        pipeline_s3 = self.cluster.env.get("AWS_ENDPOINT_URL")
+        if pipeline_s3 and pipeline_s3.rstrip("/") != service.s3.endpoint_url:
+            raise ValueError(
+                f"deploy.service.s3 points at {service.s3.endpoint_url} but the pipeline's steps use "
+                f"cluster.env.AWS_ENDPOINT_URL = {pipeline_s3}: the predictor must read the S3 the pipeline "
+                "writes (set deploy.service.s3.endpoint and use_https)"
+            )
 
     # -- what each step receives ---------------------------------------------------------------------------
     def stage_settings(self, stage: str) -> dict[str, Any]:
@@ -391,6 +456,22 @@ class PipelineConfig(_Strict):
         return RegisterConfig(
             recipe=self.name, tracking=self.tracking, preset=self.preset, registry=self.registry
         )
+
+    def promote_config(self) -> PromoteConfig:
+        return PromoteConfig(recipe=self.name, tracking=self.tracking, promotion=self.promotion)
+
+    def deploy_config(self) -> DeployConfig:
+        """The deploy step's settings: the recipe's, plus the serving image of this release and, for a PRM
+        read from MLflow, the cluster's MLflow server."""
+        from components.release import VERSION
+        from serving.deploy import serving_image
+
+        service = {"image": serving_image(VERSION), **self.deploy.service}
+        prm_uri = str(service.get("prm_uri") or "")
+        if prm_uri.startswith(("models:/", "runs:/")) and self.cluster.tracking_uri:
+            service.setdefault("mlflow_tracking_uri", self.cluster.tracking_uri)
+        deploy = self.deploy.model_copy(update={"service": service})
+        return DeployConfig(recipe=self.name, tracking=self.tracking, deploy=deploy)
 
 
 def recipe_path(name_or_path: str | Path) -> Path:

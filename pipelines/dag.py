@@ -1,10 +1,12 @@
-"""The Kubeflow pipelines of a recipe: the full InternVL3 recipe and two sub-pipelines.
+"""The Kubeflow pipelines of a recipe: the full InternVL3 recipe and three sub-pipelines.
 
 ```
 internvl3-recipe  start-pipeline-run → prepare-data → init-model → mix-data → pretrain → sft
                   sft → mpo, sft → prm;  mpo + prm → evaluate → register-model (+ mpo, prm, mix-data)
+                  register-model → promote-model → [if promoted] deploy-model
 sft-mpo           start-pipeline-run → prepare-data → importer(checkpoint_uri) → mix-data → sft → mpo
 evaluate          start-pipeline-run → prepare-data → importer(policy_uri), importer(prm_uri) → evaluate
+promote-deploy    start-pipeline-run → promote-model(model_name, model_version) → [if promoted] deploy-model
 ```
 
 Every pipeline runs its body inside an exit handler whose `finish-pipeline-run` task closes the MLflow
@@ -15,8 +17,11 @@ memory), GPU tolerations and node selector, Kubernetes secrets as environment va
 step records MLflow runs, and a cached parent run id would be another pipeline run's.
 
 The PRM starts from the SFT checkpoint (VisualPRM is trained from an instruction-tuned model) and trains in
-parallel with MPO. Extension points: promote and deploy (Serving issue) take the register step's output, the
-registered model URI; multi-node training would replace a training task by a PyTorchJob (not done here).
+parallel with MPO. `promote-model` gates the registered version (`models:/<name>/<version>`, the register
+step's output) against the champion with the recipe's `promotion.gates`; its output (`promoted`, `rejected`,
+`already_champion`) is the condition of `deploy-model`, which exists only in recipes with `deploy.enabled`
+(it needs a cluster with KServe) and is bounded in time by its canary's step timeouts. Extension point:
+multi-node training would replace a training task by a PyTorchJob (not done here).
 """
 
 # No `from __future__ import annotations` here: kfp reads the pipeline parameters' annotations as types.
@@ -27,11 +32,13 @@ from typing import Any
 from kfp import dsl, kubernetes
 
 from components.data.component import init_model, mix_data, prepare_data
+from components.deploy.component import deploy_model
 from components.evaluate.component import evaluate
 from components.mpo.component import mpo
 from components.pipeline_run.component import finish_pipeline_run, start_pipeline_run
 from components.pretrain.component import pretrain
 from components.prm.component import prm
+from components.promote.component import promote_model
 from components.register.component import register_model
 from components.sft.component import sft
 from pipelines.config import PipelineConfig, Resources
@@ -39,7 +46,12 @@ from pipelines.config import PipelineConfig, Resources
 RECIPE_PIPELINE = "internvl3-recipe"
 SFT_MPO_PIPELINE = "sft-mpo"
 EVALUATE_PIPELINE = "evaluate"
-PIPELINES = (RECIPE_PIPELINE, SFT_MPO_PIPELINE, EVALUATE_PIPELINE)
+PROMOTE_DEPLOY_PIPELINE = "promote-deploy"
+PIPELINES = (RECIPE_PIPELINE, SFT_MPO_PIPELINE, EVALUATE_PIPELINE, PROMOTE_DEPLOY_PIPELINE)
+PROMOTED = "promoted"
+"""The promote step's output that lets the deploy step run."""
+DEPLOY_TIMEOUT_MARGIN_S = 600
+"""Beyond the canary's step timeouts: registry calls, the first patch, the report."""
 STAGE_COMPONENTS = {"pretrain": pretrain, "sft": sft, "mpo": mpo, "prm": prm}
 JOB_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 JOB_NAME = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
@@ -164,6 +176,29 @@ class _Builder:
         )
         return self.configure(task)
 
+    def promote(self, parent: Any, model_uri: Any) -> Any:
+        task = promote_model(
+            config=_json(self.recipe.promote_config()), parent_run_id=parent, model_uri=model_uri
+        )
+        return self.configure(task)
+
+    def deploy(self, parent: Any, model_uri: Any) -> Any:
+        task = deploy_model(
+            config=_json(self.recipe.deploy_config()), parent_run_id=parent, model_uri=model_uri
+        )
+        kubernetes.set_timeout(task, self.recipe.deploy.canary.max_seconds + DEPLOY_TIMEOUT_MARGIN_S)
+        return self.configure(task)
+
+    def promote_and_deploy(self, parent: Any, model_uri: Any) -> Any:
+        """promote-model, then, when the recipe enables deployment and the version was promoted, deploy-model."""
+        promotion = self.promote(parent, model_uri)
+        if self.recipe.deploy.enabled:
+            # The decision is the component's return value (`Output`) on purpose: kfp.local resolves a
+            # condition on a task output only when it is named `Output` (a NamedTuple field is skipped).
+            with dsl.If(promotion.outputs["Output"] == PROMOTED, name="promoted"):
+                self.deploy(parent, model_uri)
+        return promotion
+
     @staticmethod
     def checkpoint(uri: Any) -> Any:
         """An existing checkpoint (local path or `s3://`) as a `Model` artifact."""
@@ -184,11 +219,14 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
     """
     b = _Builder(recipe, commit)
     root = recipe.cluster.pipeline_root
+    serve = " → deploy" if recipe.deploy.enabled else ""
 
     @dsl.pipeline(
         name=RECIPE_PIPELINE,
         description=_description(
-            recipe, "The InternVL3 recipe: data → pretrain → SFT → MPO, PRM → eval → register", version
+            recipe,
+            f"The InternVL3 recipe: data → pretrain → SFT → MPO, PRM → eval → register → promote{serve}",
+            version,
         ),
         pipeline_root=root,
     )
@@ -203,7 +241,8 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
             policy = b.stage("mpo", parent, init=sft_model, data=data).outputs["model"]
             critic = b.stage("prm", parent, init=sft_model, data=data).outputs["model"]
             results = b.evaluate(parent, policy=policy, prm_model=critic, data=data).outputs["results"]
-            b.register(parent, policy=policy, prm_model=critic, mixture=mixture, results=results)
+            registered = b.register(parent, policy=policy, prm_model=critic, mixture=mixture, results=results)
+            b.promote_and_deploy(parent, registered.outputs["Output"])
 
     @dsl.pipeline(
         name=SFT_MPO_PIPELINE,
@@ -232,8 +271,21 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
             critic = b.checkpoint(prm_uri).output
             b.evaluate(parent, policy=policy, prm_model=critic, data=data)
 
+    @dsl.pipeline(
+        name=PROMOTE_DEPLOY_PIPELINE,
+        description=_description(recipe, f"Gated promotion of a registered model version{serve}", version),
+        pipeline_root=root,
+    )
+    def promote_deploy(
+        model_version: str, model_name: str = recipe.registry.model_name, parent_run_id: str = ""
+    ):
+        with dsl.ExitHandler(b.finish(parent_run_id), name="promote-deploy"):
+            parent = b.start(PROMOTE_DEPLOY_PIPELINE, parent_run_id).output
+            b.promote_and_deploy(parent, f"models:/{model_name}/{model_version}")
+
     return {
         RECIPE_PIPELINE: internvl3_recipe,
         SFT_MPO_PIPELINE: sft_mpo,
         EVALUATE_PIPELINE: evaluate_pipeline,
+        PROMOTE_DEPLOY_PIPELINE: promote_deploy,
     }

@@ -30,7 +30,7 @@ def run_local(
         recipe: the validated recipe.
         pipeline: which pipeline (`pipelines.dag.PIPELINES`).
         arguments: the pipeline's parameters (`checkpoint_uri` for sft-mpo; `policy_uri`, `prm_uri` for
-            evaluate).
+            evaluate; `model_version` and optionally `model_name` for promote-deploy).
 
     Returns:
         `pipelines.summary.collect_summary`'s result plus `seconds` and `tracking_uri`.

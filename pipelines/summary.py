@@ -7,12 +7,25 @@ was recorded, not what the local process believes happened.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-STAGE_ORDER = ("data", "init", "mix", "pretrain", "sft", "mpo", "prm", "eval", "register")
+STAGE_ORDER = (
+    "data",
+    "init",
+    "mix",
+    "pretrain",
+    "sft",
+    "mpo",
+    "prm",
+    "eval",
+    "register",
+    "promote",
+    "deploy",
+)
 _STAGE_METRICS = {
     "data": ("records", "quarantined", "mpo_pairs", "prm_solutions"),
     "init": ("seconds",),
@@ -42,8 +55,9 @@ def collect_summary(parent_run_id: str, tracking_uri: str) -> dict[str, Any]:
 
     Returns:
         `parent` (id, status, experiment), `stages` (name → run id, status, selected metrics, first loss),
-        `eval` (n, overall and per-benchmark items, pass@1, Best-of-N, majority, oracle) and `registered`
-        (name, version, aliases, model URI).
+        `eval` (n, overall and per-benchmark items, pass@1, Best-of-N, majority, oracle), `registered`
+        (name, version, aliases, model URI), `promotion` (decision, reasons, champion before and after, the
+        champion's aliases now) and `deployment` (status, InferenceService), each when the run has the step.
     """
     from mlflow import MlflowClient
 
@@ -99,7 +113,41 @@ def collect_summary(parent_run_id: str, tracking_uri: str) -> dict[str, Any]:
                 "aliases": list(aliases),
                 "model_uri": f"models:/{name}/{version}",
             }
+    if "promote" in stages:
+        summary["promotion"] = _promotion(client, stages["promote"]["run_id"])
+    if "deploy" in stages:
+        tags = client.get_run(stages["deploy"]["run_id"]).data.tags
+        summary["deployment"] = {"status": tags.get("deployment.status"), "isvc": tags.get("deployment.isvc")}
     return summary
+
+
+def _promotion(client: Any, run_id: str) -> dict[str, Any]:
+    """The promote step's decision (from its run's tags) and the registry's aliases now."""
+    tags = client.get_run(run_id).data.tags
+    name, version = tags.get("registered_model"), tags.get("registered_version")
+    promotion = {
+        "decision": tags.get("promotion.decision"),
+        "name": name,
+        "version": version,
+        "reasons": json.loads(tags.get("promotion.reasons", "[]")),
+        "champion_before": tags.get("champion_before") or None,
+        "champion_after": tags.get("champion_after") or None,
+    }
+    if name and version:
+        promotion["aliases"] = sorted(client.get_model_version(name, version).aliases)
+    return promotion
+
+
+def promotion_line(promotion: dict[str, Any]) -> str:
+    """One line: the decision and where `champion` points."""
+    decision, version = promotion["decision"], promotion["version"]
+    before, after = promotion["champion_before"], promotion["champion_after"]
+    if decision == "promoted":
+        was = f"version {before}" if before else "none"
+        return f"promoted: version {version} is the champion (was: {was})"
+    if decision == "already_champion":
+        return f"already champion: version {version}, nothing changed"
+    return f"rejected: the champion stays {f'version {after}' if after else 'unset'}"
 
 
 def _loss(m: dict[str, Any]) -> str:
@@ -151,6 +199,10 @@ def print_summary(
             line = f"{stage['preset']} checkpoint, {line}"
         if name == "register" and "registered" in summary:
             line = f"{summary['registered']['name']} version {summary['registered']['version']}"
+        if name == "promote" and "promotion" in summary:
+            line = promotion_line(summary["promotion"])
+        if name == "deploy" and "deployment" in summary:
+            line = f"{summary['deployment']['status']}: {summary['deployment']['isvc']}"
         stages.add_row(name, stage["status"], line, stage["run_id"][:12])
     console.print(stages)
     if "eval" in summary:
@@ -172,6 +224,19 @@ def print_summary(
         console.print(
             f"Registered model: {r['name']} version {r['version']} (alias: {aliases}) — {r['model_uri']}"
         )
+    if "promotion" in summary:
+        p = summary["promotion"]
+        aliases = ", ".join(p.get("aliases", [])) or "none"
+        console.print(
+            f"Promotion of {p['name']} version {p['version']}: {p['decision']} (aliases now: {aliases})"
+        )
+        for reason in p["reasons"]:
+            console.print(f"  - {reason}")
+        if p["champion_after"]:
+            console.print(f"Champion: models:/{p['name']}@champion (version {p['champion_after']})")
+    if "deployment" in summary:
+        d = summary["deployment"]
+        console.print(f"Deployment: {d['status']} — InferenceService {d['isvc']}")
     if tracking_uri.startswith("sqlite:"):
         console.print(
             f"MLflow UI: mlflow ui --backend-store-uri {ui_store_uri(tracking_uri)}  → http://127.0.0.1:5000"

@@ -19,6 +19,11 @@ def body_tasks(spec: dict) -> dict[str, dict]:
     return spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
 
 
+def sub_dag_tasks(spec: dict, task: dict) -> dict[str, dict]:
+    """The tasks of a task's own DAG (a `dsl.If` condition's body), by task name."""
+    return spec["components"][task["componentRef"]["name"]]["dag"]["tasks"]
+
+
 def artifact_edges(tasks: dict[str, dict]) -> set[tuple[str, str]]:
     """(producer, consumer) for every artifact a task takes from another task."""
     edges = set()

@@ -18,6 +18,10 @@ DEFINITION_MODULES = (
     "components.prm.component",
     "components.evaluate.component",
     "components.register.component",
+    "components.promote.component",
+    "components.deploy.component",
+    "components.promote.config",
+    "components.deploy.config",
     "components.training.kfp_entry",
     "components.evaluate.pipeline_step",
     "pipelines.config",
@@ -45,17 +49,19 @@ def test_component_bodies_only_import_and_call_one_entrypoint():
     import inspect
 
     from components.data import component as data
+    from components.deploy.component import deploy_model
     from components.evaluate.component import evaluate
     from components.mpo.component import mpo
     from components.pipeline_run import component as run
     from components.pretrain.component import pretrain
     from components.prm.component import prm
+    from components.promote.component import promote_model
     from components.register.component import register_model
     from components.sft.component import sft
 
     components = [
         data.prepare_data, data.init_model, data.mix_data, pretrain, sft, mpo, prm, evaluate, register_model,
-        run.start_pipeline_run, run.finish_pipeline_run,
+        promote_model, deploy_model, run.start_pipeline_run, run.finish_pipeline_run,
     ]  # fmt: skip
     for component in components:
         func = ast.parse(inspect.getsource(component.python_func).lstrip()).body[0]

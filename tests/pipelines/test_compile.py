@@ -14,7 +14,7 @@ from pipelines.cli import app
 from pipelines.compile import compile_recipe, pipeline_version
 from pipelines.config import list_recipes, load_recipe
 from pipelines.dag import PIPELINES
-from tests.pipelines.ir import artifact_edges, body_tasks, constant, load_ir, parameter_edges
+from tests.pipelines.ir import artifact_edges, body_tasks, constant, load_ir, parameter_edges, sub_dag_tasks
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 STEPS = {
@@ -27,6 +27,7 @@ STEPS = {
     "prm",
     "evaluate",
     "register-model",
+    "promote-model",
 }
 # What each step consumes (artifacts), i.e. the recipe's data flow.
 RECIPE_EDGES = {
@@ -92,11 +93,79 @@ def test_recipe_dag_has_the_expected_tasks_and_edges(compiled):
     tasks = body_tasks(spec)
     assert set(tasks) == STEPS | {"start-pipeline-run"}
     assert artifact_edges(tasks) == RECIPE_EDGES
-    # Every step nests its MLflow run under the parent run the first step opens.
-    assert parameter_edges(tasks) == {("start-pipeline-run", step) for step in STEPS}
+    # Every step nests its MLflow run under the parent run the first step opens; promote takes the
+    # registered version (`models:/<name>/<version>`). The tiny recipe deploys nothing (no cluster).
+    assert parameter_edges(tasks) == {("start-pipeline-run", step) for step in STEPS} | {
+        ("register-model", "promote-model")
+    }
+    promote = json.loads(constant(tasks["promote-model"], "config"))
+    assert promote["promotion"] == load_recipe("tiny").promotion.model_dump(mode="json")
     finish = spec["root"]["dag"]["tasks"]["finish-pipeline-run"]
     assert finish["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     assert finish["dependentTasks"] == ["exit-handler-1"]
+
+
+CONDITION = "inputs.parameter_values['pipelinechannel--promote-model-Output'] == 'promoted'"
+
+
+@pytest.mark.parametrize("name", ["internvl3-1b", "internvl3-2b", "internvl3-8b"])
+def test_paper_recipes_deploy_the_champion_only_when_promoted(compiled, name):
+    recipe = load_recipe(name)
+    spec, platform = load_ir(compiled[name]["internvl3-recipe"])
+    tasks = body_tasks(spec)
+    assert set(tasks) == STEPS | {"start-pipeline-run", "condition-2"}
+    condition = tasks["condition-2"]
+    assert condition["triggerPolicy"]["condition"] == CONDITION
+    assert condition["taskInfo"]["name"] == "promoted"
+    assert set(condition["dependentTasks"]) == {"promote-model", "register-model", "start-pipeline-run"}
+    inner = sub_dag_tasks(spec, condition)
+    assert set(inner) == {"deploy-model"}
+    deploy = inner["deploy-model"]["inputs"]["parameters"]
+    # The version deployed is the one registered (and just promoted).
+    assert deploy["model_uri"]["componentInputParameter"] == "pipelinechannel--register-model-Output"
+    assert condition["inputs"]["parameters"]["pipelinechannel--register-model-Output"] == {
+        "taskOutputParameter": {"outputParameterKey": "Output", "producerTask": "register-model"}
+    }
+    # The recipe's deploy settings are compiled in: InferenceService, predictor GPUs, S3, canary steps.
+    settings = json.loads(deploy["config"]["runtimeValue"]["constant"])["deploy"]
+    service = recipe.deploy.service
+    assert settings["enabled"] and settings["service"]["name"] == name == service["name"]
+    assert settings["service"]["namespace"] == "vlpipe-serving"
+    assert settings["service"]["gpus"] == 1 and settings["service"]["memory"] == service["memory"]
+    assert settings["service"]["image"] == f"ghcr.io/vlpipe/vlpipe-serving:{VERSION}"
+    assert settings["service"]["s3"]["endpoint"] == "minio.kubeflow.svc.cluster.local:9000"
+    assert settings["artifacts_destination"] == recipe.deploy.artifacts_destination
+    assert settings["canary"]["steps"] == [10, 50, 100]
+    # The deploy pod itself needs no GPU; it is bounded by the canary's step timeouts plus a margin.
+    executor = spec["deploymentSpec"]["executors"]["exec-deploy-model"]["container"]
+    assert "accelerator" not in executor.get("resources", {})
+    k8s = platform["deploymentSpec"]["executors"]["exec-deploy-model"]
+    assert int(k8s["activeDeadlineSeconds"]) == 3 * 1200 + 600
+    assert "tolerations" not in k8s
+
+
+def test_promote_deploy_sub_pipeline_takes_a_model_name_and_version(compiled):
+    uri = (
+        "models:/{{$.inputs.parameters['pipelinechannel--model_name']}}/"
+        "{{$.inputs.parameters['pipelinechannel--model_version']}}"
+    )
+    spec, _ = load_ir(compiled["tiny"]["promote-deploy"])
+    tasks = body_tasks(spec)
+    assert set(tasks) == {"start-pipeline-run", "promote-model"}  # tiny: deployment disabled
+    assert constant(tasks["promote-model"], "model_uri") == uri
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(inputs) == {"model_name", "model_version", "parent_run_id"}
+    assert (
+        inputs["model_name"]["defaultValue"] == "vlpipe-tiny"
+        and "defaultValue" not in inputs["model_version"]
+    )
+
+    spec, _ = load_ir(compiled["internvl3-8b"]["promote-deploy"])
+    tasks = body_tasks(spec)
+    assert set(tasks) == {"start-pipeline-run", "promote-model", "condition-2"}
+    assert tasks["condition-2"]["triggerPolicy"]["condition"] == CONDITION
+    deploy = sub_dag_tasks(spec, tasks["condition-2"])["deploy-model"]
+    assert constant(deploy, "model_uri") == uri
 
 
 def test_sub_pipelines_have_the_expected_tasks_and_edges(compiled):

@@ -1,6 +1,6 @@
 """`kfp.local` runs the recipe's pipeline end to end (a shortened `tiny` recipe) with one MLflow parent run
-and a child run per step; the evaluate sub-pipeline runs on its models; a failing step closes the parent run
-as FAILED."""
+and a child run per step, ending with the registered version promoted to `champion`; the evaluate and
+promote-deploy sub-pipelines run on its results; a failing step closes the parent run as FAILED."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import yaml
 from pipelines.config import PipelineConfig, recipe_path
 
 pytestmark = pytest.mark.slow
-STEPS = ("data", "init", "mix", "pretrain", "sft", "mpo", "prm", "eval", "register")
+STEPS = ("data", "init", "mix", "pretrain", "sft", "mpo", "prm", "eval", "register", "promote")
 
 
 def _short_tiny() -> PipelineConfig:
@@ -71,10 +71,23 @@ def test_the_recipe_runs_end_to_end_with_one_parent_and_a_child_run_per_step(rec
         metrics = summary["stages"][stage]["metrics"]
         assert metrics["loss_first"] > 0 and metrics["loss_last"] > 0
 
-    # The evaluation table and the registered model with its lineage and alias.
+    # The evaluation table and the registered model with its lineage and alias. The tiny recipe's gates have
+    # no minimum and the store has no champion yet, so the first version is promoted: `challenger` moves to
+    # `champion`.
     assert summary["eval"]["n"] == 2 and summary["eval"]["overall"]["items"] == 3
     registered = summary["registered"]
-    assert registered["name"] == "vlpipe-test" and registered["aliases"] == ["challenger"]
+    assert registered["name"] == "vlpipe-test" and registered["aliases"] == ["champion"]
+    assert summary["promotion"] == {
+        "decision": "promoted",
+        "name": "vlpipe-test",
+        "version": registered["version"],
+        "reasons": ["passed 2 gate(s)"],
+        "champion_before": None,
+        "champion_after": registered["version"],
+        "aliases": ["champion"],
+    }
+    assert str(client.get_model_version_by_alias("vlpipe-test", "champion").version) == registered["version"]
+    assert "deploy" not in summary["stages"]  # the tiny recipe deploys nothing: no cluster here
     version = client.get_model_version("vlpipe-test", registered["version"])
     tags = version.tags
     assert tags["pipeline_run_id"] == summary["parent"]["run_id"]
@@ -90,6 +103,8 @@ def test_the_recipe_runs_end_to_end_with_one_parent_and_a_child_run_per_step(rec
     assert "Best-of-2" in (run_dir / "evaluate" / "table").read_text()
     assert "<img" in (run_dir / "evaluate" / "report").read_text()
     assert "vlpipe-test" in (run_dir / "register-model" / "card").read_text()
+    promotion = (run_dir / "promote-model" / "report").read_text()
+    assert f"version {registered['version']}: promoted" in promotion and "| best_of_n |" in promotion
 
 
 def test_the_evaluate_sub_pipeline_runs_on_given_checkpoints(recipe_run):
@@ -106,6 +121,23 @@ def test_the_evaluate_sub_pipeline_runs_on_given_checkpoints(recipe_run):
     assert summary["parent"]["status"] == "FINISHED"
     assert list(summary["stages"]) == ["data", "eval"]
     assert summary["eval"]["overall"]["items"] == 3
+
+
+def test_the_promote_deploy_sub_pipeline_skips_deployment_unless_promoted(recipe_run):
+    """The recipe run's version is the champion already: the decision is `already_champion` and the deploy
+    branch (enabled here, with no cluster to reach) is skipped, the run succeeding."""
+    from components.deploy.config import DeploySettings
+    from pipelines.local import run_local
+
+    # The cluster cross-checks (MLflow server, S3) are bypassed: the deploy step must never run here.
+    service = {"name": "vlpipe-test", "storage_uri": "s3://nowhere/model", "gpus": 0}
+    recipe = _short_tiny().model_copy(update={"deploy": DeploySettings(enabled=True, service=service)})
+    version = recipe_run["registered"]["version"]
+    summary = run_local(recipe, pipeline="promote-deploy", arguments={"model_version": version})
+    assert summary["parent"]["status"] == "FINISHED"
+    assert list(summary["stages"]) == ["promote"]
+    assert summary["promotion"]["decision"] == "already_champion"
+    assert summary["promotion"]["aliases"] == ["champion"] and "deployment" not in summary
 
 
 def test_a_failing_step_closes_the_parent_run_as_failed(recipe_run, tmp_path):

@@ -168,3 +168,72 @@ def test_demo_source_needs_relative_paths_and_meta_source_a_root():
     bad = _raw("internvl3-1b")
     del bad["data"]["root"]
     _invalid(bad, "data.root is required")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_recipe_ships_promotion_gates_and_deploys_only_on_a_cluster(name):
+    recipe = load_recipe(name)
+    assert {gate.metric for gate in recipe.promotion.gates} == {"best_of_n", "pass_at_1"}
+    assert recipe.promote_config().promotion == recipe.promotion
+    if name in ("tiny", "small"):  # no cluster with KServe locally
+        assert not recipe.deploy.enabled
+        return
+    assert recipe.deploy.enabled
+    service = recipe.deploy_config().deploy.serving_deployment()  # validated with the deploy step's class
+    assert (
+        service.name == name
+        and service.gpus == 1
+        and service.s3.endpoint_url == (recipe.cluster.env["AWS_ENDPOINT_URL"])
+    )
+
+
+def test_promotion_gates_must_name_recorded_metrics_once():
+    bad = _raw("tiny")
+    bad["promotion"] = {"gates": [{"metric": "accuracy"}]}
+    _invalid(bad, "unknown metrics \\['accuracy'\\]")
+    bad["promotion"] = {"gates": [{"metric": "pass_at_1"}, {"metric": "pass_at_1", "tolerance": 0.1}]}
+    _invalid(bad, "one gate per metric")
+    bad["promotion"] = {"gates": [{"metric": "pass_at_1", "minimum": 30}]}
+    _invalid(bad, "pass_at_1.minimum must be an accuracy")
+    bad["promotion"] = {"gates": [{"metric": "pass_at_1", "tolrance": 0.1}]}
+    _invalid(bad, "tolrance")
+
+
+def test_deploy_settings_are_validated_with_the_serving_classes():
+    bad = _raw("internvl3-1b")
+    bad["deploy"]["service"]["gpu"] = 1
+    _invalid(bad, "deploy.service: gpu: Extra inputs")
+    bad = _raw("internvl3-1b")
+    bad["deploy"]["service"]["name"] = "InternVL3_1B"
+    _invalid(bad, "deploy.service: name")
+    bad = _raw("internvl3-1b")
+    bad["deploy"]["service"]["canary_traffic_percent"] = 10
+    _invalid(bad, "the rollout sets it")
+    bad = _raw("internvl3-1b")
+    bad["deploy"]["canary"] = {"steps": [50, 10, 100]}
+    _invalid(bad, "canary.steps must increase")
+    bad["deploy"]["canary"] = {"steps": [10, 50]}
+    _invalid(bad, "end at 100")
+
+
+def test_deploy_needs_s3_storage_the_cluster_registry_and_the_pipeline_s3():
+    bad = _raw("internvl3-1b")
+    del bad["deploy"]["artifacts_destination"]
+    _invalid(bad, "deploy needs S3 storage")
+    fixed = copy.deepcopy(bad)
+    fixed["deploy"]["service"]["storage_uri"] = "s3://models/internvl3-1b/mpo"
+    assert PipelineConfig.model_validate(fixed).deploy_config().deploy.serving_deployment().storage_uri == (
+        "s3://models/internvl3-1b/mpo"
+    )
+    fixed["deploy"]["service"]["storage_uri"] = "/local/checkpoint"
+    _invalid(fixed, "storage_uri")
+    bad = _raw("internvl3-1b")
+    del bad["cluster"]["tracking_uri"]
+    _invalid(bad, "deploy.enabled needs cluster.tracking_uri")
+    bad = _raw("internvl3-1b")
+    bad["deploy"]["service"]["s3"]["use_https"] = True
+    _invalid(bad, "must read the S3 the pipeline writes")
+    # Disabled deployment needs no cluster (tiny, small).
+    tiny = _raw("tiny")
+    tiny["deploy"] = {"enabled": False, "service": {"name": "vlpipe-tiny"}}
+    assert not PipelineConfig.model_validate(tiny).deploy.enabled

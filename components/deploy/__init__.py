@@ -1,0 +1,1 @@
+"""The deploy step: the champion as a KServe InferenceService, rolled out as a canary."""

@@ -1,0 +1,28 @@
+"""Kubeflow component of the promote step (a thin shell around `promote.promote_step`).
+
+Its output (`promoted`, `rejected` or `already_champion`) gates the deploy step:
+`dsl.If(promote_task.outputs["Output"] == "promoted")`.
+"""
+
+# No `from __future__ import annotations` here: kfp reads the parameter annotations as types.
+from kfp import dsl
+from kfp.dsl import Markdown, Output
+
+from components.release import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def promote_model(config: str, parent_run_id: str, model_uri: str, report: Output[Markdown]) -> str:
+    """Promote the registered version to `champion` if it passes every gate against the current champion.
+
+    Args:
+        config: `components.promote.config.PromoteConfig` as JSON.
+        parent_run_id: the pipeline's MLflow run.
+        model_uri: the registered version, `models:/<name>/<version>`.
+
+    Returns:
+        The decision: `promoted`, `rejected` or `already_champion` (a rejection is not a failure).
+    """
+    from components.promote.promote import promote_step
+
+    return promote_step(config, parent_run_id=parent_run_id, model_uri=model_uri, report=report)
