@@ -8,7 +8,7 @@ export PYTHONHASHSEED := 0
 # Keep all local state (MLflow store, demo data, checkpoints, bench results) under .vlpipe/.
 export VLPIPE_HOME ?= $(CURDIR)/.vlpipe
 
-.PHONY: install run test test-fast compile bench lint clean
+.PHONY: install run test test-fast test-integration platform-up platform-down images compile bench lint clean
 
 install: $(STAMP)
 
@@ -26,6 +26,22 @@ run: install
 
 test: install
 	$(PY) -m pytest -q -m "not integration" tests
+
+# The integration test runs the tiny recipe against the local platform (`make platform-up`); without a running
+# platform it starts (and stops) its own.
+test-integration: install
+	VLPIPE_PLATFORM_HOME=$(VLPIPE_HOME) $(PY) -m pytest -q -m integration tests/integration
+
+# An MLflow tracking server (basic auth, artifacts proxied to S3) and an S3 store (moto), on loopback only.
+platform-up: install
+	$(VENV)/bin/vlpipe platform up
+
+platform-down: install
+	$(VENV)/bin/vlpipe platform down
+
+# Needs a container engine (docker daemon, podman or buildah); CI has none.
+images:
+	bash infra/docker/build.sh
 
 test-fast: install
 	$(PY) -m pytest -q -m "not integration and not slow" tests

@@ -273,6 +273,9 @@ def _register_stage_commands() -> None:
     app.command("promote")(promote_command)
     app.command("rollback")(rollback_command)
     app.command("compare")(compare_command)
+    from infra.cli import platform_app
+
+    app.add_typer(platform_app, name="platform")
 
 
 _register_stage_commands()

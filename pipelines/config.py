@@ -54,7 +54,7 @@ _CREDENTIAL_NAME = re.compile(
 _USERINFO = re.compile(r"^[a-z][a-z0-9+.\-]*://[^/@]+@", re.IGNORECASE)
 _K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
-_RESERVED_ENV = ("MLFLOW_TRACKING_URI", "VLPIPE_GIT_COMMIT")
+_RESERVED_ENV = ("MLFLOW_TRACKING_URI", "VLPIPE_GIT_COMMIT", "VLPIPE_MODEL_STORE")
 
 
 class _Strict(BaseModel):
@@ -139,6 +139,9 @@ class ClusterConfig(_Strict):
         tolerations: tolerations of GPU steps.
         node_selector: node labels GPU steps require (e.g. a GPU product).
         work_volume: the PVC for the training steps' resumable work directories.
+        model_store: where steps publish their checkpoints (`s3://bucket/prefix`): each `Model` artifact
+            then points at `<store>/<run>/<task>/<output>` instead of holding a copy
+            (`components.pipeline_run.model_store`); set as `VLPIPE_MODEL_STORE` on every step.
         default_resources: resources of the steps without their own (data, mix, register).
     """
 
@@ -150,6 +153,7 @@ class ClusterConfig(_Strict):
     tolerations: list[Toleration] = Field(default_factory=list)
     node_selector: dict[str, str] = Field(default_factory=dict)
     work_volume: WorkVolume | None = None
+    model_store: str | None = Field(None, pattern=r"^(s3|gs)://[^/]+(/.*)?$")
     default_resources: Resources = Resources()
 
     @model_validator(mode="after")
@@ -171,6 +175,8 @@ class ClusterConfig(_Strict):
             _check_url("cluster.tracking_uri", self.tracking_uri)
         if self.pipeline_root:
             _check_url("cluster.pipeline_root", self.pipeline_root)
+        if self.model_store:
+            _check_url("cluster.model_store", self.model_store)
         names = [name for s in self.secrets for name in s.env]
         duplicates = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(self.env)))
         if duplicates:

@@ -79,6 +79,8 @@ class _Builder:
         task.set_env_variable("VLPIPE_GIT_COMMIT", self.commit)
         if cluster.tracking_uri:
             task.set_env_variable("MLFLOW_TRACKING_URI", cluster.tracking_uri)
+        if cluster.model_store:
+            task.set_env_variable("VLPIPE_MODEL_STORE", cluster.model_store)
         for name, value in sorted(cluster.env.items()):
             task.set_env_variable(name, value)
         for secret in cluster.secrets:

@@ -144,11 +144,13 @@ def mix_data_step(
         metrics: output `Metrics` artifact.
         report: output `Markdown` artifact (the mixture tables).
     """
+    from components.pipeline_run.model_store import checkpoint_path
+
     config = MixConfig.model_validate_json(config_json)
     manifests = mix_data(
         config,
         dataset_dir=dataset.path,
-        model_dir=model.path,
+        model_dir=checkpoint_path(model.path),
         out_dir=mixture.path,
         parent_run_id=parent_run_id,
     )

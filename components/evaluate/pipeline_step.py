@@ -138,19 +138,21 @@ def run_eval_step(
     """
     from components.data.prepare import load_dataset_info
     from components.evaluate.run import run_evaluation
+    from components.pipeline_run.model_store import checkpoint_path
     from components.training.kfp_entry import check_preset
 
     info = load_dataset_info(data.path)
+    policy_dir, prm_dir = checkpoint_path(policy.path), checkpoint_path(prm.path)
     config = wire_eval_config(
         json.loads(config_json),
-        policy=policy.path,
-        prm=prm.path,
+        policy=policy_dir,
+        prm=prm_dir,
         output_dir=results.path,
         data_root=info["root"],
         parent_run_id=parent_run_id,
     )
-    check_preset(policy.path, preset)
-    check_preset(prm.path, preset)
+    check_preset(policy_dir, preset)
+    check_preset(prm_dir, preset)
     result = run_evaluation(config)
     overall = result[OVERALL]
     results.metadata.update(

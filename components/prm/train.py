@@ -3,6 +3,14 @@
 validate → convert the solutions to `+`/`-` conversations → SFT on the replies (the mixture loader, packing
 and LM loss of the SFT stage) → HF checkpoint. Besides the loss it logs `step_accuracy`: how often the model
 prefers the right one of `+`/`-` at the reply positions of the training batch.
+
+Trained as scored: at inference every reply of the conversation is a `+` placeholder (all steps go through one
+forward, `components.evaluate.scoring`), so in training the reply tokens are `+` in the model's INPUT too,
+while the labels keep the true `+`/`-` (`reply_placeholders`). With the true replies in the input the model
+learns to copy the previous step's judgement (labels are strongly correlated along a solution: with
+final-answer labels they are all equal) instead of judging the step, and at inference, where the previous
+replies are all `+`, it then calls every step after the first correct (measured: P(+) ≈ 0.999 on steps 2-3
+of wrong answers).
 """
 
 from __future__ import annotations
@@ -45,6 +53,25 @@ def step_accuracy_metric(tokenizer: Any):
     return metric
 
 
+def reply_placeholders(tokenizer: Any):
+    """Batch transform: every reply token in `input_ids` becomes `+` (as at inference); labels unchanged."""
+    plus_id = single_token_id(tokenizer, PLUS)
+
+    def transform(batch: dict[str, Any]) -> dict[str, Any]:
+        labels = batch["labels"]
+        positions = reply_positions_from_labels(labels)  # (B, S), -1 padded; the reply token is at p + 1
+        if labels.dim() == 1:
+            positions = positions.unsqueeze(0)
+        rows = torch.arange(positions.shape[0]).unsqueeze(1).expand_as(positions)
+        valid = positions >= 0
+        input_ids = batch["input_ids"].clone()
+        flat = input_ids if input_ids.dim() == 2 else input_ids.unsqueeze(0)
+        flat[rows[valid], positions[valid] + 1] = plus_id
+        return {**batch, "input_ids": input_ids}
+
+    return transform
+
+
 def main(cfg: PRMStageConfig) -> dict[str, Any]:
     """Run the PRM stage; returns the stage summary (see `components.training.lm.run_lm_stage`)."""
     info = init_distributed(cfg.trainer.distributed)
@@ -53,4 +80,11 @@ def main(cfg: PRMStageConfig) -> dict[str, Any]:
         prepare_prm_data(cfg.data, out_dir)
     barrier()
     data, report = load_prepared(cfg.data, out_dir)
-    return run_lm_stage(cfg, data, micro_metrics=step_accuracy_metric, extra_report=report, info=info)
+    return run_lm_stage(
+        cfg,
+        data,
+        micro_metrics=step_accuracy_metric,
+        batch_transform=reply_placeholders,
+        extra_report=report,
+        info=info,
+    )

@@ -35,6 +35,10 @@ def lineage_tags(
         tags[f"run.{stage}"] = str(run_id)
     if prm_meta.get("mlflow_run_id"):
         tags["run.prm"] = str(prm_meta["mlflow_run_id"])
+    # Where the checkpoints are in the model store (`cluster.model_store`), when the recipe has one.
+    for name, meta in (("policy", policy_meta), ("prm", prm_meta)):
+        if meta.get("checkpoint_uri"):
+            tags[f"checkpoint.{name}"] = str(meta["checkpoint_uri"])
     for key, value in mixture_meta.items():
         if key.endswith("_manifest_sha256"):
             tags[f"data.{key}"] = str(value)
@@ -137,10 +141,12 @@ def register_step(
         eval_results: input `Dataset` artifact of the evaluation (`metrics.json`).
         card: output `Markdown` artifact (the model card).
     """
+    from components.pipeline_run.model_store import checkpoint_path
     from components.training.kfp_entry import check_preset
 
     config = RegisterConfig.model_validate_json(config_json)
-    check_preset(policy.path, config.preset)
+    policy_dir = checkpoint_path(policy.path)
+    check_preset(policy_dir, config.preset)
     eval_metrics = json.loads((Path(eval_results.path) / "metrics.json").read_text())
     tags = lineage_tags(
         parent_run_id=parent_run_id,
@@ -150,7 +156,7 @@ def register_step(
         mixture_meta=dict(mixture.metadata),
         eval_metrics=eval_metrics,
     )
-    result = register_model(config, policy_dir=policy.path, tags=tags, parent_run_id=parent_run_id)
+    result = register_model(config, policy_dir=policy_dir, tags=tags, parent_run_id=parent_run_id)
     Path(card.path).parent.mkdir(parents=True, exist_ok=True)
     Path(card.path).write_text(register_markdown(result, tags))
     return result["model_uri"]

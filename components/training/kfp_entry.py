@@ -23,7 +23,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -199,21 +198,23 @@ def run_training_step(
         ValueError: a starting checkpoint of another preset, or data other than the mix step checked.
     """
     from components.data.prepare import load_dataset_info
+    from components.pipeline_run.model_store import checkpoint_path, publish_checkpoint
 
     info = load_dataset_info(data.path)
     work_dir = stage_work_dir(work_root, run_key, stage)
+    init_dir = checkpoint_path(init_model.path)
     config = wire_stage_config(
         stage,
         json.loads(config_json),
-        init=init_model.path,
+        init=init_dir,
         output=str(Path(work_dir) / FINAL_CHECKPOINT),
         work_dir=work_dir,
         data_file=info["files"][STAGE_DATA[stage][1]],
         parent_run_id=parent_run_id,
     )
-    check_preset(init_model.path, preset)
+    check_preset(init_dir, preset)
     summary = run_stage_processes(stage, config, world_size)
-    shutil.copytree(config.output, model.path, dirs_exist_ok=True)
+    publish_checkpoint(config.output, model)
     if mixture is not None:
         expected = mixture.metadata.get(f"{stage}_manifest_sha256")
         if expected and summary.get("data_manifest_sha256") != expected:

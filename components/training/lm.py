@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 # Extra metrics of a micro-batch: (logits, batch) -> {name: (numerator, denominator)}, summed over the step.
 MicroMetrics = Callable[[torch.Tensor, dict[str, Any]], dict[str, tuple[float, float]]]
 MicroMetricsFactory = Callable[[Any], MicroMetrics]  # built from the stage's tokenizer
+BatchTransform = Callable[[dict[str, Any]], dict[str, Any]]
+BatchTransformFactory = Callable[[Any], BatchTransform]  # built from the stage's tokenizer
 
 
 def _to_device(inputs: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -67,6 +69,7 @@ def make_lm_step(
     reduction: str,
     attn_implementation: str,
     micro_metrics: MicroMetrics | None = None,
+    transform: BatchTransform | None = None,
 ) -> Callable[[list[dict[str, Any]]], dict[str, float]]:
     """The step function of an LM stage (see the module docstring for the normalisation)."""
     device = device_for(info)
@@ -84,6 +87,8 @@ def make_lm_step(
         weighted, supervised, norm = 0.0, 0, float("nan")
         extra: dict[str, list[float]] = {}
         for i, batch in enumerate(micros):
+            if transform is not None:
+                batch = transform(batch)
             inputs = _to_device(model_inputs(batch, attn_implementation, engine.dtype), device, engine.dtype)
             logits = engine.engine(**inputs).logits
             labels = batch["labels"].to(device)
@@ -148,6 +153,7 @@ def run_lm_stage(
     data: DataConfig,
     *,
     micro_metrics: MicroMetricsFactory | None = None,
+    batch_transform: BatchTransformFactory | None = None,
     extra_tags: dict[str, str] | None = None,
     extra_report: dict[str, Any] | None = None,
     info: DistInfo | None = None,
@@ -158,6 +164,8 @@ def run_lm_stage(
         cfg: a validated `PretrainStageConfig`, `SFTStageConfig` or `PRMStageConfig`.
         data: the data settings (the PRM stage passes its converted conversations).
         micro_metrics: builds extra per-micro-batch metrics from the tokenizer (PRM step accuracy).
+        batch_transform: builds, from the tokenizer, a function applied to every micro-batch before the
+            forward (the PRM's reply placeholders).
         extra_tags: more MLflow tags.
         extra_report: more facts for the stage's result (e.g. the PRM conversion's skip counts).
         info: the process group, when the caller already joined it.
@@ -223,7 +231,10 @@ def run_lm_stage(
     status = "FAILED"
     try:
         metric = micro_metrics(loaded.tokenizer) if micro_metrics else None
-        step_fn = make_lm_step(engine, info, cfg.loss.reduction, trainer.attn_implementation, metric)
+        transform = batch_transform(loaded.tokenizer) if batch_transform else None
+        step_fn = make_lm_step(
+            engine, info, cfg.loss.reduction, trainer.attn_implementation, metric, transform
+        )
         history = train_loop(ctx, source, step_fn, start_step=start_step)
 
         # -- save -----------------------------------------------------------------------------------------

@@ -246,6 +246,7 @@ def test_gpu_toleration_secret_volume_and_env_settings_are_in_the_ir(compiled):
         }
         env = {e["name"]: e["value"] for e in executor["container"]["env"]}
         assert env["MLFLOW_TRACKING_URI"] == recipe.cluster.tracking_uri
+        assert env["VLPIPE_MODEL_STORE"] == recipe.cluster.model_store == "s3://vlpipe-models/checkpoints"
         assert env["AWS_ENDPOINT_URL"] == recipe.cluster.env["AWS_ENDPOINT_URL"]
     # Training steps retry (they resume from the work volume).
     assert body_tasks(spec)["sft"]["retryPolicy"]["maxRetryCount"] == 2
