@@ -45,7 +45,9 @@ def test_without_store_the_artifact_holds_a_copy(tmp_path, monkeypatch):
     monkeypatch.delenv(STORE_ENV, raising=False)
     src, artifact = _checkpoint(tmp_path), _artifact(tmp_path)
     assert publish_checkpoint(src, artifact) is None
-    assert (Path(artifact.path) / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+    assert (Path(artifact.path) / "model.safetensors").read_bytes() == (
+        src / "model.safetensors"
+    ).read_bytes()
     assert not (Path(artifact.path) / POINTER_FILE).exists()
     assert checkpoint_path(artifact.path) == artifact.path
     assert METADATA_KEY not in artifact.metadata

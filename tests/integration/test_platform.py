@@ -123,7 +123,9 @@ def test_the_recipe_runs_through_the_servers(recipe_run, platform, client_env):
     experiment_id = parent.info.experiment_id
     artifacts = _s3_keys("vlpipe-mlflow", f"artifacts/{experiment_id}/")
     eval_run = summary["stages"]["eval"]["run_id"]
-    assert any(k.startswith(f"artifacts/{experiment_id}/{eval_run}/") and k.endswith(".png") for k in artifacts)
+    assert any(
+        k.startswith(f"artifacts/{experiment_id}/{eval_run}/") and k.endswith(".png") for k in artifacts
+    )
     assert any("MLmodel" in k for k in artifacts)  # the registered policy's MLflow model
     assert not (client_env / "mlflow.db").exists() and not (client_env / "mlartifacts").exists()
 
@@ -156,8 +158,18 @@ def test_the_champion_is_served_from_its_registry_uri(recipe_run, platform, clie
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "pipelines.cli", "serve", "--model-uri", f"models:/{name}@champion",
-                "--name", "vlpipe", "--host", "127.0.0.1", "--port", str(port),
+                sys.executable,
+                "-m",
+                "pipelines.cli",
+                "serve",
+                "--model-uri",
+                f"models:/{name}@champion",
+                "--name",
+                "vlpipe",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
             ],  # fmt: skip
             cwd=REPO,
             env=env,

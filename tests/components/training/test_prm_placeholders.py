@@ -21,7 +21,10 @@ def test_replies_become_placeholders_in_the_input_only(tiny_tokenizer):
     plus, minus = single_token_id(tiny_tokenizer, "+"), single_token_id(tiny_tokenizer, "-")
     a = _encoded(tiny_tokenizer, [True, False, False])
     b = _encoded(tiny_tokenizer, [True, True, True])  # what the scorer feeds: all `+`
-    batch = {"input_ids": torch.stack([a.input_ids, b.input_ids]), "labels": torch.stack([a.labels, b.labels])}
+    batch = {
+        "input_ids": torch.stack([a.input_ids, b.input_ids]),
+        "labels": torch.stack([a.labels, b.labels]),
+    }
 
     out = reply_placeholders(tiny_tokenizer)(batch)
 
