@@ -130,7 +130,7 @@ def test_paper_recipes_deploy_the_champion_only_when_promoted(compiled, name):
     settings = json.loads(deploy["config"]["runtimeValue"]["constant"])["deploy"]
     service = recipe.deploy.service
     assert settings["enabled"] and settings["service"]["name"] == name == service["name"]
-    assert settings["service"]["namespace"] == "vlpipe-serving"
+    assert settings["service"]["namespace"] == "vlpipe"
     assert settings["service"]["gpus"] == 1 and settings["service"]["memory"] == service["memory"]
     assert settings["service"]["image"] == f"ghcr.io/vlpipe/vlpipe-serving:{VERSION}"
     assert settings["service"]["s3"]["endpoint"] == "minio.kubeflow.svc.cluster.local:9000"
@@ -241,7 +241,10 @@ def test_gpu_toleration_secret_volume_and_env_settings_are_in_the_ir(compiled):
             for s in k8s[name]["secretAsEnv"]
         }
         assert secrets == {
-            "vlpipe-s3": {"AWS_ACCESS_KEY_ID": "access-key-id", "AWS_SECRET_ACCESS_KEY": "secret-access-key"},
+            "vlpipe-s3": {
+                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+            },
             "vlpipe-mlflow": {"MLFLOW_TRACKING_USERNAME": "username", "MLFLOW_TRACKING_PASSWORD": "password"},
         }
         env = {e["name"]: e["value"] for e in executor["container"]["env"]}
