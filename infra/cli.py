@@ -32,9 +32,14 @@ def platform_up(
     except PlatformError as exc:
         console.print(f"[red]platform failed to start:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(1) from exc
+    from infra.local_platform import CREDENTIAL_VARIABLES
+
     env_file = platform.directory / "env"
     console.print(f"MLflow tracking server: {platform.tracking_uri}   S3 (moto): {platform.s3_endpoint}")
-    console.print(f"Credentials are in {env_file} (mode 0600). Point your shell at the platform with:")
+    console.print("The environment to export (credentials masked here):")
+    for name, value in sorted(platform.env.items()):
+        console.print(f"  export {name}={'***' if name in CREDENTIAL_VARIABLES else value}", soft_wrap=True)
+    console.print(f"The values are in {env_file} (mode 0600). Point your shell at the platform with:")
     console.print(f"  source {env_file}", soft_wrap=True)
     console.print('or: eval "$(vlpipe platform env)"; stop it with `make platform-down`.')
 

@@ -32,3 +32,47 @@ def test_model_init_writes_loadable_checkpoint(tmp_path):
 def test_model_init_real_preset_needs_pretrained_parts(tmp_path):
     result = runner.invoke(app, ["model", "init", "--preset", "1b", "--out", str(tmp_path / "m")])
     assert result.exit_code == 2 and "--vision" in result.output
+
+
+def test_platform_commands_without_a_running_platform(tmp_path):
+    status = runner.invoke(app, ["platform", "status", "--home", str(tmp_path)])
+    assert status.exit_code == 1 and json.loads(status.output)["running"] is False
+    env = runner.invoke(app, ["platform", "env", "--home", str(tmp_path)])
+    assert env.exit_code == 1 and "make platform-up" in env.output
+    down = runner.invoke(app, ["platform", "down", "--home", str(tmp_path)])
+    assert down.exit_code == 0 and "nothing was running" in down.output
+
+
+def test_platform_up_reports_a_failed_start(tmp_path, monkeypatch):
+    from infra import local_platform
+
+    def fail(home, auth=True):
+        raise local_platform.PlatformError("mlflow server exited while starting; see mlflow.log")
+
+    monkeypatch.setattr(local_platform, "up", fail)
+    result = runner.invoke(app, ["platform", "up", "--home", str(tmp_path)])
+    assert result.exit_code == 1 and "mlflow server exited" in result.output
+
+
+def test_platform_up_prints_the_environment_with_credentials_masked(tmp_path, monkeypatch):
+    from infra import local_platform
+
+    platform = local_platform.Platform(
+        directory=tmp_path / "platform",
+        s3_port=9000,
+        mlflow_port=5000,
+        pids={},
+        env={
+            "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
+            "MLFLOW_TRACKING_PASSWORD": "pw-secret-123",
+            "AWS_ACCESS_KEY_ID": "ak-secret-123",
+            "AWS_SECRET_ACCESS_KEY": "sk-secret-123",
+        },
+    )
+    monkeypatch.setattr(local_platform, "up", lambda home, auth=True: platform)
+    result = runner.invoke(app, ["platform", "up", "--home", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "export MLFLOW_TRACKING_URI=http://127.0.0.1:5000" in result.output
+    assert "export MLFLOW_TRACKING_PASSWORD=***" in result.output
+    assert "secret-123" not in result.output
+    assert f"source {tmp_path / 'platform' / 'env'}" in result.output.replace("\n", "")
