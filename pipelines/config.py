@@ -139,6 +139,9 @@ class ClusterConfig(_Strict):
         tolerations: tolerations of GPU steps.
         node_selector: node labels GPU steps require (e.g. a GPU product).
         work_volume: the PVC for the training steps' resumable work directories.
+        service_account: the Kubernetes ServiceAccount the run's pods use (`vlpipe submit` passes it to
+            Kubeflow); its RBAC must allow what the steps do (`infra/k8s/base/rbac.yaml`:
+            `vlpipe-pipeline-runner` may manage InferenceServices and PyTorchJobs). Default: Kubeflow's.
         model_store: where steps publish their checkpoints (`s3://bucket/prefix`): each `Model` artifact
             then points at `<store>/<run>/<task>/<output>` instead of holding a copy
             (`components.pipeline_run.model_store`); set as `VLPIPE_MODEL_STORE` on every step.
@@ -154,6 +157,7 @@ class ClusterConfig(_Strict):
     node_selector: dict[str, str] = Field(default_factory=dict)
     work_volume: WorkVolume | None = None
     model_store: str | None = Field(None, pattern=r"^(s3|gs)://[^/]+(/.*)?$")
+    service_account: str | None = Field(None, pattern=_K8S_NAME, max_length=253)
     default_resources: Resources = Resources()
 
     @model_validator(mode="after")

@@ -118,6 +118,7 @@ def submit_recipe(
         pipeline_id=pipeline_id,
         version_id=version_id,
         params=dict(arguments or {}),
+        service_account=recipe.cluster.service_account,
     )
     log.info("started run %s of %s version %s", run.run_id, name, version)
     return Submission(

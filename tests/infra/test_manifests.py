@@ -634,5 +634,11 @@ def test_cluster_recipes_point_at_the_platform_these_manifests_deploy(rendered, 
     port = service["spec"]["ports"][0]["port"]
     assert recipe.cluster.tracking_uri == f"http://mlflow.{NAMESPACE}.svc.cluster.local:{port}"
     assert recipe.deploy.service["namespace"] == NAMESPACE  # where the runner Role and vlpipe-serving live
+    runner = _one(rendered["base"], "ServiceAccount", recipe.cluster.service_account)
+    assert runner["metadata"]["namespace"] == NAMESPACE
+    bindings = [r for r in rendered["base"] if r["kind"] == "RoleBinding"]
+    assert any(s["name"] == recipe.cluster.service_account for b in bindings for s in b["subjects"]), (
+        "the recipes' service account has no RoleBinding"
+    )
     assert recipe.cluster.work_volume is not None and recipe.cluster.work_volume.pvc == "vlpipe-work"
     _one(rendered["base"], "PersistentVolumeClaim", "vlpipe-work")

@@ -75,6 +75,7 @@ def test_first_submission_uploads_the_pipeline_and_its_version_then_runs():
     run = client.calls[-1][1]
     assert run["pipeline_id"] == "pipeline-1" and run["version_id"] == result.version_id
     assert run["experiment_id"] == "experiment-1" and run["params"] == {}
+    assert run["service_account"] == "vlpipe-pipeline-runner"  # the RBAC of infra/k8s/base/rbac.yaml
 
 
 def test_resubmitting_the_same_commit_reuses_the_version():
@@ -92,6 +93,7 @@ def test_resubmitting_the_same_commit_reuses_the_version():
     assert not [c for c in client.calls if c[0].startswith("upload")]
     assert ("create_experiment", "mine") in client.calls
     assert client.calls[-1][1]["params"] == {"checkpoint_uri": "s3://models/pretrained"}
+    assert client.calls[-1][1]["service_account"] is None  # no cluster settings: Kubeflow's default
 
 
 def test_a_new_commit_adds_a_version_to_the_existing_pipeline():
