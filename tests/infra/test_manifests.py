@@ -634,6 +634,9 @@ def test_cluster_recipes_point_at_the_platform_these_manifests_deploy(rendered, 
     port = service["spec"]["ports"][0]["port"]
     assert recipe.cluster.tracking_uri == f"http://mlflow.{NAMESPACE}.svc.cluster.local:{port}"
     assert recipe.deploy.service["namespace"] == NAMESPACE  # where the runner Role and vlpipe-serving live
+    # The deploy step maps a version's mlflow-artifacts:/ location onto the server's artifact destination.
+    server = _options(_container(_one(rendered["base"], "Deployment", "mlflow"), "mlflow")["args"])
+    assert recipe.deploy.artifacts_destination == server["--artifacts-destination"]
     runner = _one(rendered["base"], "ServiceAccount", recipe.cluster.service_account)
     assert runner["metadata"]["namespace"] == NAMESPACE
     bindings = [r for r in rendered["base"] if r["kind"] == "RoleBinding"]
