@@ -87,15 +87,12 @@ def init_model_step(config_json: str, *, parent_run_id: str, dataset: Any, model
         model: output `Model` artifact.
         metrics: output `Metrics` artifact.
     """
-    import tempfile
-
-    from components.pipeline_run.model_store import publish_checkpoint
+    from components.pipeline_run.model_store import checkpoint_output
 
     config = InitModelConfig.model_validate_json(config_json)
-    with tempfile.TemporaryDirectory(prefix="vlpipe-init-") as out_dir:
+    with checkpoint_output(model) as out_dir:
         facts = init_model(config, dataset_dir=dataset.path, out_dir=out_dir, parent_run_id=parent_run_id)
         hf_config = json.loads((Path(out_dir) / "config.json").read_text())
-        publish_checkpoint(out_dir, model)
     model.metadata.update(
         {"preset": config.preset, "stage": "init", "lineage": {"init": facts["mlflow_run_id"]}}
     )

@@ -19,10 +19,13 @@ import json
 import logging
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from model.storage import filesystem, is_remote, join, localize, upload_dir
+from model.storage import filesystem, is_remote, join, localize, upload_dir, vlpipe_home
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,28 @@ def publish_checkpoint(local_dir: str | Path, artifact: Any, *, store: str | Non
     artifact.metadata[METADATA_KEY] = uri
     log.info("checkpoint published to %s (%d files, %d bytes)", uri, pointer["files"], pointer["bytes"])
     return uri
+
+
+@contextmanager
+def checkpoint_output(artifact: Any, *, store: str | None = None) -> Iterator[str]:
+    """A directory to write a step's checkpoint into, published on a clean exit.
+
+    Without a store it is the artifact's own directory (no copy); with one, a staging directory under
+    `<VLPIPE_HOME>/staging` (not /tmp: checkpoints can be large) that is uploaded, then removed.
+    """
+    store = store if store is not None else model_store()
+    if not store:
+        Path(artifact.path).mkdir(parents=True, exist_ok=True)
+        yield artifact.path
+        return
+    root = vlpipe_home() / "staging"
+    root.mkdir(parents=True, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=root, prefix="checkpoint-")
+    try:
+        yield staging
+        publish_checkpoint(staging, artifact, store=store)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def checkpoint_path(artifact_dir: str | Path) -> str:

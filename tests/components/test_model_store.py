@@ -93,3 +93,28 @@ def test_pointer_to_a_missing_checkpoint_names_the_uri(tmp_path, monkeypatch, s3
     s3fs.S3FileSystem.clear_instance_cache()  # a later step is a new process: no cached listing
     with pytest.raises(FileNotFoundError, match=uri):
         checkpoint_path(artifact.path)
+
+
+def test_checkpoint_output_writes_in_place_without_a_store(tmp_path, monkeypatch):
+    from components.pipeline_run.model_store import checkpoint_output
+
+    monkeypatch.delenv(STORE_ENV, raising=False)
+    artifact = _artifact(tmp_path)
+    with checkpoint_output(artifact) as out:
+        assert out == artifact.path  # no staging copy
+        (Path(out) / "config.json").write_text("{}")
+    assert (Path(artifact.path) / "config.json").exists() and METADATA_KEY not in artifact.metadata
+
+
+def test_checkpoint_output_stages_and_publishes_with_a_store(tmp_path, monkeypatch, s3_server):
+    from components.pipeline_run.model_store import checkpoint_output
+
+    boto3.client("s3").create_bucket(Bucket="models")
+    monkeypatch.setenv("VLPIPE_HOME", str(tmp_path / "home"))
+    artifact = _artifact(tmp_path)
+    with checkpoint_output(artifact, store="s3://models/c") as out:
+        assert Path(out).parent == tmp_path / "home" / "staging"
+        (Path(out) / "config.json").write_text('{"x": 1}')
+    assert not Path(out).exists()  # the staging copy is removed once published
+    assert artifact.metadata[METADATA_KEY] == "s3://models/c/run-123/sft/model"
+    assert json.loads(Path(checkpoint_path(artifact.path), "config.json").read_text()) == {"x": 1}
