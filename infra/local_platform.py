@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -87,13 +88,7 @@ class Platform:
 
     def export_lines(self) -> str:
         """The environment as `export NAME=value` lines (what `up` writes to the env file)."""
-        return "".join(f"export {name}={_shell_quote(value)}\n" for name, value in sorted(self.env.items()))
-
-
-def _shell_quote(value: str) -> str:
-    import shlex
-
-    return shlex.quote(value)
+        return "".join(f"export {name}={shlex.quote(value)}\n" for name, value in sorted(self.env.items()))
 
 
 def _free_port() -> int:
@@ -198,8 +193,6 @@ def load(home: Path | None = None) -> Platform | None:
 
 
 def _read_env(path: Path) -> dict[str, str]:
-    import shlex
-
     env = {}
     for line in path.read_text().splitlines():
         if line.startswith("export "):

@@ -17,13 +17,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+
+from tests.servers import wait_until_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -178,16 +179,7 @@ def test_the_champion_is_served_from_its_registry_uri(recipe_run, platform, clie
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/models/vlpipe/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not become ready within 180 s"
-            time.sleep(0.5)
+        wait_until_ready(f"{url}/v2/models/vlpipe/ready", process, log_path, timeout_s=180)
         image = tmp_path / "scene.png"
         Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
         data_url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -32,6 +31,7 @@ from serving.cli import serve_command
 from serving.limits import ServingLimits
 from serving.predictor import VLPipeModel, VLPipeModelServer, resolve_checkpoint, serve_in_background
 from serving.pyfunc import log_checkpoint_model
+from tests.servers import wait_until_ready
 
 # KServe's V1 route builds FastAPI's deprecated ORJSONResponse itself.
 pytestmark = pytest.mark.filterwarnings("ignore:ORJSONResponse is deprecated")
@@ -356,16 +356,7 @@ def test_serve_command_serves_in_a_subprocess_until_sigterm(checkpoint, tmp_path
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/models/tiny/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not start within 120 s"
-            time.sleep(0.25)
+        wait_until_ready(f"{url}/v2/models/tiny/ready", process, tmp_path / "server.log", timeout_s=120)
         body = {"messages": [{"role": "user", "content": TEXT_PROMPT}], "max_tokens": 4, "temperature": 0}
         assert httpx.post(f"{url}/openai/v1/chat/completions", json=body, timeout=30).status_code == 200
         process.send_signal(signal.SIGTERM)
