@@ -263,10 +263,14 @@ def bench(out: str = typer.Option(".vlpipe/bench", help="Where JSON results go."
 def _register_stage_commands() -> None:
     """Commands whose functions live beside their stage (imports there are light; heavy ones run inside)."""
     from components.evaluate.cli import eval_command
+    from components.prm.cli import prm_data_command
     from serving.cli import serve_command
     from serving.registry_cli import compare_command, promote_command, rollback_command
 
     app.command("eval", help="Best-of-N evaluation with the PRM as critic (`--config FILE`).")(eval_command)
+    app.command(
+        "prm-data", help="On-policy PRM data: sample the policy, label every step (`--config FILE`)."
+    )(prm_data_command)
     app.command("serve", help="Serve a checkpoint or MLflow model with KServe (V1, V2, OpenAI chat).")(
         serve_command
     )

@@ -41,7 +41,7 @@ from components.data.config import (
     PrepareDataConfig,
 )
 from components.deploy.config import DeployConfig, DeploySettings
-from components.pipeline_run.config import TrackingSettings
+from components.pipeline_run.config import StepConfig, TrackingSettings
 from components.promote.config import PromoteConfig
 from components.register.config import RegisterConfig, RegisterSettings
 from serving.promote import DEFAULT_EVAL_METRICS, PromotionConfig
@@ -209,6 +209,20 @@ class EvalStep(_Strict):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
+class PRMDataStep(_Strict):
+    """On-policy PRM data (`sample-prm-data`): the policy's own solutions, every step labelled; the `prm`
+    stage trains on them instead of the prepared `prm/train.jsonl`.
+
+    Attributes:
+        resources: the step's pod (it generates: a GPU on a cluster).
+        config: a `components.prm.sample.PRMSampleConfig` without `policy` and `output` (the pipeline sets
+            them: the MPO policy the evaluation judges); relative paths are read from the data root.
+    """
+
+    resources: Resources = Resources()
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
 class Stages(_Strict):
     pretrain: StageStep
     sft: StageStep
@@ -239,6 +253,8 @@ class PipelineConfig(_Strict):
         preset: the model preset (`tiny`, `small`, `1b`, `2b`, `8b`).
         data, init: the data and init steps' settings.
         stages: pretrain, sft, mpo and prm.
+        prm_data: on-policy PRM data sampled from the MPO policy (absent: the PRM trains on the prepared
+            step-labelled file).
         eval: the Best-of-N evaluation (policy: the MPO model; critic: the PRM).
         registry: the registry entry of the final policy.
         promotion: the gates the registered version must pass to become `champion` (`serving.promote`).
@@ -253,6 +269,7 @@ class PipelineConfig(_Strict):
     data: DataSettings
     init: InitSettings = InitSettings()
     stages: Stages
+    prm_data: PRMDataStep | None = None
     eval: EvalStep
     registry: RegisterSettings
     promotion: PromotionConfig = PromotionConfig()
@@ -265,6 +282,7 @@ class PipelineConfig(_Strict):
         self._check_preset()
         for stage in STAGES:
             self._check_stage(stage)
+        self._check_prm_data()
         self._check_eval()
         self._check_promotion()
         self._check_deploy()
@@ -308,6 +326,27 @@ class PipelineConfig(_Strict):
             raise ValueError(
                 f"stages.{stage}.resources.retries needs cluster.work_volume: without it a retried pod "
                 "starts from step 0"
+            )
+
+    def _check_prm_data(self) -> None:
+        if self.prm_data is None:
+            return
+        from components.prm.pipeline_step import owned_keys_in
+
+        owned = owned_keys_in(self.prm_data.config)
+        if owned:
+            raise ValueError(f"prm_data.config sets {owned}; the pipeline sets them")
+        cfg = self.prm_data_config()
+        prm_length = self.stage_config("prm").data.max_length
+        if cfg.max_new_tokens >= prm_length:
+            raise ValueError(
+                f"prm_data.config.max_new_tokens ({cfg.max_new_tokens}) leaves no room for the prompt in the "
+                f"PRM's training length (stages.prm.config.data.max_length = {prm_length})"
+            )
+        if self.data.source == "demo" and cfg.labeler == "reference_steps":
+            raise ValueError(
+                "prm_data.config.labeler reference_steps compares exact text; the demo's listings come in any "
+                "order: use demo_local (or demo_reference)"
             )
 
     def _check_eval(self) -> None:
@@ -418,6 +457,28 @@ class PipelineConfig(_Strict):
             )
         except (ValidationError, ValueError) as exc:
             raise _prefix(f"stages.{stage}.config", exc) from exc
+
+    def prm_data_settings(self) -> tuple[dict[str, Any], StepConfig]:
+        """What the `sample-prm-data` component receives: the sampling settings and the tracking settings."""
+        if self.prm_data is None:
+            raise ValueError("the recipe has no prm_data section")
+        return json.loads(json.dumps(self.prm_data.config)), StepConfig(
+            recipe=self.name, tracking=self.tracking
+        )
+
+    def prm_data_config(self) -> Any:
+        """The `PRMSampleConfig` with placeholder paths (what validation checks)."""
+        from components.prm.pipeline_step import PLACEHOLDERS, wire_prm_data_config
+
+        try:
+            return wire_prm_data_config(
+                self.prm_data_settings()[0],
+                policy=PLACEHOLDERS["policy"],
+                output=PLACEHOLDERS["output"],
+                data_root="/pipeline/data",
+            )
+        except (ValidationError, ValueError) as exc:
+            raise _prefix("prm_data.config", exc) from exc
 
     def eval_settings(self) -> dict[str, Any]:
         """The JSON-ready settings the evaluation component receives."""

@@ -3,6 +3,7 @@
 ```
 internvl3-recipe  start-pipeline-run → prepare-data → init-model → mix-data → pretrain → sft
                   sft → mpo, sft → prm;  mpo + prm → evaluate → register-model (+ mpo, prm, mix-data)
+                  with `prm_data`: mpo → sample-prm-data → prm (the PRM learns the policy's own mistakes)
                   register-model → promote-model → [if promoted] deploy-model
 sft-mpo           start-pipeline-run → prepare-data → importer(checkpoint_uri) → mix-data → sft → mpo
 evaluate          start-pipeline-run → prepare-data → importer(policy_uri), importer(prm_uri) → evaluate
@@ -17,7 +18,8 @@ memory), GPU tolerations and node selector, Kubernetes secrets as environment va
 step records MLflow runs, and a cached parent run id would be another pipeline run's.
 
 The PRM starts from the SFT checkpoint (VisualPRM is trained from an instruction-tuned model) and trains in
-parallel with MPO. `promote-model` gates the registered version (`models:/<name>/<version>`, the register
+parallel with MPO on the prepared step-labelled file, or, when the recipe has a `prm_data` section, after MPO on
+solutions sampled from the MPO policy and labelled step by step (`sample-prm-data`). `promote-model` gates the registered version (`models:/<name>/<version>`, the register
 step's output) against the champion with the recipe's `promotion.gates`; its output (`promoted`, `rejected`,
 `already_champion`) is the condition of `deploy-model`, which exists only in recipes with `deploy.enabled`
 (it needs a cluster with KServe) and is bounded in time by its canary's step timeouts. Extension point:
@@ -37,7 +39,7 @@ from components.evaluate.component import evaluate
 from components.mpo.component import mpo
 from components.pipeline_run.component import finish_pipeline_run, start_pipeline_run
 from components.pretrain.component import pretrain
-from components.prm.component import prm
+from components.prm.component import prm, sample_prm_data
 from components.promote.component import promote_model
 from components.register.component import register_model
 from components.sft.component import sft
@@ -139,9 +141,13 @@ class _Builder:
         config = _json(self.recipe.mix_config(stages))
         return self.configure(mix_data(config=config, parent_run_id=parent, data=data, model=model))
 
-    def stage(self, stage: str, parent: Any, *, init: Any, data: Any, mixture: Any = None) -> Any:
+    def stage(
+        self, stage: str, parent: Any, *, init: Any, data: Any, mixture: Any = None, steps: Any = None
+    ) -> Any:
         step = getattr(self.recipe.stages, stage)
         inputs = {"mixture": mixture} if stage in ("pretrain", "sft") else {}
+        if steps is not None:
+            inputs["steps"] = steps
         task = STAGE_COMPONENTS[stage](
             config=_json(self.recipe.stage_settings(stage)),
             preset=self.recipe.preset,
@@ -154,6 +160,25 @@ class _Builder:
             **inputs,
         )
         return self.configure(task, step.resources, work_volume=True)
+
+    def prm_data(self, parent: Any, *, policy: Any, data: Any) -> Any:
+        settings, step = self.recipe.prm_data_settings()
+        task = sample_prm_data(
+            config=_json(settings),
+            step=_json(step),
+            preset=self.recipe.preset,
+            parent_run_id=parent,
+            policy=policy,
+            data=data,
+        )
+        return self.configure(task, self.recipe.prm_data.resources)
+
+    def critic(self, parent: Any, *, sft_model: Any, policy: Any, data: Any) -> Any:
+        """The PRM from the SFT checkpoint: on the policy's own solutions when the recipe has `prm_data`."""
+        steps = None
+        if self.recipe.prm_data is not None:
+            steps = self.prm_data(parent, policy=policy, data=data).outputs["steps"]
+        return self.stage("prm", parent, init=sft_model, data=data, steps=steps)
 
     def evaluate(self, parent: Any, *, policy: Any, prm_model: Any, data: Any) -> Any:
         task = evaluate(
@@ -241,7 +266,7 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
             pretrained = b.stage("pretrain", parent, init=init, data=data, mixture=mixture).outputs["model"]
             sft_model = b.stage("sft", parent, init=pretrained, data=data, mixture=mixture).outputs["model"]
             policy = b.stage("mpo", parent, init=sft_model, data=data).outputs["model"]
-            critic = b.stage("prm", parent, init=sft_model, data=data).outputs["model"]
+            critic = b.critic(parent, sft_model=sft_model, policy=policy, data=data).outputs["model"]
             results = b.evaluate(parent, policy=policy, prm_model=critic, data=data).outputs["results"]
             registered = b.register(parent, policy=policy, prm_model=critic, mixture=mixture, results=results)
             b.promote_and_deploy(parent, registered.outputs["Output"])

@@ -20,6 +20,7 @@ STAGE_ORDER = (
     "pretrain",
     "sft",
     "mpo",
+    "prm-data",
     "prm",
     "eval",
     "register",
@@ -33,6 +34,7 @@ _STAGE_METRICS = {
     "pretrain": ("loss", "tokens_per_s", "token_utilisation"),
     "sft": ("loss", "tokens_per_s", "token_utilisation"),
     "mpo": ("loss", "reward_accuracy", "reward_margin"),
+    "prm-data": ("items", "solutions", "sample_accuracy", "positive_step_fraction", "skipped_items"),
     "prm": ("loss", "step_accuracy"),
     "eval": ("overall/pass_at_1", "overall/best_of_n", "overall/majority", "overall/oracle"),
 }
@@ -171,6 +173,13 @@ def stage_line(name: str, metrics: dict[str, Any]) -> str:
         parts = [_loss(m), f"{m.get('token_utilisation', 0):.1%} token utilisation"]
     elif name == "mpo":
         parts = [_loss(m), f"reward accuracy {m.get('reward_accuracy', float('nan')):.2f}"]
+    elif name == "prm-data":
+        parts = [
+            f"{m.get('solutions', 0):.0f} solutions of {m.get('items', 0):.0f} items",
+            f"{m.get('sample_accuracy', float('nan')):.1%} right",
+            f"{m.get('positive_step_fraction', float('nan')):.1%} steps right",
+            f"{m.get('skipped_items', 0):.0f} skipped",
+        ]
     elif name == "prm":
         parts = [_loss(m), f"step accuracy {m.get('step_accuracy', float('nan')):.2f}"]
     elif name == "init":

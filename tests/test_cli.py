@@ -76,3 +76,13 @@ def test_platform_up_prints_the_environment_with_credentials_masked(tmp_path, mo
     assert "export MLFLOW_TRACKING_PASSWORD=***" in result.output
     assert "secret-123" not in result.output
     assert f"source {tmp_path / 'platform' / 'env'}" in result.output.replace("\n", "")
+
+
+def test_prm_data_reports_a_bad_config_and_a_missing_source(tmp_path):
+    config = tmp_path / "prm-data.yaml"
+    config.write_text("policy: /p\nsource: /s.jsonl\noutput: /o.jsonl\nlabeler: majority\n")
+    result = runner.invoke(app, ["prm-data", "--config", str(config)])
+    assert result.exit_code == 2 and "labeler" in result.output
+    config.write_text(f"policy: /p\nsource: {tmp_path / 'missing.jsonl'}\noutput: {tmp_path / 'o.jsonl'}\n")
+    result = runner.invoke(app, ["prm-data", "--config", str(config)])
+    assert result.exit_code == 1 and "missing.jsonl does not exist" in result.output

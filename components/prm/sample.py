@@ -8,6 +8,10 @@ into steps, and labels each step. Labellers:
   text), wrong from the first mismatch on. Right for templated synthetic tasks.
 * `demo_reference`: the same, but a step's listed items may come in any order
   (`model.data.reasoning.canonical_step`): the demo task's labeller.
+* `demo_local`: the demo task's step-local labeller (`model.data.reasoning.local_step_labels`): step 1 is
+  right when it reads the shapes the question asks about right, steps 2 and 3 when they follow from the step
+  before. It is what Monte Carlo labels approach on this task, and it separates perception from following
+  the steps; score answers with `min` aggregation.
 * `final_answer`: every step takes the label of the final answer (weak supervision for any task with a
   checkable answer).
 
@@ -23,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -45,8 +51,9 @@ class PRMSampleConfig(BaseModel):
         seed: sampling seed (per item: hash of seed and item id).
         limit: use the first `limit` items.
         batch_items: items whose N samples are generated in one batch.
-        labeler: `reference_steps`, `demo_reference` or `final_answer` (see the module docstring).
+        labeler: `reference_steps`, `demo_reference`, `demo_local` or `final_answer` (see the module docstring).
         include: step-labelled JSONL files appended to the output unchanged.
+        max_bad_fraction: fail when more than this share of the source's records is unusable.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -62,21 +69,84 @@ class PRMSampleConfig(BaseModel):
     seed: int = 0
     limit: int | None = Field(None, ge=1)
     batch_items: int = Field(8, ge=1)
-    labeler: Literal["reference_steps", "demo_reference", "final_answer"] = "demo_reference"
+    labeler: Literal["reference_steps", "demo_reference", "demo_local", "final_answer"] = "demo_local"
+    max_bad_fraction: float = Field(0.05, ge=0, le=1)
     include: tuple[str, ...] = ()
 
 
-def _validate_source(record: dict) -> str | None:
+def normalise_source(record: dict) -> dict | str:
+    """A source record as `{id, image, question, answer, solution}`, or the reason it cannot be used.
+
+    Two formats are read: the demo's evaluation format (`question`, `answer`, `solution`) and the
+    conversation format of SFT data (`conversations`: a human turn with the question, then a gpt turn with the
+    reference solution; `answer` optional, else the solution's final line "So the answer is N.").
+    """
+    if isinstance(record.get("conversations"), list) and "question" not in record:
+        turns = record["conversations"]
+        if len(turns) < 2 or not all(isinstance(t, dict) for t in turns[:2]):
+            return "conversations need a human turn and a gpt turn"
+        human, gpt = turns[0], turns[1]
+        if human.get("from") != "human" or gpt.get("from") != "gpt":
+            return "the first two turns must be human then gpt"
+        from model.data.reasoning import extract_answer
+
+        solution = str(gpt.get("value") or "")
+        record = {
+            **record,
+            "question": str(human.get("value") or "").replace("<image>", "").strip(),
+            "solution": solution,
+            "answer": record.get("answer") or extract_answer(solution) or "",
+        }
+    if not isinstance(record.get("answer"), str | int):
+        return "key 'answer' must be a string"
+    record = {**record, "answer": str(record["answer"])}
     for key in ("image", "question", "answer", "solution"):
         if not isinstance(record.get(key), str) or not record[key].strip():
-            return f"key {key!r} must be a non-empty string"
-    return None
+            hint = (
+                " (add an 'answer' key or end the solution with 'So the answer is N.')"
+                if key == "answer"
+                else ""
+            )
+            return f"key {key!r} must be a non-empty string{hint}"
+    return record
 
 
-def label(steps: list[str], reference: list[str], final_correct: bool, labeler: str) -> list[bool]:
-    """Per-step labels of a sampled solution (see the module docstring)."""
+def _labeller_check(labeler: str) -> Callable[[dict], str | None]:
+    """What a source record needs for `labeler` (demo labellers: a demo question and scene description)."""
+
+    def check(record: dict) -> str | None:
+        if labeler not in ("demo_local", "demo_reference"):
+            return None
+        from model.data.reasoning import parse_describe_step, parse_question
+        from objectives.prm import split_steps
+
+        if labeler == "demo_local" and parse_question(record["question"]) is None:
+            return f"the {labeler} labeller needs a demo counting question, got {record['question'][:80]!r}"
+        steps = split_steps(record["solution"])
+        if not steps or parse_describe_step(steps[0]) is None:
+            return f"the {labeler} labeller needs a demo solution whose step 1 lists the shapes"
+        return None
+
+    return check
+
+
+def label(
+    steps: list[str], reference: list[str], final_correct: bool, labeler: str, question: str | None = None
+) -> list[bool]:
+    """Per-step labels of a sampled solution (see the module docstring); `demo_local` needs the question.
+
+    Raises:
+        ValueError: for `demo_local` when the question or the reference is not the demo task's.
+    """
     if labeler == "final_answer":
         return [final_correct] * len(steps)
+    if labeler == "demo_local":
+        from model.data.reasoning import local_step_labels, parse_question
+
+        parsed = parse_question(question or "")
+        if parsed is None:
+            raise ValueError(f"the demo_local labeller needs a demo counting question, got {question!r}")
+        return local_step_labels(parsed, steps, reference)
     if labeler == "demo_reference":
         from model.data.reasoning import canonical_step as canonical
     else:
@@ -90,14 +160,20 @@ def label(steps: list[str], reference: list[str], final_correct: bool, labeler: 
     return labels
 
 
-def sample_prm_data(config: PRMSampleConfig) -> dict:
-    """Write on-policy step-labelled solutions; returns counts (items, solutions, positive/negative steps).
+def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
+    """Write on-policy step-labelled solutions; returns counts.
+
+    Counts: `items`, `solutions` (written), `duplicate_solutions` and `empty_solutions` (not written),
+    `positive_steps`/`negative_steps`, `final_correct` (written solutions with the right final answer),
+    `skipped_items` (image errors, by reason in `skipped`), `skipped_source_lines` (bad source records, by
+    reason in `source_quarantine`), `included_lines`, `seconds`, `items_per_second`.
 
     Raises:
         FileNotFoundError: when the source or an include file does not exist.
-        ValueError: when the source has no usable item.
+        ValueError: when the source has no usable item (or more than 5% bad records).
     """
     import torch
+    from tqdm import tqdm
 
     from components.training.records import default_image_root, read_records
     from model.checkpoint import load_checkpoint
@@ -106,12 +182,25 @@ def sample_prm_data(config: PRMSampleConfig) -> dict:
     from model.errors import SampleError
     from model.generate import generate
     from model.image import load_image, process_image
-    from model.storage import join
+    from model.storage import filesystem, join
     from model.tokenizer import IM_END
     from objectives.prm import split_steps
 
-    source = read_records(config.source, "prm_source", _validate_source, max_bad_fraction=0.05)
-    records = source.records[: config.limit] if config.limit else source.records
+    normalised: dict[int, dict] = {}
+    check = _labeller_check(config.labeler)
+
+    def validate(record: dict) -> str | None:
+        result = normalise_source(record)
+        if isinstance(result, str):
+            return result
+        if reason := check(result):
+            return reason
+        normalised[id(record)] = result
+        return None
+
+    source = read_records(config.source, "prm_source", validate, max_bad_fraction=config.max_bad_fraction)
+    records = [normalised[id(r)] for r in source.records]
+    records = records[: config.limit] if config.limit else records
     root = config.image_root or default_image_root(config.source)
     policy = load_checkpoint(config.policy)
     tok = policy.tokenizer
@@ -119,7 +208,14 @@ def sample_prm_data(config: PRMSampleConfig) -> dict:
     eos = tok.convert_tokens_to_ids(IM_END)
     out_path = Path(config.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    counts = {"items": 0, "solutions": 0, "positive_steps": 0, "negative_steps": 0, "skipped_items": 0}
+    counts: dict = dict.fromkeys(
+        ("items", "solutions", "duplicate_solutions", "empty_solutions", "positive_steps", "negative_steps",
+         "final_correct", "skipped_items", "included_lines"),
+        0,
+    )  # fmt: skip
+    skipped: dict[str, int] = {}
+    started = time.perf_counter()
+    bar = tqdm(total=len(records), desc="prm-data", unit="item", disable=not progress)
     with out_path.open("w") as out, torch.no_grad():
         for start in range(0, len(records), config.batch_items):
             batch, prompts = [], []
@@ -143,10 +239,12 @@ def sample_prm_data(config: PRMSampleConfig) -> dict:
                     )
                 except SampleError as err:
                     counts["skipped_items"] += 1
+                    skipped[err.reason] = skipped.get(err.reason, 0) + 1
                     log.warning("skipping %s: %s (%s)", record.get("id"), err.reason, err.detail)
                     continue
                 batch.append(record)
                 prompts += [prompt] * config.n
+            bar.update(min(config.batch_items, len(records) - start))
             if not batch:
                 continue
             seed = int.from_bytes(
@@ -165,38 +263,49 @@ def sample_prm_data(config: PRMSampleConfig) -> dict:
             )
             for i, record in enumerate(batch):
                 reference = split_steps(record["solution"])
-                seen = set()
+                seen: set[str] = set()
                 for ids in answers[i * config.n : (i + 1) * config.n]:
                     text = tok.decode(ids, skip_special_tokens=True)
                     steps = split_steps(text)
-                    if not steps or text in seen:
+                    if not steps:
+                        counts["empty_solutions"] += 1
+                        continue
+                    if text in seen:
+                        counts["duplicate_solutions"] += 1
                         continue
                     seen.add(text)
-                    final_correct = extract_answer(text) == str(record["answer"]).strip()
-                    labels = label(steps, reference, final_correct, config.labeler)
-                    out.write(
-                        json.dumps(
-                            {
-                                "id": f"{record.get('id')}-s{len(seen)}",
-                                "image": record["image"],
-                                "question": record["question"],
-                                "steps": steps,
-                                "labels": labels,
-                                "answer": record["answer"],
-                                "final_correct": final_correct,
-                            }
-                        )
-                        + "\n"
-                    )
+                    final_correct = extract_answer(text) == record["answer"].strip()
+                    labels = label(steps, reference, final_correct, config.labeler, record["question"])
+                    row = {
+                        "id": f"{record.get('id')}-s{len(seen)}",
+                        "image": record["image"],
+                        "question": record["question"],
+                        "steps": steps,
+                        "labels": labels,
+                        "answer": record["answer"],
+                        "final_correct": final_correct,
+                    }
+                    out.write(json.dumps(row) + "\n")
                     counts["solutions"] += 1
+                    counts["final_correct"] += final_correct
                     counts["positive_steps"] += sum(labels)
                     counts["negative_steps"] += len(labels) - sum(labels)
                 counts["items"] += 1
+        bar.close()
         for extra in config.include:
-            text = Path(extra).read_text()
-            out.write(text if text.endswith("\n") else text + "\n")
-            counts["included_lines"] = counts.get("included_lines", 0) + sum(
-                1 for line in text.splitlines() if line.strip()
-            )
-    counts["skipped_source_lines"] = len(source.quarantine)
+            fs, path = filesystem(extra)
+            if not fs.exists(path):
+                raise FileNotFoundError(f"prm_data include: {extra} does not exist")
+            with fs.open(path, "r") as f:
+                text = f.read()
+            out.write(text if text.endswith("\n") or not text else text + "\n")
+            counts["included_lines"] += sum(1 for line in text.splitlines() if line.strip())
+    seconds = time.perf_counter() - started
+    counts.update(
+        skipped=skipped,
+        skipped_source_lines=len(source.quarantine),
+        source_quarantine=source.quarantine.report(),
+        seconds=round(seconds, 2),
+        items_per_second=round(counts["items"] / seconds, 3) if seconds > 0 else None,
+    )
     return counts

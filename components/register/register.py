@@ -35,6 +35,8 @@ def lineage_tags(
         tags[f"run.{stage}"] = str(run_id)
     if prm_meta.get("mlflow_run_id"):
         tags["run.prm"] = str(prm_meta["mlflow_run_id"])
+    if dict(prm_meta.get("lineage", {})).get("prm-data"):  # the PRM's on-policy training data
+        tags["run.prm-data"] = str(prm_meta["lineage"]["prm-data"])
     # Where the checkpoints are in the model store (`cluster.model_store`), when the recipe has one.
     for name, meta in (("policy", policy_meta), ("prm", prm_meta)):
         if meta.get("checkpoint_uri"):

@@ -173,6 +173,7 @@ def run_training_step(
     model: Any,
     metrics: Any,
     mixture: Any | None = None,
+    steps: Any | None = None,
 ) -> dict[str, Any]:
     """The training components' entrypoint.
 
@@ -190,6 +191,8 @@ def run_training_step(
         metrics: output `Metrics` artifact.
         mixture: input `Dataset` artifact of the `mix-data` step (pretrain, sft): the stage must train on the
             mixture whose manifest the mix step recorded.
+        steps: input `Dataset` artifact of the `sample-prm-data` step (prm): the on-policy step-labelled
+            JSONL to train on instead of the prepared one; its images are under its metadata's `image_root`.
 
     Returns:
         The stage's summary.
@@ -203,13 +206,22 @@ def run_training_step(
     info = load_dataset_info(data.path)
     work_dir = stage_work_dir(work_root, run_key, stage)
     init_dir = checkpoint_path(init_model.path)
+    settings = json.loads(config_json)
+    data_file = info["files"][STAGE_DATA[stage][1]]
+    if steps is not None:
+        from components.prm.pipeline_step import IMAGE_ROOT_KEY
+
+        data_file = steps.path
+        image_root = steps.metadata.get(IMAGE_ROOT_KEY)
+        if image_root and not settings.get("data", {}).get("image_root"):
+            settings["data"] = {**settings.get("data", {}), "image_root": image_root}
     config = wire_stage_config(
         stage,
-        json.loads(config_json),
+        settings,
         init=init_dir,
         output=str(Path(work_dir) / FINAL_CHECKPOINT),
         work_dir=work_dir,
-        data_file=info["files"][STAGE_DATA[stage][1]],
+        data_file=data_file,
         parent_run_id=parent_run_id,
     )
     check_preset(init_dir, preset)
@@ -223,6 +235,8 @@ def run_training_step(
                 f"step recorded {expected}; the stage and mix settings disagree"
             )
     lineage = {**init_model.metadata.get("lineage", {}), stage: summary["mlflow_run_id"]}
+    if steps is not None and steps.metadata.get("mlflow_run_id"):
+        lineage["prm-data"] = steps.metadata["mlflow_run_id"]
     model.metadata.update(
         {
             "preset": preset,

@@ -154,6 +154,87 @@ def label_steps(steps: list[str], reference: list[str]) -> list[bool]:
     return labels
 
 
+_COLOUR_Q = re.compile(r"How many (\w+) shapes are there\?")
+_SHAPE_Q = re.compile(r"How many (\w+)s are there\?")
+_OBJECT = re.compile(r"a (\w+) (\w+)")
+
+
+def parse_question(text: str) -> Question | None:
+    """The demo question in `text` (an "<image>" line is ignored), or None when it is not one."""
+    text = text.replace("<image>", "").strip()
+    if match := _COLOUR_Q.fullmatch(text):
+        return Question("colour", match.group(1))
+    if match := _SHAPE_Q.fullmatch(text):
+        return Question("shape", match.group(1))
+    return None
+
+
+def parse_describe_step(step: str) -> list[Obj] | None:
+    """The shapes a step 1 ("I see a red circle and a blue square.") lists, or None when it is not one."""
+    match = _LISTING.match(step.strip())
+    if not match or match.group(1) != "I see ":
+        return None
+    objects = []
+    for word in re.split(r", | and ", match.group(2)):
+        obj = _OBJECT.fullmatch(word)
+        if not obj:
+            return None
+        objects.append((obj.group(1), obj.group(2)))
+    return objects
+
+
+def local_step_labels(question: Question, steps: list[str], reference: list[str]) -> list[bool]:
+    """Per-step labels, each step judged on its own: against the image, or against the step before it.
+
+    The question asks for a count, so a step is right when a solution can still reach the right count from it:
+
+    * step 1 (the shapes seen) is right when it lists as many shapes matching the question as the image has.
+      Misreading a shape the question does not ask about, or the kind of a red shape when the question asks
+      for red ones, is harmless; every continuation can still answer right (what a Monte Carlo step label
+      measures);
+    * step 2 (the filter) is right when it names as many shapes as step 1 lists for the question, whatever
+      step 1 got wrong;
+    * step 3 (the answer line) is right when its count is the number of shapes step 2 names.
+
+    A step that cannot be parsed, any step beyond the third, and the last step of a solution that stops before
+    its answer line are wrong. An answer whose steps are all right is right (so score with `min`
+    aggregation), and a PRM learns perception (step 1) apart from following the steps (2 and 3, no image).
+
+    Raises:
+        ValueError: when the reference's step 1 is not a demo scene description.
+    """
+    truth = parse_describe_step(reference[0]) if reference else None
+    if truth is None:
+        raise ValueError(f"reference step 1 is not a demo scene description: {reference[:1]!r}")
+    seen = parse_describe_step(steps[0]) if steps else None
+    listed = None if seen is None else sum(question.matches(o) for o in seen)
+    named = _filter_count(steps[1], question) if len(steps) > 1 else None
+    labels = [
+        listed is not None and listed == sum(question.matches(o) for o in truth),
+        listed is not None and named == listed,
+        named is not None and steps[2].strip() == answer_step(named) if len(steps) > 2 else False,
+    ][: len(steps)]
+    labels += [False] * (len(steps) - len(labels))  # steps beyond the answer line
+    if len(steps) < 3 and labels:
+        labels[-1] = False  # stopped before the answer line
+    return labels
+
+
+def _filter_count(step: str, question: Question) -> int | None:
+    """How many shapes a step 2 names (None when it is not a step 2 for `question`)."""
+    text = step.strip()
+    noun = f"{question.value} ones" if question.kind == "colour" else f"{question.value}s"
+    if text == f"There are no {noun}.":
+        return 0
+    single = f"The {question.value} one is the " if question.kind == "colour" else f"The {question.value} is "
+    if text.startswith(single) and text.endswith(".") and " and " not in text and "," not in text:
+        return 1
+    match = _LISTING.match(text)
+    if not match or match.group(1) != f"The {noun} are ":
+        return None
+    return len(re.split(r", | and ", match.group(2)))
+
+
 def sample_item(rng: random.Random, question_kind: QuestionKind, target: int) -> ReasoningItem:
     """A scene with exactly `target` shapes matching a random question of `question_kind`, plus distractors.
 

@@ -87,17 +87,29 @@ def test_every_pipeline_of_every_recipe_compiles_to_a_versioned_file(compiled):
             assert spec["pipelineInfo"]["name"] == name
 
 
+# With a `prm_data` section the PRM trains on the MPO policy's own solutions.
+ON_POLICY_EDGES = {
+    ("prepare-data", "sample-prm-data"),
+    ("mpo", "sample-prm-data"),
+    ("sample-prm-data", "prm"),
+}
+
+
 def test_recipe_dag_has_the_expected_tasks_and_edges(compiled):
     spec, _ = load_ir(compiled["tiny"]["internvl3-recipe"])
     assert set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "finish-pipeline-run"}
     tasks = body_tasks(spec)
-    assert set(tasks) == STEPS | {"start-pipeline-run"}
-    assert artifact_edges(tasks) == RECIPE_EDGES
+    steps = STEPS | {"sample-prm-data"}
+    assert set(tasks) == steps | {"start-pipeline-run"}
+    assert artifact_edges(tasks) == RECIPE_EDGES | ON_POLICY_EDGES
     # Every step nests its MLflow run under the parent run the first step opens; promote takes the
     # registered version (`models:/<name>/<version>`). The tiny recipe deploys nothing (no cluster).
-    assert parameter_edges(tasks) == {("start-pipeline-run", step) for step in STEPS} | {
+    assert parameter_edges(tasks) == {("start-pipeline-run", step) for step in steps} | {
         ("register-model", "promote-model")
     }
+    sampling = json.loads(constant(tasks["sample-prm-data"], "config"))
+    assert sampling == load_recipe("tiny").prm_data.config
+    assert json.loads(constant(tasks["sample-prm-data"], "step"))["recipe"] == "tiny"
     promote = json.loads(constant(tasks["promote-model"], "config"))
     assert promote["promotion"] == load_recipe("tiny").promotion.model_dump(mode="json")
     finish = spec["root"]["dag"]["tasks"]["finish-pipeline-run"]

@@ -237,3 +237,30 @@ def test_deploy_needs_s3_storage_the_cluster_registry_and_the_pipeline_s3():
     tiny = _raw("tiny")
     tiny["deploy"] = {"enabled": False, "service": {"name": "vlpipe-tiny"}}
     assert not PipelineConfig.model_validate(tiny).deploy.enabled
+
+
+def test_on_policy_prm_data_is_validated_with_the_sampler_config():
+    recipe = load_recipe("tiny")
+    cfg = recipe.prm_data_config()  # PRMSampleConfig with placeholder policy and output
+    assert cfg.labeler == "final_answer" and cfg.source == "/pipeline/data/reasoning/train.jsonl"
+    settings, step = recipe.prm_data_settings()
+    assert settings == recipe.prm_data.config and step.recipe == "tiny"
+    assert step.tracking == recipe.tracking
+    raw = _raw("tiny")
+    bad = copy.deepcopy(raw)
+    bad["prm_data"]["config"]["policy"] = "/somewhere"
+    _invalid(bad, r"prm_data.config sets \['policy'\]; the pipeline sets them")
+    bad = copy.deepcopy(raw)
+    bad["prm_data"]["config"]["labeler"] = "majority"
+    _invalid(bad, r"prm_data.config: labeler: Input should be")
+    bad = copy.deepcopy(raw)
+    bad["prm_data"]["config"]["labeler"] = "reference_steps"
+    _invalid(bad, "use demo_local")
+    bad = copy.deepcopy(raw)
+    bad["prm_data"]["config"]["max_new_tokens"] = 512
+    _invalid(bad, r"max_new_tokens \(512\) leaves no room for the prompt")
+    bad = copy.deepcopy(raw)
+    bad["prm_data"]["configs"] = {}
+    _invalid(bad, "configs")
+    del raw["prm_data"]
+    assert PipelineConfig.model_validate(raw).prm_data is None  # the PRM trains on the prepared file

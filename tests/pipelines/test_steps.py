@@ -120,7 +120,7 @@ def test_lineage_tags_tie_the_version_to_runs_data_and_results(monkeypatch):
         parent_run_id="parent",
         job_id="job",
         policy_meta={"lineage": {"init": "r0", "pretrain": "r1", "sft": "r2", "mpo": "r3"}},
-        prm_meta={"mlflow_run_id": "r4"},
+        prm_meta={"mlflow_run_id": "r4", "lineage": {"sft": "r2", "prm-data": "r5", "prm": "r4"}},
         mixture_meta={"sft_manifest_sha256": "f" * 64, "other": "x"},
         eval_metrics=_metrics(),
     )
@@ -133,6 +133,7 @@ def test_lineage_tags_tie_the_version_to_runs_data_and_results(monkeypatch):
         "run.sft": "r2",
         "run.mpo": "r3",
         "run.prm": "r4",
+        "run.prm-data": "r5",
         "data.sft_manifest_sha256": "f" * 64,
         "run.eval": "evalrun",
         "eval.pass_at_1": "0.2500",
@@ -141,3 +142,28 @@ def test_lineage_tags_tie_the_version_to_runs_data_and_results(monkeypatch):
         "eval.oracle": "0.7500",
         "eval.n": "8",
     }
+
+
+def test_prm_data_wiring_reads_relative_paths_from_the_data_root():
+    from components.prm.pipeline_step import owned_keys_in as prm_data_owned
+    from components.prm.pipeline_step import wire_prm_data_config
+
+    settings = {
+        "source": "reasoning/train.jsonl",
+        "image_root": "images",
+        "include": ["prm/train.jsonl", "s3://curated/steps.jsonl"],
+        "n": 4,
+    }
+    cfg = wire_prm_data_config(settings, policy="/p", output="/o/steps.jsonl", data_root="s3://bucket/data")
+    assert (cfg.policy, cfg.output, cfg.n) == ("/p", "/o/steps.jsonl", 4)
+    assert (
+        cfg.source == "s3://bucket/data/reasoning/train.jsonl" and cfg.image_root == "s3://bucket/data/images"
+    )
+    assert cfg.include == ("s3://bucket/data/prm/train.jsonl", "s3://curated/steps.jsonl")
+    absolute = wire_prm_data_config({"source": "/abs/r.jsonl"}, policy="/p", output="/o", data_root="/root")
+    assert absolute.source == "/abs/r.jsonl" and absolute.image_root is None
+    assert prm_data_owned({"policy": "x", "output": "y", "n": 2}) == ["policy", "output"]
+    with pytest.raises(ValidationError, match="temperature"):
+        wire_prm_data_config(
+            {"source": "r.jsonl", "temperature": 0}, policy="/p", output="/o", data_root="/d"
+        )

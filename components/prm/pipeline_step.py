@@ -1,0 +1,153 @@
+"""What the `sample-prm-data` component calls: on-policy PRM data from the pipeline's policy.
+
+VisualPRM trains its critic on the policy's own solutions with per-step labels; this step samples N solutions
+per source item from the policy the evaluation will judge, labels every step (`components.prm.sample`) and
+hands the JSONL to the `prm` stage in place of the prepared `prm/train.jsonl`. Everything is logged to an
+MLflow child run `prm-data`: the settings, the counts (solutions, step labels, sample accuracy, skipped
+items by reason), items/s, a summary JSON and the first solutions as a preview.
+
+Torch-free at import. A recipe's `prm_data.config` is a `PRMSampleConfig` without `policy` and `output`
+(`PIPELINE_OWNED`); a relative `source`, `image_root` or `include` path is read from the data root.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from components.pipeline_run.config import StepConfig
+from components.prm.sample import PRMSampleConfig
+
+PIPELINE_OWNED = ("policy", "output")
+"""`PRMSampleConfig` keys the pipeline sets."""
+PLACEHOLDERS = {"policy": "/pipeline/policy", "output": "/pipeline/prm-data/steps.jsonl"}
+IMAGE_ROOT_KEY = "image_root"
+"""The output `Dataset` artifact's metadata key naming the directory its rows' `image` paths are relative to."""
+PREVIEW_ROWS = 50
+
+
+def owned_keys_in(settings: dict[str, Any]) -> list[str]:
+    """The pipeline-owned keys a recipe's `prm_data.config` sets (it must set none)."""
+    return [key for key in PIPELINE_OWNED if key in settings]
+
+
+def wire_prm_data_config(
+    settings: dict[str, Any], *, policy: str, output: str, data_root: str
+) -> PRMSampleConfig:
+    """The full, validated `PRMSampleConfig`: `settings` plus the policy and output, paths under `data_root`.
+
+    Raises:
+        pydantic.ValidationError: an invalid setting (the message names the key).
+    """
+    from components.data.config import is_absolute
+    from model.storage import join
+
+    def under_root(path: str) -> str:
+        return join(data_root, path) if data_root and not is_absolute(path) else path
+
+    cfg = copy.deepcopy(settings)
+    for key in ("source", "image_root"):
+        if cfg.get(key):
+            cfg[key] = under_root(cfg[key])
+    if cfg.get("include"):
+        cfg["include"] = [under_root(path) for path in cfg["include"]]
+    cfg.update(policy=policy, output=output)
+    return PRMSampleConfig.model_validate(cfg)
+
+
+def _log_run(config: PRMSampleConfig, counts: dict[str, Any], output: Path) -> None:
+    import mlflow
+
+    mlflow.log_params(
+        {
+            key: getattr(config, key)
+            for key in ("source", "n", "temperature", "top_p", "max_new_tokens", "seed", "limit", "labeler")
+        }
+    )
+    steps = counts["positive_steps"] + counts["negative_steps"]
+    derived = {
+        "positive_step_fraction": counts["positive_steps"] / steps if steps else 0.0,
+        "sample_accuracy": counts["final_correct"] / counts["solutions"] if counts["solutions"] else 0.0,
+    }
+    mlflow.log_metrics(
+        {
+            **{k: float(v) for k, v in counts.items() if isinstance(v, int | float) and v is not None},
+            **derived,
+        }
+    )
+    mlflow.log_dict({**counts, **derived}, "prm_data/summary.json")
+    with output.open() as f:
+        preview = [line for _, line in zip(range(PREVIEW_ROWS), f, strict=False)]
+    mlflow.log_text("".join(preview), "prm_data/preview.jsonl")
+
+
+def run_prm_data_step(
+    config_json: str,
+    step_json: str,
+    *,
+    preset: str,
+    parent_run_id: str,
+    policy: Any,
+    data: Any,
+    steps: Any,
+    metrics: Any,
+) -> dict[str, Any]:
+    """The `sample-prm-data` component's entrypoint.
+
+    Args:
+        config_json: the recipe's `prm_data.config` (a `PRMSampleConfig` without policy and output) as JSON.
+        step_json: the recipe name and tracking settings (`StepConfig`) as JSON.
+        preset: the recipe's preset (the policy must be one).
+        parent_run_id: the pipeline's MLflow run.
+        policy: input `Model` artifact (the policy whose solutions the PRM will judge).
+        data: the `prepare-data` output (root of relative paths).
+        steps: output `Dataset` artifact: the step-labelled JSONL (the `prm` stage's data); its metadata holds
+            the counts and `image_root`.
+        metrics: output `Metrics` artifact (counts, sample accuracy, items/s).
+
+    Returns:
+        The counts of `sample_prm_data`, with `mlflow_run_id`.
+    """
+    from components.data.prepare import load_dataset_info
+    from components.pipeline_run.model_store import checkpoint_path
+    from components.pipeline_run.runs import child_run
+    from components.prm.sample import sample_prm_data
+    from components.training.kfp_entry import check_preset
+    from components.training.records import default_image_root
+
+    step = StepConfig.model_validate_json(step_json)
+    info = load_dataset_info(data.path)
+    policy_dir = checkpoint_path(policy.path)
+    check_preset(policy_dir, preset)
+    output = Path(steps.path)
+    config = wire_prm_data_config(
+        json.loads(config_json), policy=policy_dir, output=str(output), data_root=info["root"]
+    )
+    with child_run(
+        parent_run_id,
+        "prm-data",
+        experiment=step.tracking.experiment,
+        recipe=step.recipe,
+        tags=step.tracking.tags,
+    ) as run_id:
+        counts = sample_prm_data(config)
+        _log_run(config, counts, output)
+    image_root = config.image_root or default_image_root(config.source)
+    steps.metadata.update(
+        {
+            IMAGE_ROOT_KEY: image_root,
+            "mlflow_run_id": run_id,
+            "labeler": config.labeler,
+            **{
+                k: counts[k]
+                for k in ("items", "solutions", "positive_steps", "negative_steps", "skipped_items")
+            },
+        }
+    )
+    for key in ("items", "solutions", "positive_steps", "negative_steps", "final_correct", "skipped_items",
+                "items_per_second"):  # fmt: skip
+        if isinstance(counts.get(key), int | float):
+            metrics.log_metric(key, float(counts[key]))
+    return {**counts, "mlflow_run_id": run_id}
