@@ -9,9 +9,10 @@ into steps, and labels each step. Labellers:
 * `demo_reference`: the same, but a step's listed items may come in any order
   (`model.data.reasoning.canonical_step`): the demo task's labeller.
 * `demo_local`: the demo task's step-local labeller (`model.data.reasoning.local_step_labels`): step 1 is
-  right when it reads the shapes the question asks about right, steps 2 and 3 when they follow from the step
-  before. It is what Monte Carlo labels approach on this task, and it separates perception from following
-  the steps; score answers with `min` aggregation.
+  right when it lists as many shapes of the asked colour or kind as the image has, steps 2 and 3 when they
+  follow from the step before. It is what Monte Carlo labels approach on this task and separates perception
+  from following the steps (score answers with `min`); measured, it picks no better than `final_answer`
+  (README, "Measured results").
 * `final_answer`: every step takes the label of the final answer (weak supervision for any task with a
   checkable answer).
 
@@ -69,7 +70,7 @@ class PRMSampleConfig(BaseModel):
     seed: int = 0
     limit: int | None = Field(None, ge=1)
     batch_items: int = Field(8, ge=1)
-    labeler: Literal["reference_steps", "demo_reference", "demo_local", "final_answer"] = "demo_local"
+    labeler: Literal["reference_steps", "demo_reference", "demo_local", "final_answer"] = "final_answer"
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     include: tuple[str, ...] = ()
 
@@ -170,7 +171,7 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
 
     Raises:
         FileNotFoundError: when the source or an include file does not exist.
-        ValueError: when the source has no usable item (or more than 5% bad records).
+        ValueError: when the source has no usable item, or more than `max_bad_fraction` of its records are bad.
     """
     import torch
     from tqdm import tqdm
@@ -186,21 +187,14 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
     from model.tokenizer import IM_END
     from objectives.prm import split_steps
 
-    normalised: dict[int, dict] = {}
     check = _labeller_check(config.labeler)
 
     def validate(record: dict) -> str | None:
         result = normalise_source(record)
-        if isinstance(result, str):
-            return result
-        if reason := check(result):
-            return reason
-        normalised[id(record)] = result
-        return None
+        return result if isinstance(result, str) else check(result)
 
     source = read_records(config.source, "prm_source", validate, max_bad_fraction=config.max_bad_fraction)
-    records = [normalised[id(r)] for r in source.records]
-    records = records[: config.limit] if config.limit else records
+    records = [normalise_source(r) for r in source.records[: config.limit or None]]
     root = config.image_root or default_image_root(config.source)
     policy = load_checkpoint(config.policy)
     tok = policy.tokenizer
