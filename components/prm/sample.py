@@ -13,8 +13,8 @@ into steps, and labels each step. Labellers:
   follow from the step before. It is what Monte Carlo labels approach on this task and separates perception
   from following the steps (score answers with `min`); measured, it picks no better than `final_answer`
   (README, "Measured results").
-* `final_answer`: every step takes the label of the final answer (weak supervision for any task with a
-  checkable answer).
+* `final_answer`: every step takes the label of the final answer (weak supervision; the answer is read with
+  the demo's rule, `model.data.reasoning.extract_answer`: a last line "So the answer is N.").
 
 VisualPRM400K labels steps by Monte Carlo rollouts (the share of continuations from a step prefix that reach
 the right answer); that needs many more generations and is not implemented here.
