@@ -51,7 +51,7 @@ def bench_packing(work: Path, *, samples: int = 3000, max_tokens: int = 2048, se
     data = work / "data"
     if not (data / "meta_pretrain.json").exists():
         sizes = DemoSizes(text_corpus=500, captions=400, reasoning_train=1000, reasoning_test=10, mpo_pairs=10,
-                          prm_solutions=10)  # fmt: skip
+                          prm_solutions=10, reasoning_prm=10)  # fmt: skip
         write_demo_dataset(str(data), seed=seed, sizes=sizes, overwrite=True)
     if not (work / "small" / "config.json").exists():
         init_random("small", str(work / "small"), corpus=list(iter_demo_texts(str(data))), seed=seed)

@@ -230,6 +230,11 @@ class Stages(_Strict):
     prm: StageStep
 
 
+def _stage_key(stage: str) -> str:
+    """Where a training stage's settings are in a recipe."""
+    return "critic" if stage == "critic" else f"stages.{stage}"
+
+
 def _prefix(where: str, exc: Exception) -> ValueError:
     """A `ValueError` naming `where` and each problem's key (without pydantic's union tags and prefixes)."""
     if not isinstance(exc, ValidationError):
@@ -253,6 +258,9 @@ class PipelineConfig(_Strict):
         preset: the model preset (`tiny`, `small`, `1b`, `2b`, `8b`).
         data, init: the data and init steps' settings.
         stages: pretrain, sft, mpo and prm.
+        critic: more SFT from the SFT checkpoint as the PRM's base (SFT stage settings; absent: the PRM starts
+            from the SFT checkpoint). InternVL3 judges every model size with VisualPRM-8B, a critic stronger
+            than the smaller policies.
         prm_data: on-policy PRM data sampled from the MPO policy (absent: the PRM trains on the prepared
             step-labelled file).
         eval: the Best-of-N evaluation (policy: the MPO model; critic: the PRM).
@@ -269,6 +277,7 @@ class PipelineConfig(_Strict):
     data: DataSettings
     init: InitSettings = InitSettings()
     stages: Stages
+    critic: StageStep | None = None
     prm_data: PRMDataStep | None = None
     eval: EvalStep
     registry: RegisterSettings
@@ -280,7 +289,7 @@ class PipelineConfig(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> Self:
         self._check_preset()
-        for stage in STAGES:
+        for stage in self.trained_stages:
             self._check_stage(stage)
         self._check_prm_data()
         self._check_eval()
@@ -307,24 +316,25 @@ class PipelineConfig(_Strict):
     def _check_stage(self, stage: str) -> None:
         from components.training.kfp_entry import owned_keys_in
 
-        step: StageStep = getattr(self.stages, stage)
+        step = self.stage_step(stage)
         owned = owned_keys_in(stage, step.config)
+        where = _stage_key(stage)
         if owned:
-            raise ValueError(f"stages.{stage}.config sets {owned}; the pipeline sets them")
+            raise ValueError(f"{where}.config sets {owned}; the pipeline sets them")
         cfg = self.stage_config(stage)
         world = step.resources.world_size
         try:
             cfg.trainer.accumulation_steps(world)
         except ValueError as exc:
-            raise _prefix(f"stages.{stage}", exc) from exc
+            raise _prefix(where, exc) from exc
         if step.resources.gpus == 0:
             if cfg.trainer.precision == "bf16":
-                raise ValueError(f"stages.{stage}: trainer.precision bf16 needs GPUs (resources.gpus > 0)")
+                raise ValueError(f"{where}: trainer.precision bf16 needs GPUs (resources.gpus > 0)")
             if cfg.trainer.distributed.backend == "nccl":
-                raise ValueError(f"stages.{stage}: distributed.backend nccl needs GPUs (resources.gpus > 0)")
+                raise ValueError(f"{where}: distributed.backend nccl needs GPUs (resources.gpus > 0)")
         if step.resources.retries and self.cluster.work_volume is None:
             raise ValueError(
-                f"stages.{stage}.resources.retries needs cluster.work_volume: without it a retried pod "
+                f"{where}.resources.retries needs cluster.work_volume: without it a retried pod "
                 "starts from step 0"
             )
 
@@ -426,9 +436,22 @@ class PipelineConfig(_Strict):
             )
 
     # -- what each step receives ---------------------------------------------------------------------------
+    @property
+    def trained_stages(self) -> tuple[str, ...]:
+        """The training stages the recipe runs: pretrain, sft, mpo, prm and, when set, critic."""
+        return (*STAGES, "critic") if self.critic is not None else STAGES
+
+    def stage_step(self, stage: str) -> StageStep:
+        """A training stage's recipe entry (`critic` is top level, the others under `stages`)."""
+        if stage == "critic":
+            if self.critic is None:
+                raise ValueError("the recipe has no critic section")
+            return self.critic
+        return getattr(self.stages, stage)
+
     def stage_settings(self, stage: str) -> dict[str, Any]:
         """The JSON-ready settings the stage's component receives: the recipe's plus tracking."""
-        step: StageStep = getattr(self.stages, stage)
+        step = self.stage_step(stage)
         settings = json.loads(json.dumps(step.config))
         tracking = settings.get("tracking", {})
         settings["tracking"] = {
@@ -456,7 +479,7 @@ class PipelineConfig(_Strict):
                 parent_run_id=None,
             )
         except (ValidationError, ValueError) as exc:
-            raise _prefix(f"stages.{stage}.config", exc) from exc
+            raise _prefix(f"{_stage_key(stage)}.config", exc) from exc
 
     def prm_data_settings(self) -> tuple[dict[str, Any], StepConfig]:
         """What the `sample-prm-data` component receives: the sampling settings and the tracking settings."""

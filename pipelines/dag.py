@@ -4,6 +4,7 @@
 internvl3-recipe  start-pipeline-run → prepare-data → init-model → mix-data → pretrain → sft
                   sft → mpo, sft → prm;  mpo + prm → evaluate → register-model (+ mpo, prm, mix-data)
                   with `prm_data`: mpo → sample-prm-data → prm (the PRM learns the policy's own mistakes)
+                  with `critic`: sft → critic → prm (the PRM starts from a stronger model than the policy)
                   register-model → promote-model → [if promoted] deploy-model
 sft-mpo           start-pipeline-run → prepare-data → importer(checkpoint_uri) → mix-data → sft → mpo
 evaluate          start-pipeline-run → prepare-data → importer(policy_uri), importer(prm_uri) → evaluate
@@ -39,7 +40,7 @@ from components.evaluate.component import evaluate
 from components.mpo.component import mpo
 from components.pipeline_run.component import finish_pipeline_run, start_pipeline_run
 from components.pretrain.component import pretrain
-from components.prm.component import prm, sample_prm_data
+from components.prm.component import critic, prm, sample_prm_data
 from components.promote.component import promote_model
 from components.register.component import register_model
 from components.sft.component import sft
@@ -54,7 +55,7 @@ PROMOTED = "promoted"
 """The promote step's output that lets the deploy step run."""
 DEPLOY_TIMEOUT_MARGIN_S = 600
 """Beyond the canary's step timeouts: registry calls, the first patch, the report."""
-STAGE_COMPONENTS = {"pretrain": pretrain, "sft": sft, "mpo": mpo, "prm": prm}
+STAGE_COMPONENTS = {"pretrain": pretrain, "sft": sft, "mpo": mpo, "prm": prm, "critic": critic}
 JOB_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 JOB_NAME = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
 
@@ -144,7 +145,7 @@ class _Builder:
     def stage(
         self, stage: str, parent: Any, *, init: Any, data: Any, mixture: Any = None, steps: Any = None
     ) -> Any:
-        step = getattr(self.recipe.stages, stage)
+        step = self.recipe.stage_step(stage)
         inputs = {"mixture": mixture} if stage in ("pretrain", "sft") else {}
         if steps is not None:
             inputs["steps"] = steps
@@ -174,11 +175,15 @@ class _Builder:
         return self.configure(task, self.recipe.prm_data.resources)
 
     def critic(self, parent: Any, *, sft_model: Any, policy: Any, data: Any) -> Any:
-        """The PRM from the SFT checkpoint: on the policy's own solutions when the recipe has `prm_data`."""
+        """The PRM: from the SFT checkpoint (or the `critic` stage's, more SFT from it) on the prepared step
+        labels, or on the policy's own solutions when the recipe has `prm_data`."""
+        base = sft_model
+        if self.recipe.critic is not None:
+            base = self.stage("critic", parent, init=sft_model, data=data).outputs["model"]
         steps = None
         if self.recipe.prm_data is not None:
             steps = self.prm_data(parent, policy=policy, data=data).outputs["steps"]
-        return self.stage("prm", parent, init=sft_model, data=data, steps=steps)
+        return self.stage("prm", parent, init=base, data=data, steps=steps)
 
     def evaluate(self, parent: Any, *, policy: Any, prm_model: Any, data: Any) -> Any:
         task = evaluate(

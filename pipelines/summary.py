@@ -20,6 +20,7 @@ STAGE_ORDER = (
     "pretrain",
     "sft",
     "mpo",
+    "critic",
     "prm-data",
     "prm",
     "eval",
@@ -33,6 +34,7 @@ _STAGE_METRICS = {
     "mix": ("pretrain/achieved_language_share", "sft/achieved_language_share"),
     "pretrain": ("loss", "tokens_per_s", "token_utilisation"),
     "sft": ("loss", "tokens_per_s", "token_utilisation"),
+    "critic": ("loss", "tokens_per_s", "token_utilisation"),
     "mpo": ("loss", "reward_accuracy", "reward_margin"),
     "prm-data": ("items", "solutions", "sample_accuracy", "positive_step_fraction", "skipped_items"),
     "prm": ("loss", "step_accuracy"),
@@ -169,7 +171,7 @@ def stage_line(name: str, metrics: dict[str, Any]) -> str:
             for stage in ("pretrain", "sft")
             if f"{stage}/achieved_language_share" in m
         ]
-    elif name in ("pretrain", "sft"):
+    elif name in ("pretrain", "sft", "critic"):
         parts = [_loss(m), f"{m.get('token_utilisation', 0):.1%} token utilisation"]
     elif name == "mpo":
         parts = [_loss(m), f"reward accuracy {m.get('reward_accuracy', float('nan')):.2f}"]

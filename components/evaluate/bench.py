@@ -93,7 +93,7 @@ def bench_prm_scoring(
     data = out_dir / "eval-data"
     if not (data / "reasoning" / "test.jsonl").exists():
         sizes = DemoSizes(text_corpus=50, captions=20, reasoning_train=50, reasoning_test=max(eval_items, 4),
-                          mpo_pairs=1, prm_solutions=1)  # fmt: skip
+                          mpo_pairs=1, prm_solutions=1, reasoning_prm=1)  # fmt: skip
         write_demo_dataset(str(data), seed=seed, sizes=sizes, overwrite=True)
     ckpt = out_dir / f"eval-{preset}"
     if not (ckpt / "config.json").exists():

@@ -35,8 +35,9 @@ def lineage_tags(
         tags[f"run.{stage}"] = str(run_id)
     if prm_meta.get("mlflow_run_id"):
         tags["run.prm"] = str(prm_meta["mlflow_run_id"])
-    if dict(prm_meta.get("lineage", {})).get("prm-data"):  # the PRM's on-policy training data
-        tags["run.prm-data"] = str(prm_meta["lineage"]["prm-data"])
+    for stage in ("critic", "prm-data"):  # the PRM's base and its on-policy training data
+        if dict(prm_meta.get("lineage", {})).get(stage):
+            tags[f"run.{stage}"] = str(prm_meta["lineage"][stage])
     # Where the checkpoints are in the model store (`cluster.model_store`), when the recipe has one.
     for name, meta in (("policy", policy_meta), ("prm", prm_meta)):
         if meta.get("checkpoint_uri"):

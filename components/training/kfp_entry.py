@@ -40,8 +40,12 @@ STAGE_DATA = {
     "sft": ("meta", "sft_meta"),
     "mpo": ("path", "mpo_pairs"),
     "prm": ("path", "prm_steps"),
+    "critic": ("meta", "sft_meta"),
 }
 """Per stage: the `data` key the pipeline sets and the `DataSettings` file it comes from."""
+TRAINED_AS = {"critic": "sft"}
+"""Pipeline stages that another stage's code trains: the critic is more SFT from the policy's SFT checkpoint
+(the PRM's base; its own work directory, MLflow run name and `stage` tag)."""
 FINAL_CHECKPOINT = "final"
 """The stage's output checkpoint directory inside its work directory."""
 PLACEHOLDERS = {
@@ -75,7 +79,7 @@ def wire_stage_config(
     """The full, validated stage config: `settings` plus the pipeline's paths and parent run.
 
     Args:
-        stage: pretrain, sft, mpo or prm.
+        stage: pretrain, sft, mpo, prm or critic (trained as sft).
         settings: the stage settings as the component receives them (recipe settings + tracking).
         init, output, work_dir: checkpoint in, checkpoint out, resumable work directory.
         data_file: the meta file (pretrain, sft) or JSONL file (mpo, prm).
@@ -97,8 +101,11 @@ def wire_stage_config(
         **cfg.get("tracking", {}),
         "parent_run_id": parent_run_id or None,
     }
-    cfg.update(stage=stage, init=init, output=output, work_dir=work_dir)
-    return parse_stage_config(cfg, stage)
+    trained = TRAINED_AS.get(stage, stage)
+    if trained != stage:
+        cfg["tracking"]["tags"] = {**cfg["tracking"].get("tags", {}), "stage": stage}
+    cfg.update(stage=trained, init=init, output=output, work_dir=work_dir)
+    return parse_stage_config(cfg, trained)
 
 
 def stage_work_dir(work_root: str, run_key: str, stage: str) -> str:
@@ -225,7 +232,7 @@ def run_training_step(
         parent_run_id=parent_run_id,
     )
     check_preset(init_dir, preset)
-    summary = run_stage_processes(stage, config, world_size)
+    summary = run_stage_processes(TRAINED_AS.get(stage, stage), config, world_size)
     publish_checkpoint(config.output, model)
     if mixture is not None:
         expected = mixture.metadata.get(f"{stage}_manifest_sha256")

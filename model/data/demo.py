@@ -8,6 +8,7 @@
     captions/captions.jsonl  shape captions and simple questions, plus a few cropped sample photographs
     reasoning/train.jsonl    counting questions with three-step solutions (conversation format)
     reasoning/test.jsonl     held-out benchmark: {id, image, question, answer, solution}
+    reasoning/prm.jsonl      items held out from SFT, same format: the source of on-policy PRM data
     mpo/pairs.jsonl          preference pairs: {id, image, question, chosen, rejected}
     prm/train.jsonl          step-labelled solutions: {id, image, question, steps, labels, answer, final_correct}
     images/...               every image; annotation "image" fields are relative to this root
@@ -70,6 +71,7 @@ FILES = {
     "captions": "captions/captions.jsonl",
     "reasoning_train": "reasoning/train.jsonl",
     "reasoning_test": "reasoning/test.jsonl",
+    "reasoning_prm": "reasoning/prm.jsonl",
     "mpo": "mpo/pairs.jsonl",
     "prm": "prm/train.jsonl",
 }
@@ -97,6 +99,9 @@ class DemoSizes(BaseModel):
     captions: int = Field(1500, ge=1, le=1_000_000)
     reasoning_train: int = Field(6000, ge=1, le=1_000_000)
     reasoning_test: int = Field(500, ge=1, le=1_000_000)
+    # Items no training split holds (not in SFT): the policy samples its PRM data there, so its mistakes
+    # look like its test-time mistakes and a critic trained on the SFT data has not memorised the answers.
+    reasoning_prm: int = Field(4000, ge=1, le=1_000_000)
     mpo_pairs: int = Field(2000, ge=1, le=1_000_000)
     prm_solutions: int = Field(4000, ge=1, le=1_000_000)
 
@@ -104,7 +109,13 @@ class DemoSizes(BaseModel):
     def tiny(cls) -> DemoSizes:
         """A few dozen of each: for tests."""
         return cls(
-            text_corpus=20, captions=20, reasoning_train=50, reasoning_test=20, mpo_pairs=20, prm_solutions=40
+            text_corpus=20,
+            captions=20,
+            reasoning_train=50,
+            reasoning_test=20,
+            reasoning_prm=20,
+            mpo_pairs=20,
+            prm_solutions=40,
         )
 
 
@@ -188,6 +199,19 @@ def _reasoning_items(seed: int, stream: str, n: int, exclude: set[str]) -> list[
     return items
 
 
+def _question_record(writer: _Writer, split: str, i: int, item: ReasoningItem) -> dict:
+    """A benchmark-format record (test and PRM source splits); writes its image."""
+    image = f"reasoning/{split}/{i:06d}.png"
+    writer.image(image, png_bytes(render_scene(item.scene)))
+    return {
+        "id": f"reasoning-{split}-{i:06d}",
+        "image": image,
+        "question": item.question.text(),
+        "answer": item.answer,
+        "solution": item.solution,
+    }
+
+
 def _conversation(record_id: str, image: str | None, human: str, gpt: str) -> dict:
     record: dict = {"id": record_id}
     if image is not None:
@@ -251,23 +275,20 @@ def write_demo_dataset(
     # Held-out test split first: every other split rejects its scenes.
     test_items = _reasoning_items(seed, "reasoning-test", sizes.reasoning_test, set())
     held_out = {item.scene.key() for item in test_items}
-    test_records = []
-    for i, item in enumerate(test_items):
-        image = f"reasoning/test/{i:06d}.png"
-        writer.image(image, png_bytes(render_scene(item.scene)))
-        test_records.append(
-            {
-                "id": f"reasoning-test-{i:06d}",
-                "image": image,
-                "question": item.question.text(),
-                "answer": item.answer,
-                "solution": item.solution,
-            }
-        )
-    put_jsonl("reasoning_test", test_records)
+    put_jsonl(
+        "reasoning_test", [_question_record(writer, "test", i, item) for i, item in enumerate(test_items)]
+    )
+
+    train_items = _reasoning_items(seed, "reasoning-train", sizes.reasoning_train, held_out)
+    # The PRM source split: neither a test scene nor a training scene.
+    unseen = held_out | {item.scene.key() for item in train_items}
+    prm_source_items = _reasoning_items(seed, "reasoning-prm", sizes.reasoning_prm, unseen)
+    put_jsonl(
+        "reasoning_prm", [_question_record(writer, "prm", i, item) for i, item in enumerate(prm_source_items)]
+    )
 
     train_records = []
-    for i, item in enumerate(_reasoning_items(seed, "reasoning-train", sizes.reasoning_train, held_out)):
+    for i, item in enumerate(train_items):
         image = f"reasoning/train/{i:06d}.png"
         writer.image(image, png_bytes(render_scene(item.scene)))
         train_records.append(
@@ -403,6 +424,7 @@ def _readme(seed: int, counts: dict[str, int]) -> str:
         FILES["captions"]: "captions and simple questions about shape scenes and photographs",
         FILES["reasoning_train"]: "counting questions with step-by-step solutions (conversations)",
         FILES["reasoning_test"]: "held-out benchmark: question, answer, reference solution",
+        FILES["reasoning_prm"]: "items held out from SFT (test format): where the policy samples PRM data",
         FILES["mpo"]: "preference pairs: chosen (correct) and rejected (wrong final answer) solutions",
         FILES["prm"]: "solutions with per-step labels (true until the first wrong step) and final_correct",
         "meta_pretrain.json": "InternVL meta file for pre-training: text, captions, reasoning train",

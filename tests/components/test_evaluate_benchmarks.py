@@ -33,7 +33,13 @@ def _b64(data: bytes) -> str:
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     sizes = DemoSizes(
-        text_corpus=2, captions=2, reasoning_train=2, reasoning_test=6, mpo_pairs=1, prm_solutions=1
+        text_corpus=2,
+        captions=2,
+        reasoning_train=2,
+        reasoning_test=6,
+        mpo_pairs=1,
+        prm_solutions=1,
+        reasoning_prm=1,
     )
     write_demo_dataset(str(out), seed=0, sizes=sizes)
     return out

@@ -33,7 +33,13 @@ def workdir(tmp_path_factory):
     """Demo data, a tiny policy with V2PE δ = 0.25 and a separately initialised tiny PRM."""
     root = tmp_path_factory.mktemp("eval")
     sizes = DemoSizes(
-        text_corpus=20, captions=5, reasoning_train=20, reasoning_test=6, mpo_pairs=1, prm_solutions=1
+        text_corpus=20,
+        captions=5,
+        reasoning_train=20,
+        reasoning_test=6,
+        mpo_pairs=1,
+        prm_solutions=1,
+        reasoning_prm=1,
     )
     write_demo_dataset(str(root / "data"), seed=0, sizes=sizes)
     corpus = list(iter_demo_texts(str(root / "data")))

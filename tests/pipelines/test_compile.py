@@ -93,15 +93,17 @@ ON_POLICY_EDGES = {
     ("mpo", "sample-prm-data"),
     ("sample-prm-data", "prm"),
 }
+# With a `critic` section the PRM starts from the critic (more SFT from the SFT checkpoint), not from SFT.
+CRITIC_EDGES = {("sft", "critic"), ("prepare-data", "critic"), ("critic", "prm")}
 
 
 def test_recipe_dag_has_the_expected_tasks_and_edges(compiled):
     spec, _ = load_ir(compiled["tiny"]["internvl3-recipe"])
     assert set(spec["root"]["dag"]["tasks"]) == {"exit-handler-1", "finish-pipeline-run"}
     tasks = body_tasks(spec)
-    steps = STEPS | {"sample-prm-data"}
+    steps = STEPS | {"sample-prm-data", "critic"}
     assert set(tasks) == steps | {"start-pipeline-run"}
-    assert artifact_edges(tasks) == RECIPE_EDGES | ON_POLICY_EDGES
+    assert artifact_edges(tasks) == (RECIPE_EDGES - {("sft", "prm")}) | ON_POLICY_EDGES | CRITIC_EDGES
     # Every step nests its MLflow run under the parent run the first step opens; promote takes the
     # registered version (`models:/<name>/<version>`). The tiny recipe deploys nothing (no cluster).
     assert parameter_edges(tasks) == {("start-pipeline-run", step) for step in steps} | {
@@ -292,3 +294,21 @@ def test_compile_command_writes_one_file_per_pipeline(tmp_path, monkeypatch):
     )
     result = CliRunner().invoke(app, ["compile", "--recipe", "nope", "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "shipped recipes" in result.output
+
+
+def test_a_critic_section_trains_the_prm_base_from_the_sft_checkpoint(tmp_path):
+    import yaml
+
+    from pipelines.config import PipelineConfig, recipe_path
+
+    raw = yaml.safe_load(recipe_path("tiny").read_text())
+    raw["critic"] = raw["stages"]["sft"]  # more SFT with the SFT settings
+    files = compile_recipe(PipelineConfig.model_validate(raw), tmp_path, commit=COMMIT)
+    spec, _ = load_ir(files["internvl3-recipe"])
+    tasks = body_tasks(spec)
+    edges = artifact_edges(tasks)
+    assert {("sft", "critic"), ("prepare-data", "critic"), ("critic", "prm")} <= edges
+    assert ("sft", "prm") not in edges  # the PRM starts from the critic, the MPO branch from SFT
+    assert ("sft", "mpo") in edges
+    settings = json.loads(constant(tasks["critic"], "config"))
+    assert settings["trainer"] == raw["stages"]["sft"]["config"]["trainer"]

@@ -13,7 +13,20 @@ import yaml
 from pipelines.config import PipelineConfig, recipe_path
 
 pytestmark = pytest.mark.slow
-STEPS = ("data", "init", "mix", "pretrain", "sft", "mpo", "prm-data", "prm", "eval", "register", "promote")
+STEPS = (
+    "data",
+    "init",
+    "mix",
+    "pretrain",
+    "sft",
+    "mpo",
+    "critic",
+    "prm-data",
+    "prm",
+    "eval",
+    "register",
+    "promote",
+)
 
 
 def _short_tiny() -> PipelineConfig:
@@ -21,11 +34,12 @@ def _short_tiny() -> PipelineConfig:
     raw = yaml.safe_load(recipe_path("tiny").read_text())
     raw["data"]["demo"]["sizes"] = {
         "text_corpus": 20, "captions": 20, "reasoning_train": 40, "reasoning_test": 6, "mpo_pairs": 8,
-        "prm_solutions": 16,
+        "prm_solutions": 16, "reasoning_prm": 8,
     }  # fmt: skip
     raw["data"]["mix_samples"] = 8
     for stage, steps in {"pretrain": 3, "sft": 4, "mpo": 2, "prm": 3}.items():
         raw["stages"][stage]["config"]["trainer"].update(max_steps=steps, log_every=1)
+    raw["critic"]["config"]["trainer"].update(max_steps=2, log_every=1)
     raw["stages"]["mpo"]["config"]["trainer"].update(global_batch_size=2, micro_batch_size=2)
     raw["prm_data"]["config"].update(limit=4, n=2, max_new_tokens=16)
     raw["eval"]["config"].update(n=2, max_new_tokens=16, batch_items=3)
@@ -92,7 +106,7 @@ def test_the_recipe_runs_end_to_end_with_one_parent_and_a_child_run_per_step(rec
     version = client.get_model_version("vlpipe-test", registered["version"])
     tags = version.tags
     assert tags["pipeline_run_id"] == summary["parent"]["run_id"]
-    for stage in ("init", "pretrain", "sft", "mpo", "prm-data", "prm", "eval"):
+    for stage in ("init", "pretrain", "sft", "mpo", "critic", "prm-data", "prm", "eval"):
         assert tags[f"run.{stage}"] == summary["stages"][stage]["run_id"], stage
     # The PRM trained on the MPO policy's own solutions (4 items x 2 samples, duplicates written once).
     sampled = summary["stages"]["prm-data"]["metrics"]

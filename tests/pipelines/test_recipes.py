@@ -242,7 +242,7 @@ def test_deploy_needs_s3_storage_the_cluster_registry_and_the_pipeline_s3():
 def test_on_policy_prm_data_is_validated_with_the_sampler_config():
     recipe = load_recipe("tiny")
     cfg = recipe.prm_data_config()  # PRMSampleConfig with placeholder policy and output
-    assert cfg.labeler == "final_answer" and cfg.source == "/pipeline/data/reasoning/train.jsonl"
+    assert cfg.labeler == "final_answer" and cfg.source == "/pipeline/data/reasoning/prm.jsonl"
     settings, step = recipe.prm_data_settings()
     assert settings == recipe.prm_data.config and step.recipe == "tiny"
     assert step.tracking == recipe.tracking
@@ -264,3 +264,21 @@ def test_on_policy_prm_data_is_validated_with_the_sampler_config():
     _invalid(bad, "configs")
     del raw["prm_data"]
     assert PipelineConfig.model_validate(raw).prm_data is None  # the PRM trains on the prepared file
+
+
+def test_a_critic_is_validated_as_an_sft_stage():
+    raw = _raw("tiny")
+    raw["critic"] = copy.deepcopy(raw["stages"]["sft"])
+    recipe = PipelineConfig.model_validate(raw)
+    assert recipe.trained_stages[-1] == "critic"
+    cfg = recipe.stage_config("critic")
+    assert cfg.stage == "sft" and cfg.tracking.run_name == "critic" and cfg.tracking.tags["stage"] == "critic"
+    bad = copy.deepcopy(raw)
+    bad["critic"]["config"]["trainer"]["optimizer"]["lr"] = -1
+    _invalid(bad, r"critic.config: trainer.optimizer.lr")
+    bad = copy.deepcopy(raw)
+    bad["critic"]["config"]["init"] = "/x"
+    _invalid(bad, r"critic.config sets \['init'\]")
+    bad = copy.deepcopy(raw)
+    bad["critic"]["config"]["trainer"]["precision"] = "bf16"
+    _invalid(bad, "critic: trainer.precision bf16 needs GPUs")

@@ -120,7 +120,10 @@ def test_lineage_tags_tie_the_version_to_runs_data_and_results(monkeypatch):
         parent_run_id="parent",
         job_id="job",
         policy_meta={"lineage": {"init": "r0", "pretrain": "r1", "sft": "r2", "mpo": "r3"}},
-        prm_meta={"mlflow_run_id": "r4", "lineage": {"sft": "r2", "prm-data": "r5", "prm": "r4"}},
+        prm_meta={
+            "mlflow_run_id": "r4",
+            "lineage": {"sft": "r2", "critic": "r6", "prm-data": "r5", "prm": "r4"},
+        },
         mixture_meta={"sft_manifest_sha256": "f" * 64, "other": "x"},
         eval_metrics=_metrics(),
     )
@@ -133,6 +136,7 @@ def test_lineage_tags_tie_the_version_to_runs_data_and_results(monkeypatch):
         "run.sft": "r2",
         "run.mpo": "r3",
         "run.prm": "r4",
+        "run.critic": "r6",
         "run.prm-data": "r5",
         "data.sft_manifest_sha256": "f" * 64,
         "run.eval": "evalrun",

@@ -50,8 +50,8 @@ def test_same_seed_writes_identical_files_and_another_seed_does_not(tmp_path: Pa
     write_demo_dataset(str(again), seed=0, sizes=DemoSizes.tiny())
     first, second = _hashes(demo), _hashes(again)
     assert (
-        len(first) == 20 + 50 + 20 + 20 + 40 + 9
-    )  # tiny: images (captions, train, test, mpo, prm) + 9 files
+        len(first) == 20 + 50 + 20 + 20 + 20 + 40 + 10
+    )  # tiny: images (captions, train, test, prm source, mpo, prm) + 10 files
     # The meta files name the output location; with it replaced they must match too.
     for meta in ("meta_pretrain.json", "meta_sft.json"):
         assert (demo / meta).read_text().replace(str(demo), "OUT") == (again / meta).read_text().replace(
@@ -74,6 +74,7 @@ def test_counts_and_meta_lengths_match_files(demo: Path) -> None:
         "captions/captions.jsonl": sizes.captions,
         "reasoning/train.jsonl": sizes.reasoning_train,
         "reasoning/test.jsonl": sizes.reasoning_test,
+        "reasoning/prm.jsonl": sizes.reasoning_prm,
         "mpo/pairs.jsonl": sizes.mpo_pairs,
         "prm/train.jsonl": sizes.prm_solutions,
     }
@@ -98,6 +99,7 @@ def test_every_image_exists_and_records_have_the_documented_keys(demo: Path) -> 
         "reasoning/test.jsonl": ["id", "image", "question", "answer", "solution"],
         "mpo/pairs.jsonl": ["id", "image", "question", "chosen", "rejected"],
         "prm/train.jsonl": ["id", "image", "question", "steps", "labels", "answer", "final_correct"],
+        "reasoning/prm.jsonl": ["id", "image", "question", "answer", "solution"],
     }
     for rel, expected in keys.items():
         records = _read_jsonl(demo / rel)
@@ -128,8 +130,18 @@ def test_test_split_is_disjoint_from_training_images(demo: Path) -> None:
 
     test = image_hashes("reasoning/test.jsonl")
     assert len(test) == DemoSizes.tiny().reasoning_test
-    for rel in ("reasoning/train.jsonl", "mpo/pairs.jsonl", "prm/train.jsonl", "captions/captions.jsonl"):
+    for rel in (
+        "reasoning/train.jsonl",
+        "reasoning/prm.jsonl",
+        "mpo/pairs.jsonl",
+        "prm/train.jsonl",
+        "captions/captions.jsonl",
+    ):
         assert not test & image_hashes(rel), rel
+    # The PRM source split is held out from SFT too: the policy samples its PRM data on unseen items.
+    prm_source = image_hashes("reasoning/prm.jsonl")
+    assert len(prm_source) == DemoSizes.tiny().reasoning_prm
+    assert not prm_source & image_hashes("reasoning/train.jsonl")
 
 
 def test_reasoning_answers_are_balanced_and_solutions_extract_to_them(tmp_path: Path) -> None:
