@@ -35,9 +35,10 @@ def lineage_tags(
         tags[f"run.{stage}"] = str(run_id)
     if prm_meta.get("mlflow_run_id"):
         tags["run.prm"] = str(prm_meta["mlflow_run_id"])
+    prm_lineage = dict(prm_meta.get("lineage", {}))
     for stage in ("critic", "prm-data"):  # the PRM's base and its on-policy training data
-        if dict(prm_meta.get("lineage", {})).get(stage):
-            tags[f"run.{stage}"] = str(prm_meta["lineage"][stage])
+        if prm_lineage.get(stage):
+            tags[f"run.{stage}"] = str(prm_lineage[stage])
     # Where the checkpoints are in the model store (`cluster.model_store`), when the recipe has one.
     for name, meta in (("policy", policy_meta), ("prm", prm_meta)):
         if meta.get("checkpoint_uri"):

@@ -232,7 +232,7 @@ def run_training_step(
         parent_run_id=parent_run_id,
     )
     check_preset(init_dir, preset)
-    summary = run_stage_processes(TRAINED_AS.get(stage, stage), config, world_size)
+    summary = run_stage_processes(config.stage, config, world_size)  # the critic trains as sft
     publish_checkpoint(config.output, model)
     if mixture is not None:
         expected = mixture.metadata.get(f"{stage}_manifest_sha256")
