@@ -14,7 +14,7 @@ install: $(STAMP)
 
 # torch is pinned (constraints.txt) to the 2.13.0 CPU wheel found locally; an unpinned torch would pull
 # gigabytes of CUDA wheels on a CPU-only machine.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24" 2>&1 | grep -v "^WARNING: Location" || true
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" ; test $${PIPESTATUS[0]} -eq 0

@@ -25,14 +25,14 @@ def platform_up(
     auth: bool = typer.Option(True, help="MLflow basic auth (random admin password in the env file)."),
 ) -> None:
     """Start the servers (or find them running), create the buckets, and say how to use them."""
-    from infra.local_platform import PlatformError, up
+    from vlpipe.infra.local_platform import PlatformError, up
 
     try:
         platform = up(_home(home), auth=auth)
     except PlatformError as exc:
         console.print(f"[red]platform failed to start:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(1) from exc
-    from infra.local_platform import CREDENTIAL_VARIABLES
+    from vlpipe.infra.local_platform import CREDENTIAL_VARIABLES
 
     env_file = platform.directory / "env"
     console.print(f"MLflow tracking server: {platform.tracking_uri}   S3 (moto): {platform.s3_endpoint}")
@@ -50,7 +50,7 @@ def platform_down(
     purge: bool = typer.Option(False, help="Also delete the stores, logs and environment file."),
 ) -> None:
     """Stop the servers."""
-    from infra.local_platform import down
+    from vlpipe.infra.local_platform import down
 
     stopped = down(_home(home), purge=purge)
     console.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
@@ -61,7 +61,7 @@ def platform_status(
     home: Path = typer.Option(None, help="VLPIPE_HOME whose platform/ directory holds the state."),
 ) -> None:
     """Print what is running as JSON (credentials masked); exit code 1 when nothing is."""
-    from infra.local_platform import status
+    from vlpipe.infra.local_platform import status
 
     info = status(_home(home))
     console.print_json(json.dumps(info))
@@ -74,7 +74,7 @@ def platform_env(
     home: Path = typer.Option(None, help="VLPIPE_HOME whose platform/ directory holds the state."),
 ) -> None:
     """Print `export` lines for the running platform (for `eval "$(vlpipe platform env)"`)."""
-    from infra.local_platform import load
+    from vlpipe.infra.local_platform import load
 
     platform = load(_home(home))
     if platform is None:

@@ -1,14 +1,14 @@
 """The container images vlpipe builds, the build context they need, and a small Dockerfile parser.
 
-Standard library only (no torch, no pydantic): `infra/docker/build.sh` runs `python -m infra.images list` on a
+Standard library only (no torch, no pydantic): `infra/docker/build.sh` runs `python -m vlpipe.infra.images list` on a
 build machine where the project may not be installed, and the tests parse the Dockerfiles with `parse_dockerfile`.
 
 Every image is tagged with the package version (`project.version` in pyproject.toml), which is also what
-`components.release.IMAGE` and `serving.deploy.serving_image()` name; tests/infra/test_images.py checks they agree.
+`vlpipe.components.release.IMAGE` and `vlpipe.serving.deploy.serving_image()` name; tests/infra/test_images.py checks they agree.
 
-    python -m infra.images version     # 0.1.0
-    python -m infra.images list        # <name> <repository> <dockerfile>, one image a line
-    python -m infra.images context     # the repository paths copied into the build context, one a line
+    python -m vlpipe.infra.images version     # 0.1.0
+    python -m vlpipe.infra.images list        # <name> <repository> <dockerfile>, one image a line
+    python -m vlpipe.infra.images context     # the repository paths copied into the build context, one a line
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ class ImageSpec:
 
 
 IMAGES = (
-    # Every Kubeflow component runs on it (components.release.IMAGE).
+    # Every Kubeflow component runs on it (vlpipe.components.release.IMAGE).
     ImageSpec("train", f"{REGISTRY}/vlpipe", "infra/docker/Dockerfile.train"),
-    # The KServe predictor, `vlpipe serve` (serving.deploy.IMAGE_REPOSITORY).
+    # The KServe predictor, `vlpipe serve` (vlpipe.serving.deploy.IMAGE_REPOSITORY).
     ImageSpec("serving", f"{REGISTRY}/vlpipe-serving", "infra/docker/Dockerfile.serving"),
     # The MLflow tracking server of infra/k8s/base (mlflow + psycopg2 + boto3, versions from constraints.txt).
     ImageSpec("mlflow", f"{REGISTRY}/vlpipe-mlflow", "infra/docker/Dockerfile.mlflow"),
@@ -50,10 +50,12 @@ IMAGES = (
 # out, whichever engine builds. The Dockerfiles COPY nothing else.
 CONTEXT_PATHS = (
     "pyproject.toml",
+    "setup.py",
     "constraints.txt",
     "README.md",
     "model",
     "objectives",
+    "tracking",
     "components",
     "pipelines",
     "serving",
@@ -168,7 +170,7 @@ def main(argv: list[str]) -> int:
         "context": lambda: print("\n".join(CONTEXT_PATHS)),
     }
     if len(argv) != 1 or argv[0] not in commands:
-        print(f"usage: python -m infra.images {{{','.join(commands)}}}", file=sys.stderr)
+        print(f"usage: python -m vlpipe.infra.images {{{','.join(commands)}}}", file=sys.stderr)
         return 64
     commands[argv[0]]()
     return 0

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model.storage import vlpipe_home
+from vlpipe.model.storage import vlpipe_home
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from transformers import (
     Qwen2Config,
 )
 
-from model.presets import ModelPreset
-from model.storage import localize
-from model.tokenizer import IMG_CONTEXT_TOKEN, add_internvl_tokens
+from vlpipe.model.presets import ModelPreset
+from vlpipe.model.storage import localize
+from vlpipe.model.tokenizer import IMG_CONTEXT_TOKEN, add_internvl_tokens
 
 log = logging.getLogger(__name__)
 

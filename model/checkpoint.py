@@ -22,10 +22,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from model.build import V2PE_CONFIG_KEY
-from model.image import ImageProcessingConfig
-from model.storage import is_remote, localize, upload_dir
-from model.tokenizer import add_internvl_tokens
+from vlpipe.model.build import V2PE_CONFIG_KEY
+from vlpipe.model.image import ImageProcessingConfig
+from vlpipe.model.storage import is_remote, localize, upload_dir
+from vlpipe.model.tokenizer import add_internvl_tokens
 
 VLPIPE_FILE = "vlpipe.json"
 

@@ -1,6 +1,6 @@
 """Batch tokenised samples: padding to the batch maximum (one sample per row).
 
-Packing several samples per row lives in `model.data.packing`; both produce the same keys so training code
+Packing several samples per row lives in `vlpipe.model.data.packing`; both produce the same keys so training code
 does not care which one it gets.
 """
 
@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from model.conversation import IGNORE_INDEX, EncodedSample
+from vlpipe.model.conversation import IGNORE_INDEX, EncodedSample
 
 
 def collate_padded(

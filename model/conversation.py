@@ -20,9 +20,9 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from model.errors import SampleError
-from model.tokenizer import IM_END, IM_START, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from model.v2pe import TRAINING_DELTAS, sample_deltas, v2pe_position_ids
+from vlpipe.model.errors import SampleError
+from vlpipe.model.tokenizer import IM_END, IM_START, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from vlpipe.model.v2pe import TRAINING_DELTAS, sample_deltas, v2pe_position_ids
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
@@ -102,7 +102,7 @@ class ConversationEncoder:
     """Turns InternVL conversation records into token ids and labels with the ChatML template.
 
     Args:
-        tokenizer: a tokenizer carrying InternVL's image tokens (see `model.tokenizer`).
+        tokenizer: a tokenizer carrying InternVL's image tokens (see `vlpipe.model.tokenizer`).
         tokens_per_tile: visual tokens per tile (256 for the real presets).
         max_length: the longest sample kept; longer text is truncated, but never through an image.
         mode: `sft` (loss on assistant replies) or `pretrain` (loss on every text token).
@@ -129,7 +129,7 @@ class ConversationEncoder:
         )
         if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
             raise ValueError(
-                "tokenizer lacks InternVL's special tokens; call model.tokenizer.add_internvl_tokens"
+                "tokenizer lacks InternVL's special tokens; call vlpipe.model.tokenizer.add_internvl_tokens"
             )
         self.img_start_id, self.img_end_id, self.img_context_id, self.im_start_id, self.im_end_id = ids
         self._image_ids = torch.tensor(sorted({self.img_start_id, self.img_end_id, self.img_context_id}))
@@ -175,10 +175,10 @@ class ConversationEncoder:
 
         Args:
             record: an InternVL conversation record.
-            num_tiles: tiles of each image, in order (from `model.image.process_image` or `num_tiles`).
+            num_tiles: tiles of each image, in order (from `vlpipe.model.image.process_image` or `num_tiles`).
             sample_id: name used in errors; defaults to the record's "id".
             pixel_values: the processed tiles, stored on the result unchanged.
-            v2pe_deltas: one δ per image (or one float for all); see `model.v2pe`.
+            v2pe_deltas: one δ per image (or one float for all); see `vlpipe.model.v2pe`.
             add_generation_prompt: end with the assistant header for generation (inference); the last turn
                 must then be a user turn.
 

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 from transformers import InternVLForConditionalGeneration
 
-from model.collate import collate_padded
-from model.conversation import EncodedSample
+from vlpipe.model.collate import collate_padded
+from vlpipe.model.conversation import EncodedSample
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model.errors import SampleError
+from vlpipe.model.errors import SampleError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -205,7 +205,7 @@ def load_image(
     Raises:
         SampleError: `missing_image` when it does not exist, or as `decode_image`.
     """
-    from model.storage import filesystem
+    from vlpipe.model.storage import filesystem
 
     fs, path = filesystem(uri, storage_options)
     try:

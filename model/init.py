@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from model.build import build_model, compose_pretrained
-from model.checkpoint import save_checkpoint
-from model.image import ImageProcessingConfig
-from model.presets import ModelPreset, get_preset
-from model.tokenizer import default_corpus, train_bpe_tokenizer
+from vlpipe.model.build import build_model, compose_pretrained
+from vlpipe.model.checkpoint import save_checkpoint
+from vlpipe.model.image import ImageProcessingConfig
+from vlpipe.model.presets import ModelPreset, get_preset
+from vlpipe.model.tokenizer import default_corpus, train_bpe_tokenizer
 
 
 def image_config_for(preset: ModelPreset) -> ImageProcessingConfig:

@@ -33,7 +33,7 @@ PROCESSOR_TOKEN_ATTRIBUTES = {
 }
 
 # ChatML, as InternVL2.5/3 use it. Image parts render as <IMG_CONTEXT>, which transformers' InternVLProcessor
-# expands to <img> + 256·tiles <IMG_CONTEXT> + </img>: the same ids model.conversation produces from
+# expands to <img> + 256·tiles <IMG_CONTEXT> + </img>: the same ids vlpipe.model.conversation produces from
 # InternVL's "<image>" placeholder.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -118,3 +118,15 @@ def default_corpus() -> list[str]:
         lines.append(f"So the answer is {i}. {word.capitalize()} plus one is {i + 1}.")
     lines.append("Describe the image. A photo of a cat, a coffee cup, a rocket and an astronaut.")
     return lines * 4
+
+
+def single_token_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    """The id of `text` as data text is tokenised (special tokens split); it must be one token.
+
+    Raises:
+        ValueError: when the tokenizer splits `text` into several tokens (e.g. a PRM reply `+`).
+    """
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"the tokenizer splits {text!r} into {len(ids)} tokens {ids}; it must be one token")
+    return int(ids[0])

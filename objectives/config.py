@@ -12,11 +12,11 @@ from typing import Literal, Self, get_args
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Reduction = Literal["token", "sample", "square"]
-"""How `objectives.lm.lm_loss` weights tokens: 1, 1/n or 1/sqrt(n) (n = supervised tokens in the sample)."""
+"""How `vlpipe.objectives.lm.lm_loss` weights tokens: 1, 1/n or 1/sqrt(n) (n = supervised tokens in the sample)."""
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 
 Aggregation = Literal["mean", "min", "last"]
-"""How `objectives.prm.aggregate_step_scores` turns step scores into a solution score."""
+"""How `vlpipe.objectives.prm.aggregate_step_scores` turns step scores into a solution score."""
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 
 
@@ -33,7 +33,7 @@ class LMLossConfig(BaseModel):
 
 
 class MPOConfig(BaseModel):
-    """Settings of mixed preference optimisation (`objectives.mpo.MPOLoss`).
+    """Settings of mixed preference optimisation (`vlpipe.objectives.mpo.MPOLoss`).
 
     Attributes:
         beta: scale of the implicit reward r = beta * (log pi_theta - log pi_ref); must be > 0.

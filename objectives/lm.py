@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from objectives.config import REDUCTIONS, LMLossConfig, Reduction
-from objectives.distributed import all_reduce_sum, get_world_size
+from vlpipe.objectives.config import REDUCTIONS, LMLossConfig, Reduction
+from vlpipe.objectives.distributed import all_reduce_sum, get_world_size
 
 __all__ = [
     "IGNORE_INDEX",

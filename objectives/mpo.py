@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from objectives.config import MPOConfig
-from objectives.distributed import all_reduce_sum
-from objectives.lm import IGNORE_INDEX
+from vlpipe.objectives.config import MPOConfig
+from vlpipe.objectives.distributed import all_reduce_sum
+from vlpipe.objectives.lm import IGNORE_INDEX
 
 __all__ = ["MPOConfig", "MPOLoss", "sequence_logps"]
 
@@ -28,7 +28,7 @@ __all__ = ["MPOConfig", "MPOLoss", "sequence_logps"]
 def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample log-probability of the labelled response tokens.
 
-    Same shift convention as `objectives.lm`: `logits[:, t]` predicts `labels[:, t + 1]`; -100 is ignored.
+    Same shift convention as `vlpipe.objectives.lm`: `logits[:, t]` predicts `labels[:, t + 1]`; -100 is ignored.
 
     Args:
         logits: (B, T, V) logits, any float dtype (computed in float32).

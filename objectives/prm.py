@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from objectives.config import AGGREGATIONS, Aggregation, PRMConfig
-from objectives.lm import IGNORE_INDEX
+from vlpipe.objectives.config import AGGREGATIONS, Aggregation, PRMConfig
+from vlpipe.objectives.lm import IGNORE_INDEX
 
 __all__ = [
     "MINUS",

@@ -36,17 +36,17 @@ def _write(out: Path, name: str, result: dict) -> Path:
 def bench_packing(work: Path, *, samples: int = 3000, max_tokens: int = 2048, seed: int = 0) -> dict:
     """Token utilisation of greedy packing vs padding to the batch maximum, on the demo pre-training mixture
     encoded for the `small` preset (64-pixel tiles, 16 tokens per tile)."""
-    from model.checkpoint import load_checkpoint
-    from model.data.demo import DemoSizes, iter_demo_texts, write_demo_dataset
-    from model.data.loader import DataConfig, MixtureLoader
-    from model.data.packing import (
+    from vlpipe.model.checkpoint import load_checkpoint
+    from vlpipe.model.data.demo import DemoSizes, iter_demo_texts, write_demo_dataset
+    from vlpipe.model.data.loader import DataConfig, MixtureLoader
+    from vlpipe.model.data.packing import (
         GreedyPacker,
         PackingConfig,
         pack_rows,
         padded_utilisation,
         token_utilisation,
     )
-    from model.init import init_random
+    from vlpipe.model.init import init_random
 
     data = work / "data"
     if not (data / "meta_pretrain.json").exists():
@@ -86,13 +86,13 @@ def bench_pipeline_throughput(*, seconds: float = 20.0, seed: int = 0) -> dict:
     pack, on scikit-image's real photographs cropped to varied sizes and aspect ratios."""
     from PIL import Image
 
-    from model.conversation import ConversationEncoder
-    from model.data.corpus import load_photos
-    from model.data.packing import GreedyPacker, PackingConfig
-    from model.image import decode_image, process_image
-    from model.init import image_config_for
-    from model.presets import get_preset
-    from model.tokenizer import default_corpus, train_bpe_tokenizer
+    from vlpipe.model.conversation import ConversationEncoder
+    from vlpipe.model.data.corpus import load_photos
+    from vlpipe.model.data.packing import GreedyPacker, PackingConfig
+    from vlpipe.model.image import decode_image, process_image
+    from vlpipe.model.init import image_config_for
+    from vlpipe.model.presets import get_preset
+    from vlpipe.model.tokenizer import default_corpus, train_bpe_tokenizer
 
     torch.set_num_threads(1)
     preset = get_preset("1b")
@@ -146,10 +146,10 @@ def bench_pipeline_throughput(*, seconds: float = 20.0, seed: int = 0) -> dict:
 
 
 def bench_training_packing(work: Path) -> dict:
-    """SFT tokens/s with packing vs padding (components.training.bench) on two SFT sets: the demo SFT mixture
+    """SFT tokens/s with packing vs padding (vlpipe.components.training.bench) on two SFT sets: the demo SFT mixture
     (captions + reasoning, short and alike: little padding to remove) and a long-tailed multi-image set built
     from it (1-8 image turns per conversation, like interleaved SFT data). The 2x goal is judged on the latter."""
-    from components.training.bench import bench_sft_packing, write_multi_image_sft
+    from vlpipe.components.training.bench import bench_sft_packing, write_multi_image_sft
 
     data, ckpt = work / "data", work / "small"
     if not (data / "meta_sft.json").exists() or not (ckpt / "config.json").exists():
@@ -172,14 +172,14 @@ def bench_training_packing(work: Path) -> dict:
 
 def _bench_prm_scoring(work: Path) -> dict:
     """PRM scoring of an S-step answer in one forward vs one per step prefix, and eval items/s."""
-    from components.evaluate.bench import bench_prm_scoring
+    from vlpipe.components.evaluate.bench import bench_prm_scoring
 
     return bench_prm_scoring(work / "prm_scoring")
 
 
 def _bench_serving(work: Path) -> dict:
     """Chat completion p50/p99 through the HTTP server vs in-process; errors under 32 clients for 60 s."""
-    from serving.bench import bench_serving
+    from vlpipe.serving.bench import bench_serving
 
     return bench_serving(work / "serving")
 

@@ -34,8 +34,8 @@ def model_info(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Print a preset's shapes and its parameter count computed on the meta device."""
-    from model.build import meta_parameter_count
-    from model.presets import get_preset
+    from vlpipe.model.build import meta_parameter_count
+    from vlpipe.model.presets import get_preset
 
     try:
         p = get_preset(preset)
@@ -83,7 +83,7 @@ def model_init(
     seed: int = typer.Option(0, help="Initialisation seed."),
 ) -> None:
     """Write a starting checkpoint: random (tiny/small) or composed from a pretrained ViT and LLM."""
-    from model.init import init_composed, init_random
+    from vlpipe.model.init import init_composed, init_random
 
     if (vision is None) != (llm is None):
         raise typer.BadParameter("pass both --vision and --llm, or neither", param_hint="--vision/--llm")
@@ -95,7 +95,7 @@ def model_init(
         else:
             corpus = None
             if data:
-                from model.data.demo import iter_demo_texts
+                from vlpipe.model.data.demo import iter_demo_texts
 
                 corpus = list(iter_demo_texts(data))
             path = init_random(preset, out, corpus=corpus, vocab_size=vocab_size, seed=seed)
@@ -113,7 +113,7 @@ def data_demo(
     overwrite: bool = typer.Option(False, help="Replace an existing non-empty output."),
 ) -> None:
     """Write the demo dataset (text corpus, captions, reasoning task, MPO pairs, PRM data)."""
-    from model.data.demo import DemoSizes, write_demo_dataset
+    from vlpipe.model.data.demo import DemoSizes, write_demo_dataset
 
     sizes = DemoSizes.tiny() if size == "tiny" else DemoSizes()
     summary = write_demo_dataset(out, seed=seed, sizes=sizes, overwrite=overwrite)
@@ -122,28 +122,25 @@ def data_demo(
 
 @app.command("train", context_settings={"allow_extra_args": False})
 def train(
-    stage: str = typer.Argument(..., help="pretrain, sft, mpo or prm."),
+    stage: str = typer.Argument(..., help="A training stage of the stage table: pretrain, sft, mpo or prm."),
     config: Path = typer.Option(..., "--config", "-c", help="Stage config (YAML or JSON)."),
     summary: Path | None = typer.Option(None, help="Write the stage summary JSON here."),
 ) -> None:
     """Train one stage from a config file (also under `torchrun` / `deepspeed` launchers)."""
     from pydantic import ValidationError
 
-    from components.training.config import STAGE_CONFIGS, load_stage_config
+    from vlpipe.components.stages import TRAIN_COMMANDS, load_stage_config
 
-    if stage not in STAGE_CONFIGS:
-        raise typer.BadParameter(f"choose one of {', '.join(STAGE_CONFIGS)}", param_hint="STAGE")
+    if stage not in TRAIN_COMMANDS:
+        raise typer.BadParameter(f"choose one of {', '.join(TRAIN_COMMANDS)}", param_hint="STAGE")
     try:
         cfg = load_stage_config(config, stage)
     except (ValidationError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]invalid config {config}:[/red] {exc}")
         raise typer.Exit(2) from exc
-    from components.training.entrypoint import run_stage
+    from vlpipe.components.training.entrypoint import train as train_stage
 
-    result = run_stage(stage, cfg)
-    if summary is not None:
-        summary.parent.mkdir(parents=True, exist_ok=True)
-        summary.write_text(json.dumps(result, indent=2, default=str))
+    result = train_stage(stage, cfg, summary)
     console.print_json(json.dumps(result, default=str))
 
 
@@ -152,7 +149,7 @@ def deepspeed_render(
     out: Path = typer.Option(None, help="Directory (default: the package's infra/deepspeed/)."),
 ) -> None:
     """Write the reference DeepSpeed configs rendered from the typed settings."""
-    from infra.ds_config import REFERENCE_DIR, write_reference_configs
+    from vlpipe.components.training.deepspeed import REFERENCE_DIR, write_reference_configs
 
     for path in write_reference_configs(out or REFERENCE_DIR):
         console.print(f"wrote {path}")
@@ -160,7 +157,7 @@ def deepspeed_render(
 
 def _recipe(name: str):
     """Load and validate a recipe, turning its errors into a clean CLI error (exit code 2)."""
-    from pipelines.config import load_recipe
+    from vlpipe.pipelines.config import load_recipe
 
     try:
         return load_recipe(name)
@@ -188,8 +185,8 @@ def compile_pipelines(
 
     With --recipe the files go to OUT; without, each shipped recipe's go to OUT/<recipe>/.
     """
-    from pipelines.compile import compile_recipe
-    from pipelines.config import list_recipes
+    from vlpipe.pipelines.compile import compile_recipe
+    from vlpipe.pipelines.config import list_recipes
 
     names = [recipe] if recipe else list_recipes()
     for name in names:
@@ -211,7 +208,7 @@ def submit(
     param: list[str] = typer.Option([], help="Pipeline parameter NAME=VALUE (repeatable)."),
 ) -> None:
     """Upload the pipeline (or a new version of it) and start a run on Kubeflow Pipelines."""
-    from pipelines.submit import submit_recipe
+    from vlpipe.pipelines.submit import submit_recipe
 
     result = submit_recipe(
         _recipe(recipe), host=host, pipeline=pipeline, experiment=experiment, arguments=_parameters(param)
@@ -236,8 +233,8 @@ def run(
     if not local_run:
         console.print("[red]only --local runs here;[/red] use `vlpipe submit --host URL` for a cluster")
         raise typer.Exit(2)
-    from pipelines.local import run_local
-    from pipelines.summary import print_summary
+    from vlpipe.pipelines.local import run_local
+    from vlpipe.pipelines.summary import print_summary
 
     config = _recipe(recipe)
     try:
@@ -255,17 +252,17 @@ def run(
 @app.command("bench")
 def bench(out: str = typer.Option(".vlpipe/bench", help="Where JSON results go.")) -> None:
     """Run the benchmarks that exist and write JSON results under `out`."""
-    from pipelines.bench import run_benchmarks
+    from vlpipe.pipelines.bench import run_benchmarks
 
     run_benchmarks(Path(out), console=console)
 
 
 def _register_stage_commands() -> None:
     """Commands whose functions live beside their stage (imports there are light; heavy ones run inside)."""
-    from components.evaluate.cli import eval_command
-    from components.prm.cli import prm_data_command
-    from serving.cli import serve_command
-    from serving.registry_cli import compare_command, promote_command, rollback_command
+    from vlpipe.components.evaluate.cli import eval_command
+    from vlpipe.components.prm_data.cli import prm_data_command
+    from vlpipe.serving.cli import serve_command
+    from vlpipe.serving.registry_cli import compare_command, promote_command, rollback_command
 
     app.command("eval", help="Best-of-N evaluation with the PRM as critic (`--config FILE`).")(eval_command)
     app.command(
@@ -277,7 +274,7 @@ def _register_stage_commands() -> None:
     app.command("promote")(promote_command)
     app.command("rollback")(rollback_command)
     app.command("compare")(compare_command)
-    from infra.cli import platform_app
+    from vlpipe.infra.cli import platform_app
 
     app.add_typer(platform_app, name="platform")
 

@@ -12,15 +12,15 @@ import logging
 import tempfile
 from pathlib import Path
 
-from components.release import VERSION
-from pipelines.config import PipelineConfig
+from vlpipe.components.release import VERSION
+from vlpipe.pipelines.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
 
 def source_commit() -> str:
     """The source commit: `VLPIPE_GIT_COMMIT`, or `git rev-parse HEAD`, or "unknown"."""
-    from components.training.tracking import git_commit
+    from vlpipe.tracking.runs import git_commit
 
     return git_commit()
 
@@ -46,7 +46,7 @@ def compile_recipe(
     """
     from kfp import compiler
 
-    from pipelines.dag import build_pipelines
+    from vlpipe.pipelines.dag import build_pipelines
 
     commit = commit or source_commit()
     if commit == "unknown":

@@ -15,7 +15,7 @@ with placeholder paths for what the pipeline wires at run time; cross-stage rule
 - nothing in the recipe is a credential: secrets are referenced by Kubernetes secret name, plain environment
   variables must not look like credentials, and URLs must not carry user info;
 - promotion gates name metrics the register step records (`eval.<metric>` version tags), each once;
-- deployment validates its service with `serving.deploy.ServingDeployment`, needs S3 storage (a fixed
+- deployment validates its service with `vlpipe.serving.deploy.ServingDeployment`, needs S3 storage (a fixed
   `storage_uri` or the MLflow server's S3 artifact destination), the cluster's MLflow server (the registry the
   champion is found in) and the same S3 endpoint as the pipeline's steps.
 
@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from components.data.config import (
+from vlpipe.components.data.config import (
     DataSettings,
     InitModelConfig,
     InitSettings,
@@ -40,14 +40,17 @@ from components.data.config import (
     Mixture,
     PrepareDataConfig,
 )
-from components.deploy.config import DeployConfig, DeploySettings
-from components.pipeline_run.config import StepConfig, TrackingSettings
-from components.promote.config import PromoteConfig
-from components.register.config import RegisterConfig, RegisterSettings
-from serving.promote import DEFAULT_EVAL_METRICS, PromotionConfig
+from vlpipe.components.deploy.config import DeployConfig, DeploySettings
+from vlpipe.components.pipeline_run.config import StepConfig, TrackingSettings
+from vlpipe.components.promote.config import PromoteConfig
+from vlpipe.components.register.config import RegisterConfig, RegisterSettings
+from vlpipe.components.stages import STAGES as STAGE_TABLE
+from vlpipe.components.stages import TRAINING_STAGES, owned_keys_in
+from vlpipe.serving.promote import DEFAULT_EVAL_METRICS, PromotionConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-STAGES = ("pretrain", "sft", "mpo", "prm")
+STAGES = tuple(name for name in TRAINING_STAGES if (STAGE_TABLE[name].recipe_key or "").startswith("stages."))
+"""The training stages every recipe configures under `stages` (the stage table's `stages.<name>` entries)."""
 _CREDENTIAL_NAME = re.compile(
     r"SECRET|PASSWORD|PASSWD|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE|API_KEY", re.IGNORECASE
 )
@@ -144,7 +147,7 @@ class ClusterConfig(_Strict):
             `vlpipe-pipeline-runner` may manage InferenceServices and PyTorchJobs). Default: Kubeflow's.
         model_store: where steps publish their checkpoints (`s3://bucket/prefix`): each `Model` artifact
             then points at `<store>/<run>/<task>/<output>` instead of holding a copy
-            (`components.pipeline_run.model_store`); set as `VLPIPE_MODEL_STORE` on every step.
+            (`vlpipe.components.pipeline_run.model_store`); set as `VLPIPE_MODEL_STORE` on every step.
         default_resources: resources of the steps without their own (data, mix, register).
     """
 
@@ -193,9 +196,9 @@ class StageStep(_Strict):
 
     Attributes:
         resources: the step's pod.
-        config: the stage's settings: a stage config (see `components.training.config`) without the keys the
-            pipeline sets (`components.training.kfp_entry.PIPELINE_OWNED`, `data.meta`/`data.path`, tracking
-            names and parent run).
+        config: the stage's settings: a stage config (see `vlpipe.components.training.config`) without the keys the
+            pipeline sets (the stage table's `owned`: paths, `data.meta`/`data.path`, tracking names and parent
+            run).
     """
 
     resources: Resources = Resources()
@@ -215,7 +218,7 @@ class PRMDataStep(_Strict):
 
     Attributes:
         resources: the step's pod (it generates: a GPU on a cluster).
-        config: a `components.prm.sample.PRMSampleConfig` without `policy` and `output` (the pipeline sets
+        config: a `vlpipe.components.prm_data.stage.PRMSampleConfig` without `policy` and `output` (the pipeline sets
             them: the MPO policy the evaluation judges); relative paths are read from the data root.
     """
 
@@ -223,16 +226,17 @@ class PRMDataStep(_Strict):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
-class Stages(_Strict):
-    pretrain: StageStep
-    sft: StageStep
-    mpo: StageStep
-    prm: StageStep
+Stages = create_model(
+    "Stages",
+    __base__=_Strict,
+    __doc__="The recipe's `stages` section: one `StageStep` per training stage of the stage table.",
+    **{name: (StageStep, ...) for name in STAGES},
+)
 
 
 def _stage_key(stage: str) -> str:
-    """Where a training stage's settings are in a recipe."""
-    return "critic" if stage == "critic" else f"stages.{stage}"
+    """Where a training stage's settings are in a recipe (the stage table's `recipe_key`)."""
+    return str(STAGE_TABLE[stage].recipe_key)
 
 
 def _prefix(where: str, exc: Exception) -> ValueError:
@@ -265,7 +269,7 @@ class PipelineConfig(_Strict):
             step-labelled file).
         eval: the Best-of-N evaluation (policy: the MPO model; critic: the PRM).
         registry: the registry entry of the final policy.
-        promotion: the gates the registered version must pass to become `champion` (`serving.promote`).
+        promotion: the gates the registered version must pass to become `champion` (`vlpipe.serving.promote`).
         deploy: whether and how the champion is served with KServe after a promotion.
         tracking: MLflow settings shared by every step.
         cluster: Kubernetes settings.
@@ -298,7 +302,7 @@ class PipelineConfig(_Strict):
         return self
 
     def _check_preset(self) -> None:
-        from model.presets import get_preset
+        from vlpipe.model.presets import get_preset
 
         try:
             preset = get_preset(self.preset)
@@ -314,10 +318,8 @@ class PipelineConfig(_Strict):
             raise ValueError(f"preset {self.preset} is initialised randomly; remove init.vision and init.llm")
 
     def _check_stage(self, stage: str) -> None:
-        from components.training.kfp_entry import owned_keys_in
-
         step = self.stage_step(stage)
-        owned = owned_keys_in(stage, step.config)
+        owned = owned_keys_in(step.config, STAGE_TABLE[stage].owned)
         where = _stage_key(stage)
         if owned:
             raise ValueError(f"{where}.config sets {owned}; the pipeline sets them")
@@ -341,9 +343,7 @@ class PipelineConfig(_Strict):
     def _check_prm_data(self) -> None:
         if self.prm_data is None:
             return
-        from components.prm.pipeline_step import owned_keys_in
-
-        owned = owned_keys_in(self.prm_data.config)
+        owned = owned_keys_in(self.prm_data.config, STAGE_TABLE["prm-data"].owned)
         if owned:
             raise ValueError(f"prm_data.config sets {owned}; the pipeline sets them")
         cfg = self.prm_data_config()
@@ -360,9 +360,7 @@ class PipelineConfig(_Strict):
             )
 
     def _check_eval(self) -> None:
-        from components.evaluate.pipeline_step import owned_keys_in
-
-        owned = owned_keys_in(self.eval.config)
+        owned = owned_keys_in(self.eval.config, STAGE_TABLE["eval"].owned)
         if owned:
             raise ValueError(f"eval.config sets {owned}; the pipeline sets them")
         cfg = self.eval_config()
@@ -438,16 +436,18 @@ class PipelineConfig(_Strict):
     # -- what each step receives ---------------------------------------------------------------------------
     @property
     def trained_stages(self) -> tuple[str, ...]:
-        """The training stages the recipe runs: pretrain, sft, mpo, prm and, when set, critic."""
-        return (*STAGES, "critic") if self.critic is not None else STAGES
+        """The training stages the recipe runs: those under `stages`, then the optional ones it sets (critic)."""
+        optional = (name for name in TRAINING_STAGES if name not in STAGES)
+        return (*STAGES, *(name for name in optional if getattr(self, name, None) is not None))
 
     def stage_step(self, stage: str) -> StageStep:
-        """A training stage's recipe entry (`critic` is top level, the others under `stages`)."""
-        if stage == "critic":
-            if self.critic is None:
-                raise ValueError("the recipe has no critic section")
-            return self.critic
-        return getattr(self.stages, stage)
+        """A training stage's recipe entry (at the stage table's `recipe_key`: `stages.<name>` or top level)."""
+        node: Any = self
+        for part in _stage_key(stage).split("."):
+            node = getattr(node, part)
+        if node is None:
+            raise ValueError(f"the recipe has no {_stage_key(stage)} section")
+        return node
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
         """The JSON-ready settings the stage's component receives: the recipe's plus tracking."""
@@ -466,7 +466,7 @@ class PipelineConfig(_Strict):
 
     def stage_config(self, stage: str) -> Any:
         """The stage's config with placeholder paths (what validation checks)."""
-        from components.training.kfp_entry import PLACEHOLDERS, wire_stage_config
+        from vlpipe.components.training.task import PLACEHOLDERS, wire_stage_config
 
         try:
             return wire_stage_config(
@@ -491,7 +491,7 @@ class PipelineConfig(_Strict):
 
     def prm_data_config(self) -> Any:
         """The `PRMSampleConfig` with placeholder paths (what validation checks)."""
-        from components.prm.pipeline_step import PLACEHOLDERS, wire_prm_data_config
+        from vlpipe.components.prm_data.task import PLACEHOLDERS, wire_prm_data_config
 
         try:
             return wire_prm_data_config(
@@ -516,7 +516,7 @@ class PipelineConfig(_Strict):
 
     def eval_config(self) -> Any:
         """The `EvalConfig` with placeholder paths (what validation checks)."""
-        from components.evaluate.pipeline_step import PLACEHOLDERS, wire_eval_config
+        from vlpipe.components.evaluate.task import PLACEHOLDERS, wire_eval_config
 
         try:
             return wire_eval_config(
@@ -557,8 +557,8 @@ class PipelineConfig(_Strict):
     def deploy_config(self) -> DeployConfig:
         """The deploy step's settings: the recipe's, plus the serving image of this release and, for a PRM
         read from MLflow, the cluster's MLflow server."""
-        from components.release import VERSION
-        from serving.deploy import serving_image
+        from vlpipe.components.release import VERSION
+        from vlpipe.serving.deploy import serving_image
 
         service = {"image": serving_image(VERSION), **self.deploy.service}
         prm_uri = str(service.get("prm_uri") or "")

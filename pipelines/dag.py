@@ -24,7 +24,9 @@ solutions sampled from the MPO policy and labelled step by step (`sample-prm-dat
 step's output) against the champion with the recipe's `promotion.gates`; its output (`promoted`, `rejected`,
 `already_champion`) is the condition of `deploy-model`, which exists only in recipes with `deploy.enabled`
 (it needs a cluster with KServe) and is bounded in time by its canary's step timeouts. Extension point:
-multi-node training would replace a training task by a PyTorchJob (not done here).
+multi-node training would replace a training task by a TrainJob (not done here).
+
+Each task's component comes from the stage table (`vlpipe.components.stages.STAGES`); the edges are here.
 """
 
 # No `from __future__ import annotations` here: kfp reads the pipeline parameters' annotations as types.
@@ -34,17 +36,9 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
-from components.data.component import init_model, mix_data, prepare_data
-from components.deploy.component import deploy_model
-from components.evaluate.component import evaluate
-from components.mpo.component import mpo
-from components.pipeline_run.component import finish_pipeline_run, start_pipeline_run
-from components.pretrain.component import pretrain
-from components.prm.component import critic, prm, sample_prm_data
-from components.promote.component import promote_model
-from components.register.component import register_model
-from components.sft.component import sft
-from pipelines.config import PipelineConfig, Resources
+from vlpipe.components.pipeline_run.component import finish_pipeline_run, start_pipeline_run
+from vlpipe.components.stages import STAGES
+from vlpipe.pipelines.config import PipelineConfig, Resources
 
 RECIPE_PIPELINE = "internvl3-recipe"
 SFT_MPO_PIPELINE = "sft-mpo"
@@ -55,7 +49,6 @@ PROMOTED = "promoted"
 """The promote step's output that lets the deploy step run."""
 DEPLOY_TIMEOUT_MARGIN_S = 600
 """Beyond the canary's step timeouts: registry calls, the first patch, the report."""
-STAGE_COMPONENTS = {"pretrain": pretrain, "sft": sft, "mpo": mpo, "prm": prm, "critic": critic}
 JOB_ID = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 JOB_NAME = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
 
@@ -131,25 +124,31 @@ class _Builder:
         return self.configure(task)
 
     def prepare_data(self, parent: Any) -> Any:
-        task = prepare_data(config=_json(self.recipe.prepare_data_config()), parent_run_id=parent)
+        task = STAGES["data"].load_component()(
+            config=_json(self.recipe.prepare_data_config()), parent_run_id=parent
+        )
         return self.configure(task)
 
     def init_model(self, parent: Any, data: Any) -> Any:
-        task = init_model(config=_json(self.recipe.init_model_config()), parent_run_id=parent, data=data)
+        task = STAGES["init"].load_component()(
+            config=_json(self.recipe.init_model_config()), parent_run_id=parent, data=data
+        )
         return self.configure(task)
 
     def mix(self, parent: Any, data: Any, model: Any, stages: tuple[str, ...]) -> Any:
         config = _json(self.recipe.mix_config(stages))
+        mix_data = STAGES["mix"].load_component()
         return self.configure(mix_data(config=config, parent_run_id=parent, data=data, model=model))
 
     def stage(
         self, stage: str, parent: Any, *, init: Any, data: Any, mixture: Any = None, steps: Any = None
     ) -> Any:
         step = self.recipe.stage_step(stage)
-        inputs = {"mixture": mixture} if stage in ("pretrain", "sft") else {}
-        if steps is not None:
+        accepted = STAGES[stage].inputs
+        inputs = {"mixture": mixture} if "mixture" in accepted else {}
+        if steps is not None and "steps" in accepted:
             inputs["steps"] = steps
-        task = STAGE_COMPONENTS[stage](
+        task = STAGES[stage].load_component()(
             config=_json(self.recipe.stage_settings(stage)),
             preset=self.recipe.preset,
             parent_run_id=parent,
@@ -164,7 +163,7 @@ class _Builder:
 
     def prm_data(self, parent: Any, *, policy: Any, data: Any) -> Any:
         settings, step = self.recipe.prm_data_settings()
-        task = sample_prm_data(
+        task = STAGES["prm-data"].load_component()(
             config=_json(settings),
             step=_json(step),
             preset=self.recipe.preset,
@@ -174,7 +173,7 @@ class _Builder:
         )
         return self.configure(task, self.recipe.prm_data.resources)
 
-    def critic(self, parent: Any, *, sft_model: Any, policy: Any, data: Any) -> Any:
+    def prm(self, parent: Any, *, sft_model: Any, policy: Any, data: Any) -> Any:
         """The PRM: from the SFT checkpoint (or the `critic` stage's, more SFT from it) on the prepared step
         labels, or on the policy's own solutions when the recipe has `prm_data`."""
         base = sft_model
@@ -186,7 +185,7 @@ class _Builder:
         return self.stage("prm", parent, init=base, data=data, steps=steps)
 
     def evaluate(self, parent: Any, *, policy: Any, prm_model: Any, data: Any) -> Any:
-        task = evaluate(
+        task = STAGES["eval"].load_component()(
             config=_json(self.recipe.eval_settings()),
             preset=self.recipe.preset,
             parent_run_id=parent,
@@ -197,7 +196,7 @@ class _Builder:
         return self.configure(task, self.recipe.eval.resources)
 
     def register(self, parent: Any, *, policy: Any, prm_model: Any, mixture: Any, results: Any) -> Any:
-        task = register_model(
+        task = STAGES["register"].load_component()(
             config=_json(self.recipe.register_config()),
             parent_run_id=parent,
             job_id=JOB_ID,
@@ -209,13 +208,13 @@ class _Builder:
         return self.configure(task)
 
     def promote(self, parent: Any, model_uri: Any) -> Any:
-        task = promote_model(
+        task = STAGES["promote"].load_component()(
             config=_json(self.recipe.promote_config()), parent_run_id=parent, model_uri=model_uri
         )
         return self.configure(task)
 
     def deploy(self, parent: Any, model_uri: Any) -> Any:
-        task = deploy_model(
+        task = STAGES["deploy"].load_component()(
             config=_json(self.recipe.deploy_config()), parent_run_id=parent, model_uri=model_uri
         )
         kubernetes.set_timeout(task, self.recipe.deploy.canary.max_seconds + DEPLOY_TIMEOUT_MARGIN_S)
@@ -271,9 +270,9 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
             pretrained = b.stage("pretrain", parent, init=init, data=data, mixture=mixture).outputs["model"]
             sft_model = b.stage("sft", parent, init=pretrained, data=data, mixture=mixture).outputs["model"]
             policy = b.stage("mpo", parent, init=sft_model, data=data).outputs["model"]
-            critic = b.critic(parent, sft_model=sft_model, policy=policy, data=data).outputs["model"]
-            results = b.evaluate(parent, policy=policy, prm_model=critic, data=data).outputs["results"]
-            registered = b.register(parent, policy=policy, prm_model=critic, mixture=mixture, results=results)
+            prm = b.prm(parent, sft_model=sft_model, policy=policy, data=data).outputs["model"]
+            results = b.evaluate(parent, policy=policy, prm_model=prm, data=data).outputs["results"]
+            registered = b.register(parent, policy=policy, prm_model=prm, mixture=mixture, results=results)
             b.promote_and_deploy(parent, registered.outputs["Output"])
 
     @dsl.pipeline(
@@ -300,8 +299,8 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
             parent = b.start(EVALUATE_PIPELINE, parent_run_id).output
             data = b.prepare_data(parent).outputs["data"]
             policy = b.checkpoint(policy_uri).output
-            critic = b.checkpoint(prm_uri).output
-            b.evaluate(parent, policy=policy, prm_model=critic, data=data)
+            prm = b.checkpoint(prm_uri).output
+            b.evaluate(parent, policy=policy, prm_model=prm, data=data)
 
     @dsl.pipeline(
         name=PROMOTE_DEPLOY_PIPELINE,

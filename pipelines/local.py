@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import PipelineConfig
+from vlpipe.pipelines.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,24 +28,24 @@ def run_local(
 
     Args:
         recipe: the validated recipe.
-        pipeline: which pipeline (`pipelines.dag.PIPELINES`).
+        pipeline: which pipeline (`vlpipe.pipelines.dag.PIPELINES`).
         arguments: the pipeline's parameters (`checkpoint_uri` for sft-mpo; `policy_uri`, `prm_uri` for
             evaluate; `model_version` and optionally `model_name` for promote-deploy).
 
     Returns:
-        `pipelines.summary.collect_summary`'s result plus `seconds` and `tracking_uri`.
+        `vlpipe.pipelines.summary.collect_summary`'s result plus `seconds` and `tracking_uri`.
 
     Raises:
         RuntimeError: a step failed (the parent run is closed as FAILED; the step's log is above).
     """
     from kfp import local
 
-    from components.pipeline_run.runs import PIPELINE_TAG, base_tags
-    from components.training.tracking import ensure_experiment, tracking_uri
-    from model.storage import vlpipe_home
-    from pipelines.compile import pipeline_version, source_commit
-    from pipelines.dag import build_pipelines
-    from pipelines.summary import collect_summary
+    from vlpipe.model.storage import vlpipe_home
+    from vlpipe.pipelines.compile import pipeline_version, source_commit
+    from vlpipe.pipelines.dag import build_pipelines
+    from vlpipe.pipelines.summary import collect_summary
+    from vlpipe.tracking.pipeline import PIPELINE_TAG
+    from vlpipe.tracking.runs import base_tags, ensure_experiment, tracking_uri
 
     home = vlpipe_home()
     home.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.config import PipelineConfig
+from vlpipe.pipelines.config import PipelineConfig
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "KFP_BEARER_TOKEN"
@@ -73,7 +73,7 @@ def submit_recipe(
     Args:
         recipe: the validated recipe.
         host: the Kubeflow Pipelines API endpoint.
-        pipeline: which pipeline (`pipelines.dag.PIPELINES`).
+        pipeline: which pipeline (`vlpipe.pipelines.dag.PIPELINES`).
         experiment: the Kubeflow experiment; default the recipe's MLflow experiment name.
         arguments: the pipeline's parameters.
         client: a `kfp.Client`-like object (default `make_client(host)`).
@@ -81,7 +81,7 @@ def submit_recipe(
     Raises:
         ValueError: an unknown pipeline.
     """
-    from pipelines.compile import compile_recipe, pipeline_version, source_commit
+    from vlpipe.pipelines.compile import compile_recipe, pipeline_version, source_commit
 
     commit = source_commit()
     version = pipeline_version(commit)

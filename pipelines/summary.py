@@ -13,33 +13,11 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-STAGE_ORDER = (
-    "data",
-    "init",
-    "mix",
-    "pretrain",
-    "sft",
-    "mpo",
-    "critic",
-    "prm-data",
-    "prm",
-    "eval",
-    "register",
-    "promote",
-    "deploy",
-)
-_STAGE_METRICS = {
-    "data": ("records", "quarantined", "mpo_pairs", "prm_solutions"),
-    "init": ("seconds",),
-    "mix": ("pretrain/achieved_language_share", "sft/achieved_language_share"),
-    "pretrain": ("loss", "tokens_per_s", "token_utilisation"),
-    "sft": ("loss", "tokens_per_s", "token_utilisation"),
-    "critic": ("loss", "tokens_per_s", "token_utilisation"),
-    "mpo": ("loss", "reward_accuracy", "reward_margin"),
-    "prm-data": ("items", "solutions", "sample_accuracy", "positive_step_fraction", "skipped_items"),
-    "prm": ("loss", "step_accuracy"),
-    "eval": ("overall/pass_at_1", "overall/best_of_n", "overall/majority", "overall/oracle"),
-}
+from vlpipe.components.stages import STAGES
+
+STAGE_ORDER = tuple(STAGES)
+"""The summary's stage order: the stage table's."""
+_STAGE_METRICS = {name: stage.summary for name, stage in STAGES.items() if stage.summary}
 
 
 _EVAL_KEYS = ("items", "pass_at_1", "best_of_n", "majority", "oracle")

@@ -143,9 +143,14 @@ def bench_serving(
     """
     import torch
 
-    from model.init import init_random
-    from serving.openai_api import ChatCompletionRequest, chat_settings, completion_response, to_conversation
-    from serving.predictor import VLPipeModel, serve_in_background
+    from vlpipe.model.init import init_random
+    from vlpipe.serving.openai_api import (
+        ChatCompletionRequest,
+        chat_settings,
+        completion_response,
+        to_conversation,
+    )
+    from vlpipe.serving.predictor import VLPipeModel, serve_in_background
 
     previous_threads = torch.get_num_threads()
     if threads is not None:

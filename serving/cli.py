@@ -1,4 +1,4 @@
-"""`vlpipe serve`: the KServe predictor for one checkpoint (registered by `pipelines.cli`).
+"""`vlpipe serve`: the KServe predictor for one checkpoint (registered by `vlpipe.pipelines.cli`).
 
 vlpipe serve models:/internvl3-2b@champion --prm-uri s3://models/internvl3-2b-prm --host 0.0.0.0
 """
@@ -27,7 +27,7 @@ def serve_command(
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 in a pod.")] = "127.0.0.1",
 ) -> None:
     """Serve a checkpoint over KServe V1/V2 and OpenAI-compatible chat until SIGINT/SIGTERM."""
-    from serving.predictor import VLPipeModel, VLPipeModelServer
+    from vlpipe.serving.predictor import VLPipeModel, VLPipeModelServer
 
     model = VLPipeModel(name, model_uri, prm_uri=prm_uri)
     try:

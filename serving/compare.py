@@ -22,7 +22,7 @@ KEY_METRICS = ("loss", "overall/pass_at_1", "overall/best_of_n", "overall/oracle
 def _client():
     from mlflow import MlflowClient
 
-    from components.training.tracking import tracking_uri
+    from vlpipe.tracking.runs import tracking_uri
 
     return MlflowClient(tracking_uri())
 

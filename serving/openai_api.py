@@ -14,7 +14,7 @@ each with its `prm_score` (at temperature 0 every sample is the greedy answer). 
 OpenAI clients send many optional ones.
 
 Streaming sends the answer token by token as chunks, but only after the whole answer is generated
-(`model.generate.generate` has no streamer hook): the protocol is OpenAI's, the time to first token is not.
+(`vlpipe.model.generate.generate` has no streamer hook): the protocol is OpenAI's, the time to first token is not.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.limits import RequestRejected, ServingLimits
-from serving.pyfunc import decode_image_field
+from vlpipe.serving.limits import RequestRejected, ServingLimits
+from vlpipe.serving.pyfunc import decode_image_field
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -206,7 +206,7 @@ class ChatResult:
 
 
 class ChatModel(Protocol):
-    """What the route needs of a served model (`serving.predictor.VLPipeModel` is one)."""
+    """What the route needs of a served model (`vlpipe.serving.predictor.VLPipeModel` is one)."""
 
     name: str
     ready: bool

@@ -2,9 +2,9 @@
 
 `VLPipeModel` is a `kserve.Model`. It loads a checkpoint from a local path, `s3://` or an MLflow model URI
 (`models:/name@alias`, `models:/name/version`, `runs:/...`: a pyfunc logged by
-`serving.pyfunc.log_checkpoint_model`, whose artifact `checkpoint` is the HF checkpoint) and answers exactly as
-training encodes: the pyfunc's encoding path (`VLPipePyfunc.encode`: `model.image` tiling, the ChatML template,
-V2PE with the checkpoint's δ) and `model.generate.generate`.
+`vlpipe.serving.pyfunc.log_checkpoint_model`, whose artifact `checkpoint` is the HF checkpoint) and answers exactly as
+training encodes: the pyfunc's encoding path (`VLPipePyfunc.encode`: `vlpipe.model.image` tiling, the ChatML template,
+V2PE with the checkpoint's δ) and `vlpipe.model.generate.generate`.
 
 - V1 `POST /v1/models/{name}:predict` with `{"instances": [{"prompt": ..., "image": <base64>?}, ...],
   "parameters": {"max_new_tokens", "temperature", "top_p", "seed"}}` → `{"predictions": [answer, ...]}`
@@ -12,14 +12,14 @@ V2PE with the checkpoint's δ) and `model.generate.generate`.
 - V2 `POST /v2/models/{name}/infer` with BYTES inputs `prompt` and optional `image` (an empty string: no
   image) of shape [B], parameters as in V1 → BYTES output `text` [B]. KServe provides the routes and the
   health/readiness routes (`/v2/health/live`, `/v2/health/ready`, `/v2/models/{name}/ready`).
-- `POST /openai/v1/chat/completions` (`serving.openai_api`), multi-turn with images, optional `best_of`:
+- `POST /openai/v1/chat/completions` (`vlpipe.serving.openai_api`), multi-turn with images, optional `best_of`:
   sample that many answers and keep the ones the process reward model (`--prm-uri`) scores highest
-  (`components.evaluate.scoring.PRMScorer`, mean of step scores).
+  (`vlpipe.serving.scoring.PRMScorer`, mean of step scores).
 - `/metrics`: KServe's Prometheus metrics plus `vlpipe_generated_tokens_total{model=...}`.
 
 `VLPipeModelServer` is a `kserve.ModelServer` whose REST server is KServe's own (`RESTServer`: middlewares,
 V1/V2 routes, exception handlers) on a fresh FastAPI app, to which it adds the OpenAI routes, the
-`RequestRejected` handler and the body-size cap (`serving.limits`), bound to a chosen host (KServe binds
+`RequestRejected` handler and the body-size cap (`vlpipe.serving.limits`), bound to a chosen host (KServe binds
 0.0.0.0). Generation runs on one worker thread per model, so the event loop keeps answering health checks
 while a request generates, and concurrent requests queue instead of competing for the cores.
 """
@@ -48,18 +48,24 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest.server import RESTServer
 from prometheus_client import Counter
 
-from serving.limits import BodySizeLimitMiddleware, RequestRejected, ServingLimits, rejected_handler
-from serving.openai_api import ChatResult, ChatSettings, Completion, Conversation, register_openai_routes
-from serving.pyfunc import CHECKPOINT_ARTIFACT, VLPipePyfunc, generation_settings
+from vlpipe.serving.limits import BodySizeLimitMiddleware, RequestRejected, ServingLimits, rejected_handler
+from vlpipe.serving.openai_api import (
+    ChatResult,
+    ChatSettings,
+    Completion,
+    Conversation,
+    register_openai_routes,
+)
+from vlpipe.serving.pyfunc import CHECKPOINT_ARTIFACT, VLPipePyfunc, generation_settings
 
 if TYPE_CHECKING:
     import torch
     from fastapi import FastAPI
     from PIL import Image
 
-    from components.evaluate.scoring import PRMScorer, ScoredAnswer
-    from model.checkpoint import LoadedModel
-    from model.conversation import EncodedSample
+    from vlpipe.model.checkpoint import LoadedModel
+    from vlpipe.model.conversation import EncodedSample
+    from vlpipe.serving.scoring import PRMScorer, ScoredAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +97,7 @@ def resolve_checkpoint(uri: str, *, cache_dir: Path | None = None) -> str:
         ValueError: when an MLflow model is not a vlpipe pyfunc (no `checkpoint` artifact).
         mlflow.exceptions.MlflowException: when the registry does not know the model, version or alias.
     """
-    from model.storage import localize, vlpipe_home
+    from vlpipe.model.storage import localize, vlpipe_home
 
     if uri.startswith(MLFLOW_URI_SCHEMES):
         import mlflow
@@ -109,7 +115,7 @@ def resolve_checkpoint(uri: str, *, cache_dir: Path | None = None) -> str:
         except (KeyError, TypeError) as exc:
             raise ValueError(
                 f"{uri} is an MLflow model without a '{CHECKPOINT_ARTIFACT}' artifact; log checkpoints with "
-                "serving.pyfunc.log_checkpoint_model"
+                "vlpipe.serving.pyfunc.log_checkpoint_model"
             ) from exc
         model_dir = model_dir / relative
     if not (model_dir / "config.json").is_file():
@@ -194,7 +200,7 @@ class VLPipeModel(kserve.Model):
         Raises:
             FileNotFoundError, ValueError: as `resolve_checkpoint`.
         """
-        from components.evaluate.scoring import PRMScorer
+        from vlpipe.serving.scoring import PRMScorer
 
         started = time.perf_counter()
         pyfunc = load_pyfunc(self.model_uri, device=self.device, dtype=self.dtype)
@@ -242,8 +248,8 @@ class VLPipeModel(kserve.Model):
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> list[list[int]]:
-        """`model.generate.generate` on the prompts (greedy at temperature 0), counted in the tokens metric."""
-        from model.generate import generate
+        """`vlpipe.model.generate.generate` on the prompts (greedy at temperature 0), counted in the tokens metric."""
+        from vlpipe.model.generate import generate
 
         assert self.pyfunc is not None and self.pyfunc.eos_token_id is not None
         ids = generate(
@@ -358,7 +364,7 @@ class VLPipeModel(kserve.Model):
             RequestRejected: (400) an image that does not decode, a placeholder/image mismatch, a prompt
                 longer than the context; (413) an image over the pixel cap.
         """
-        from model.image import decode_image, process_image
+        from vlpipe.model.image import decode_image, process_image
 
         loaded = self.loaded
         assert self.pyfunc is not None and self.pyfunc.encoder is not None
@@ -393,7 +399,7 @@ class VLPipeModel(kserve.Model):
         Raises:
             RequestRejected: (400) when the server runs without a PRM.
         """
-        from model.image import process_image
+        from vlpipe.model.image import process_image
 
         if self.prm_scorer is None:
             raise RequestRejected(

@@ -63,7 +63,7 @@ class Decision(BaseModel):
 def _client():
     from mlflow import MlflowClient
 
-    from components.training.tracking import tracking_uri
+    from vlpipe.tracking.runs import tracking_uri
 
     return MlflowClient(tracking_uri(), registry_uri=tracking_uri())
 

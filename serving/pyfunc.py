@@ -2,15 +2,15 @@
 
 MLflow's transformers flavour has no pyfunc for processor-based (multimodal) models, so final checkpoints are
 logged as a `VLPipePyfunc`: the checkpoint directory travels as the model's artifact `checkpoint`, and
-`predict` processes each row exactly as training does (`model.image` tiling, the ChatML template of
-`model.conversation`, V2PE with the checkpoint's δ) before `model.generate.generate`.
+`predict` processes each row exactly as training does (`vlpipe.model.image` tiling, the ChatML template of
+`vlpipe.model.conversation`, V2PE with the checkpoint's δ) before `vlpipe.model.generate.generate`.
 
 Input rows (a pandas DataFrame, or a list of dicts when called directly) have a `prompt` (string, required)
 and an optional `image`: the encoded image file (PNG, JPEG, ...) as base64, or a data URL
 `data:image/png;base64,...`. Params: `max_new_tokens` (64), `temperature` (0 = greedy), `top_p` (1.0),
 `seed` (None). The output is one answer string per row.
 
-The model is pickled *by reference* to `serving.pyfunc.VLPipePyfunc`, so the serving environment needs vlpipe
+The model is pickled *by reference* to `vlpipe.serving.pyfunc.VLPipePyfunc`, so the serving environment needs vlpipe
 installed (the serving image has it); the logged pip requirements pin only the numerical stack.
 
     with mlflow.start_run():
@@ -43,11 +43,13 @@ from packaging.version import Version
 if TYPE_CHECKING:
     from mlflow.models.model import ModelInfo
 
-    from model.checkpoint import LoadedModel
-    from model.conversation import ConversationEncoder, EncodedSample
+    from vlpipe.model.checkpoint import LoadedModel
+    from vlpipe.model.conversation import ConversationEncoder, EncodedSample
 
 CHECKPOINT_ARTIFACT = "checkpoint"
-IMAGE_PLACEHOLDER = "<image>"  # the same literal as model.conversation.IMAGE_PLACEHOLDER (kept import-light)
+IMAGE_PLACEHOLDER = (
+    "<image>"  # the same literal as vlpipe.model.conversation.IMAGE_PLACEHOLDER (kept import-light)
+)
 # Distributions whose installed versions are pinned in the logged model; vlpipe itself comes with the image.
 SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "pillow", "numpy")
 DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "seed": None}
@@ -90,12 +92,12 @@ class VLPipePyfunc(mlflow.pyfunc.PythonModel):
             ValueError: for an unknown `dtype` or a non-positive `max_pixels` in `model_config`.
             FileNotFoundError: when the artifact is not a checkpoint.
         """
-        # Imported here, not at module level, so that importing serving.pyfunc stays cheap.
+        # Imported here, not at module level, so that importing vlpipe.serving.pyfunc stays cheap.
         import torch
 
-        from model.checkpoint import load_checkpoint
-        from model.conversation import ConversationEncoder
-        from model.tokenizer import IM_END
+        from vlpipe.model.checkpoint import load_checkpoint
+        from vlpipe.model.conversation import ConversationEncoder
+        from vlpipe.model.tokenizer import IM_END
 
         config = {**DEFAULT_MODEL_CONFIG, **(context.model_config or {})}
         device = config["device"]
@@ -145,7 +147,7 @@ class VLPipePyfunc(mlflow.pyfunc.PythonModel):
                 Every row is checked before anything is generated.
             RuntimeError: when called before `load_context`.
         """
-        from model.generate import generate
+        from vlpipe.model.generate import generate
 
         self._check_loaded()
         assert self.loaded is not None and self.eos_token_id is not None
@@ -183,7 +185,7 @@ class VLPipePyfunc(mlflow.pyfunc.PythonModel):
 
     def _encode_row(self, index: int, row: dict[str, Any]) -> EncodedSample:
         """One row → an encoded generation prompt with its tiles, exactly as in training."""
-        from model.image import decode_image, process_image
+        from vlpipe.model.image import decode_image, process_image
 
         assert self.loaded is not None and self.encoder is not None
         name = f"row {index}"
@@ -339,11 +341,11 @@ def log_checkpoint_model(
     The checkpoint directory becomes the model's artifact `checkpoint`. The pip requirements are explicit
     (`pip_requirements()`: torch, transformers, tokenizers, pillow, numpy at their installed versions), so
     MLflow infers nothing and touches no network. vlpipe itself is not a requirement (it is not on PyPI): the
-    model is pickled by reference to `serving.pyfunc.VLPipePyfunc`, and the serving image has vlpipe
+    model is pickled by reference to `vlpipe.serving.pyfunc.VLPipePyfunc`, and the serving image has vlpipe
     installed. MLflow loads the logged model once to check the input example (a short generation).
 
     Args:
-        checkpoint_dir: a checkpoint written by `model.checkpoint.save_checkpoint`, local or `s3://`
+        checkpoint_dir: a checkpoint written by `vlpipe.model.checkpoint.save_checkpoint`, local or `s3://`
             (downloaded into the vlpipe cache first).
         name: the logged model's name within the run.
         registered_model_name: also register the model under this name (creating a new version).
@@ -357,7 +359,7 @@ def log_checkpoint_model(
         RuntimeError: when no MLflow run is active.
         FileNotFoundError: when `checkpoint_dir` does not exist or has no `config.json`.
     """
-    from model.storage import localize
+    from vlpipe.model.storage import localize
 
     if mlflow.active_run() is None:
         raise RuntimeError("log_checkpoint_model logs into the active run; call it inside mlflow.start_run()")

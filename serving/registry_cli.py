@@ -1,4 +1,4 @@
-"""`vlpipe promote`, `vlpipe rollback` and `vlpipe compare` (registered by `pipelines.cli`)."""
+"""`vlpipe promote`, `vlpipe rollback` and `vlpipe compare` (registered by `vlpipe.pipelines.cli`)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def promote_command(
     """Promote a model version to `champion` if it passes every gate against the current champion."""
     import yaml
 
-    from serving.promote import PromotionConfig, attach_eval_metrics, promote
+    from vlpipe.serving.promote import PromotionConfig, attach_eval_metrics, promote
 
     config = PromotionConfig.model_validate(yaml.safe_load(gates.read_text())) if gates else PromotionConfig()
     if eval_run:
@@ -38,7 +38,7 @@ def promote_command(
 
 def rollback_command(model: str = typer.Option(..., "--model", help="Registered model name.")) -> None:
     """Make the `previous` version the champion again."""
-    from serving.promote import rollback
+    from vlpipe.serving.promote import rollback
 
     try:
         console.print_json(rollback(model).model_dump_json())
@@ -52,7 +52,7 @@ def compare_command(
     out: Path = typer.Option(Path(".vlpipe/compare"), help="Where the loss-curve PNG and the JSON table go."),
 ) -> None:
     """Key params and final metrics per stage across runs, and their loss curves (PNG)."""
-    from serving.compare import KEY_METRICS, KEY_PARAMS, comparison_rows, plot_loss_curves
+    from vlpipe.serving.compare import KEY_METRICS, KEY_PARAMS, comparison_rows, plot_loss_curves
 
     try:
         rows = comparison_rows(ids)

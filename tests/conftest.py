@@ -42,28 +42,28 @@ def _reset_mlflow_uris():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from model.tokenizer import default_corpus, train_bpe_tokenizer
+    from vlpipe.model.tokenizer import default_corpus, train_bpe_tokenizer
 
     return train_bpe_tokenizer(default_corpus(), vocab_size=400)
 
 
 @pytest.fixture(scope="session")
 def tiny_preset():
-    from model.presets import get_preset
+    from vlpipe.model.presets import get_preset
 
     return get_preset("tiny")
 
 
 @pytest.fixture()
 def tiny_model(tiny_preset, tiny_tokenizer):
-    from model.build import build_model
+    from vlpipe.model.build import build_model
 
     return build_model(tiny_preset, tiny_tokenizer, seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_image_cfg(tiny_preset):
-    from model.init import image_config_for
+    from vlpipe.model.init import image_config_for
 
     return image_config_for(tiny_preset)
 

@@ -2,7 +2,7 @@ import json
 
 from typer.testing import CliRunner
 
-from pipelines.cli import app
+from vlpipe.pipelines.cli import app
 
 runner = CliRunner()
 
@@ -22,7 +22,7 @@ def test_model_info_unknown_preset():
 def test_model_init_writes_loadable_checkpoint(tmp_path):
     result = runner.invoke(app, ["model", "init", "--preset", "tiny", "--out", str(tmp_path / "m")])
     assert result.exit_code == 0, result.output
-    from model.checkpoint import load_checkpoint
+    from vlpipe.model.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(tmp_path / "m")
     assert loaded.metadata["preset"] == "tiny" and loaded.tokens_per_tile == 4
@@ -44,7 +44,7 @@ def test_platform_commands_without_a_running_platform(tmp_path):
 
 
 def test_platform_up_reports_a_failed_start(tmp_path, monkeypatch):
-    from infra import local_platform
+    from vlpipe.infra import local_platform
 
     def fail(home, auth=True):
         raise local_platform.PlatformError("mlflow server exited while starting; see mlflow.log")
@@ -55,7 +55,7 @@ def test_platform_up_reports_a_failed_start(tmp_path, monkeypatch):
 
 
 def test_platform_up_prints_the_environment_with_credentials_masked(tmp_path, monkeypatch):
-    from infra import local_platform
+    from vlpipe.infra import local_platform
 
     platform = local_platform.Platform(
         directory=tmp_path / "platform",

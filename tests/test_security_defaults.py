@@ -70,8 +70,8 @@ def test_no_credential_in_any_tracked_file_outside_the_tests():
 
 
 def test_serving_limits_are_on_without_configuration():
-    from serving.limits import ServingLimits
-    from serving.predictor import VLPipeModel
+    from vlpipe.serving.limits import ServingLimits
+    from vlpipe.serving.predictor import VLPipeModel
 
     limits = ServingLimits()
     values = limits.model_dump()
@@ -82,7 +82,7 @@ def test_serving_limits_are_on_without_configuration():
 
 
 def test_the_local_platform_masks_credentials_and_writes_them_only_to_a_private_file(tmp_path, monkeypatch):
-    from infra import local_platform
+    from vlpipe.infra import local_platform
 
     directory = local_platform.platform_dir(tmp_path)
     platform = local_platform.Platform(
@@ -120,7 +120,7 @@ def test_platform_up_and_down(tmp_path):
     import boto3
     import httpx
 
-    from infra import local_platform
+    from vlpipe.infra import local_platform
 
     platform = local_platform.up(tmp_path)
     try:

@@ -8,7 +8,7 @@ entrypoint, which validates the JSON settings with the step's pydantic class.
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
-from components.release import IMAGE
+from vlpipe.components.release import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -22,10 +22,10 @@ def prepare_data(
     """Write the demo dataset (demo recipes) and validate the meta files, annotations and data files.
 
     Args:
-        config: `components.data.config.PrepareDataConfig` as JSON.
+        config: `vlpipe.components.data.config.PrepareDataConfig` as JSON.
         parent_run_id: the pipeline's MLflow run.
     """
-    from components.data.prepare import prepare_data_step
+    from vlpipe.components.data.prepare import prepare_data_step
 
     prepare_data_step(config, parent_run_id=parent_run_id, dataset=data, metrics=metrics, report=report)
 
@@ -41,10 +41,10 @@ def init_model(
     """Write the starting checkpoint: random (tiny/small) or composed from a pretrained ViT and LLM.
 
     Args:
-        config: `components.data.config.InitModelConfig` as JSON.
+        config: `vlpipe.components.data.config.InitModelConfig` as JSON.
         parent_run_id: the pipeline's MLflow run.
     """
-    from components.data.init_model import init_model_step
+    from vlpipe.components.data.init_model import init_model_step
 
     init_model_step(config, parent_run_id=parent_run_id, dataset=data, model=model, metrics=metrics)
 
@@ -62,10 +62,10 @@ def mix_data(
     """Build and record the provenance manifest of the pre-training and SFT mixtures.
 
     Args:
-        config: `components.data.config.MixConfig` as JSON.
+        config: `vlpipe.components.data.config.MixConfig` as JSON.
         parent_run_id: the pipeline's MLflow run.
     """
-    from components.data.mix import mix_data_step
+    from vlpipe.components.data.mix import mix_data_step
 
     mix_data_step(
         config,

@@ -13,9 +13,9 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from components.pipeline_run.config import StepConfig
-from model.data.config import DataConfig, PackingConfig
-from model.data.demo import DemoSizes
+from vlpipe.components.pipeline_run.config import StepConfig
+from vlpipe.model.data.config import DataConfig, PackingConfig
+from vlpipe.model.data.demo import DemoSizes
 
 DataSource = Literal["demo", "meta"]
 DATA_FILES = ("pretrain_meta", "sft_meta", "mpo_pairs", "prm_steps")
@@ -27,7 +27,7 @@ class _Strict(BaseModel):
 
 
 class DemoData(_Strict):
-    """The demo dataset to write (`model.data.demo.write_demo_dataset`)."""
+    """The demo dataset to write (`vlpipe.model.data.demo.write_demo_dataset`)."""
 
     seed: int = 0
     sizes: DemoSizes = DemoSizes()
@@ -82,6 +82,13 @@ def is_absolute(path: str) -> bool:
     return "://" in path or path.startswith("/")
 
 
+def under_root(root: str, path: str) -> str:
+    """`path` read from `root` when it is relative (and a root is given), else `path` itself."""
+    from vlpipe.model.storage import join
+
+    return join(root, path) if root and not is_absolute(path) else path
+
+
 class InitSettings(_Strict):
     """How the starting checkpoint is made.
 
@@ -118,7 +125,7 @@ class Mixture(_Strict):
 
     Attributes:
         stage: the stage that trains on it (`pretrain` or `sft`), which also picks the meta file.
-        data: `model.data.config.DataConfig` settings without `meta`.
+        data: `vlpipe.model.data.config.DataConfig` settings without `meta`.
         packing: the stage's packing settings (part of the manifest's identity).
     """
 

@@ -1,8 +1,8 @@
 """The `init-model` step: the pipeline's starting checkpoint.
 
 validate settings → random model of a `tiny`/`small` preset with a byte-level BPE trained on the conversation
-texts of the pre-training mixture (`model.init.init_random`), or the real presets' native pre-training start
-composed from a pretrained InternViT and a pretrained base LLM (`model.init.init_composed`) → log to a child
+texts of the pre-training mixture (`vlpipe.model.init.init_random`), or the real presets' native pre-training start
+composed from a pretrained InternViT and a pretrained base LLM (`vlpipe.model.init.init_composed`) → log to a child
 MLflow run.
 """
 
@@ -14,16 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from components.data.config import InitModelConfig
-from components.data.prepare import load_dataset_info
-from components.pipeline_run.runs import child_run
+from vlpipe.components.data.config import InitModelConfig
+from vlpipe.components.data.prepare import load_dataset_info
+from vlpipe.tracking.runs import child_run
 
 
 def conversation_texts(meta_uri: str) -> Iterator[str]:
     """Every turn of every conversation of a meta file's datasets, `<image>` placeholders removed (the
-    tokenizer's training corpus; for the demo data these are the texts `model.data.demo.iter_demo_texts`
+    tokenizer's training corpus; for the demo data these are the texts `vlpipe.model.data.demo.iter_demo_texts`
     yields)."""
-    from model.data.meta import Quarantine, load_meta, read_dataset
+    from vlpipe.model.data.meta import Quarantine, load_meta, read_dataset
 
     meta = load_meta(meta_uri)
     for name, spec in meta.datasets.items():
@@ -42,7 +42,7 @@ def init_model(
         ValueError: a random init of a real preset or a composed init of a random one (the recipe check
             catches both first).
     """
-    from model.init import init_composed, init_random
+    from vlpipe.model.init import init_composed, init_random
 
     config = InitModelConfig.model_validate(config.model_dump())
     init = config.init
@@ -87,7 +87,7 @@ def init_model_step(config_json: str, *, parent_run_id: str, dataset: Any, model
         model: output `Model` artifact.
         metrics: output `Metrics` artifact.
     """
-    from components.pipeline_run.model_store import checkpoint_output
+    from vlpipe.components.pipeline_run.model_store import checkpoint_output
 
     config = InitModelConfig.model_validate_json(config_json)
     with checkpoint_output(model) as out_dir:

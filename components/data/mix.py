@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components.data.config import MixConfig
-from components.data.prepare import load_dataset_info
-from components.pipeline_run.runs import child_run
+from vlpipe.components.data.config import MixConfig
+from vlpipe.components.data.prepare import load_dataset_info
+from vlpipe.tracking.runs import child_run
 
 MIXTURE_FILE = "mixture.json"
 
@@ -29,8 +29,8 @@ def load_text_side(model_dir: str) -> tuple[Any, Any, int]:
     loading its weights."""
     from transformers import AutoTokenizer
 
-    from model.image import ImageProcessingConfig
-    from model.tokenizer import add_internvl_tokens
+    from vlpipe.model.image import ImageProcessingConfig
+    from vlpipe.model.tokenizer import add_internvl_tokens
 
     tokenizer = add_internvl_tokens(AutoTokenizer.from_pretrained(model_dir))
     image_cfg = ImageProcessingConfig.from_pretrained(model_dir)
@@ -65,10 +65,10 @@ def mix_data(
     """Run the step; returns `{stage: manifest}` (also written to `out_dir`).
 
     Raises:
-        model.data.meta.MetaError, FileNotFoundError: bad meta files or missing data.
+        vlpipe.model.data.meta.MetaError, FileNotFoundError: bad meta files or missing data.
         ValueError: more bad samples than a mixture's `max_bad_fraction` allows.
     """
-    from model.data.loader import MixtureLoader
+    from vlpipe.model.data.loader import MixtureLoader
 
     config = MixConfig.model_validate(config.model_dump())
     started = time.perf_counter()
@@ -144,7 +144,7 @@ def mix_data_step(
         metrics: output `Metrics` artifact.
         report: output `Markdown` artifact (the mixture tables).
     """
-    from components.pipeline_run.model_store import checkpoint_path
+    from vlpipe.components.pipeline_run.model_store import checkpoint_path
 
     config = MixConfig.model_validate_json(config_json)
     manifests = mix_data(

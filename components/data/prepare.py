@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components.data.config import DATA_FILES, DataSettings, PrepareDataConfig, is_absolute
-from components.pipeline_run.runs import child_run
-from model.storage import filesystem, join
+from vlpipe.components.data.config import DATA_FILES, DataSettings, PrepareDataConfig, is_absolute
+from vlpipe.model.storage import filesystem, join
+from vlpipe.tracking.runs import child_run
 
 log = logging.getLogger(__name__)
 DATASET_FILE = "dataset.json"
@@ -52,10 +52,10 @@ def validate_files(files: dict[str, str]) -> dict[str, Any]:
         `{"datasets": {name: {...}}, "quarantine": {...}, "jsonl": {mpo_pairs/prm_steps: {...}}}`.
 
     Raises:
-        model.data.meta.MetaError: a meta file is wrong (names the dataset and key).
+        vlpipe.model.data.meta.MetaError: a meta file is wrong (names the dataset and key).
         FileNotFoundError: a meta file, annotation or data file does not exist.
     """
-    from model.data.meta import Quarantine, load_meta, read_dataset
+    from vlpipe.model.data.meta import Quarantine, load_meta, read_dataset
 
     quarantine = Quarantine()
     datasets: dict[str, Any] = {}
@@ -99,7 +99,7 @@ def prepare_data(config: PrepareDataConfig, *, out_dir: str, parent_run_id: str)
         import mlflow
 
         if settings.source == "demo":
-            from model.data.demo import write_demo_dataset
+            from vlpipe.model.data.demo import write_demo_dataset
 
             assert settings.demo is not None  # checked by DataSettings
             summary = write_demo_dataset(

@@ -8,7 +8,7 @@ The pipelines add it only when the recipe enables deployment, inside
 from kfp import dsl
 from kfp.dsl import Markdown, Output
 
-from components.release import IMAGE
+from vlpipe.components.release import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -16,13 +16,13 @@ def deploy_model(config: str, parent_run_id: str, model_uri: str, report: Output
     """Serve the champion with KServe: create its InferenceService or roll it out as a canary.
 
     Args:
-        config: `components.deploy.config.DeployConfig` as JSON.
+        config: `vlpipe.components.deploy.config.DeployConfig` as JSON.
         parent_run_id: the pipeline's MLflow run.
         model_uri: the promoted version, `models:/<name>/<version>`.
 
     Returns:
         `created` or `rolled_out` (a failed rollout is rolled back and fails the step).
     """
-    from components.deploy.deploy import deploy_step
+    from vlpipe.components.deploy.deploy import deploy_step
 
     return deploy_step(config, parent_run_id=parent_run_id, model_uri=model_uri, report=report)

@@ -1,6 +1,6 @@
-"""Settings of the deploy step (torch-free; `serving.deploy` imports kserve only inside its functions).
+"""Settings of the deploy step (torch-free; `vlpipe.serving.deploy` imports kserve only inside its functions).
 
-A recipe's `deploy.service` is a `serving.deploy.ServingDeployment` whose `storage_uri` may be left out: the
+A recipe's `deploy.service` is a `vlpipe.serving.deploy.ServingDeployment` whose `storage_uri` may be left out: the
 step then serves the registered champion's own files, found through the MLflow registry (`storage_uri_of`).
 """
 
@@ -10,7 +10,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from components.pipeline_run.config import StepConfig
+from vlpipe.components.pipeline_run.config import StepConfig
 
 MLFLOW_PROXY_SCHEME = "mlflow-artifacts:"
 PLACEHOLDER_STORAGE_URI = "s3://pipeline/registered-model"
@@ -18,7 +18,7 @@ PLACEHOLDER_STORAGE_URI = "s3://pipeline/registered-model"
 
 
 class CanarySettings(BaseModel):
-    """How the new predictor takes the traffic (`serving.deploy.canary_rollout`).
+    """How the new predictor takes the traffic (`vlpipe.serving.deploy.canary_rollout`).
 
     Attributes:
         steps: traffic percentages of the new revision, strictly increasing, ending at 100.
@@ -55,7 +55,7 @@ class DeploySettings(BaseModel):
 
     Attributes:
         enabled: add the deploy step (after a promotion) to the pipelines; it needs a cluster with KServe.
-        service: a `serving.deploy.ServingDeployment` (name, namespace, S3 settings, GPUs, replicas, ...);
+        service: a `vlpipe.serving.deploy.ServingDeployment` (name, namespace, S3 settings, GPUs, replicas, ...);
             without `storage_uri` the step serves the registered version's files from the MLflow registry.
         artifacts_destination: where the MLflow server stores artifacts it proxies (`mlflow server
             --artifacts-destination s3://...`): a version's `mlflow-artifacts:/<path>` location is
@@ -76,7 +76,7 @@ class DeploySettings(BaseModel):
         Raises:
             pydantic.ValidationError: an invalid service setting (the message names the key).
         """
-        from serving.deploy import ServingDeployment
+        from vlpipe.serving.deploy import ServingDeployment
 
         service = dict(self.service)
         if "storage_uri" not in service:

@@ -5,7 +5,7 @@ on S3 (`config.storage_uri_of`) → the `ServingDeployment` → KServe (in-clust
 is created and must become Ready; an existing one gets the new predictor as a canary (`canary_rollout`: 10 →
 50 → 100% by default) → tags on the model version (`deployment.*`), the manifest and a Markdown report.
 
-A rollout that fails rolls the traffic back to the previous predictor (`serving.deploy`), moves `champion`
+A rollout that fails rolls the traffic back to the previous predictor (`vlpipe.serving.deploy`), moves `champion`
 back to `previous` in the registry (`champion` is what serves), and fails the step.
 """
 
@@ -15,9 +15,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from components.deploy.config import DeployConfig, storage_uri_of
-from components.pipeline_run.runs import child_run
-from components.promote.config import parse_model_uri
+from vlpipe.components.deploy.config import DeployConfig, storage_uri_of
+from vlpipe.components.promote.config import parse_model_uri
+from vlpipe.tracking.runs import child_run
 
 ROLLED_OUT, CREATED = "rolled_out", "created"
 ROLLED_BACK, FAILED = "rolled_back", "failed"
@@ -35,9 +35,9 @@ def roll_out(
     """Create the InferenceService, or roll the new predictor out onto the existing one.
 
     Returns:
-        (`created`, `rolled_out`, `rolled_back` or `failed`; the `serving.deploy.RolloutResult`).
+        (`created`, `rolled_out`, `rolled_back` or `failed`; the `vlpipe.serving.deploy.RolloutResult`).
     """
-    from serving.deploy import (
+    from vlpipe.serving.deploy import (
         CanaryStep,
         RolloutResult,
         apply_inference_service,
@@ -78,7 +78,7 @@ def _alias_version(client: Any, name: str, alias: str) -> str | None:
 def restore_champion(client: Any, name: str, version: str) -> str | None:
     """After a failed rollout: `champion` back to `previous` (what serves again), or removed when there was
     no previous champion; returns the champion version afterwards."""
-    from serving.promote import CHALLENGER, CHAMPION, PREVIOUS, rollback
+    from vlpipe.serving.promote import CHALLENGER, CHAMPION, PREVIOUS, rollback
 
     if _alias_version(client, name, PREVIOUS) is None:
         client.delete_registered_model_alias(name, CHAMPION)
@@ -148,9 +148,9 @@ def deploy_champion(
     import yaml
     from mlflow import MlflowClient
 
-    from components.training.tracking import tracking_uri
-    from serving.deploy import inference_service_manifest
-    from serving.promote import CHAMPION
+    from vlpipe.serving.deploy import inference_service_manifest
+    from vlpipe.serving.promote import CHAMPION
+    from vlpipe.tracking.runs import tracking_uri
 
     config = DeployConfig.model_validate(config.model_dump())
     name, version = parse_model_uri(model_uri)
@@ -204,7 +204,7 @@ def deploy_champion(
         if status in (ROLLED_BACK, FAILED):
             result["champion_after"] = restore_champion(registry, name, version)
         else:
-            from serving.deploy import get_inference_service
+            from vlpipe.serving.deploy import get_inference_service
 
             current = get_inference_service(kserve_client, service.name, service.namespace) or {}
             result["url"] = current.get("status", {}).get("url")

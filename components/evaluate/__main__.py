@@ -1,8 +1,8 @@
-"""`python -m components.evaluate --config FILE`."""
+"""`python -m vlpipe.components.evaluate --config FILE`."""
 
 import typer
 
-from components.evaluate.cli import eval_command
+from vlpipe.components.evaluate.cli import eval_command
 
 if __name__ == "__main__":
     typer.run(eval_command)

@@ -81,13 +81,13 @@ def bench_prm_scoring(
     import torch
     from rich.console import Console
 
-    from components.evaluate.config import EvalConfig
-    from components.evaluate.run import run_evaluation
-    from components.evaluate.scoring import PRMScorer, score_steps_per_prefix
-    from model.checkpoint import load_checkpoint
-    from model.data.demo import DemoSizes, iter_demo_texts, write_demo_dataset
-    from model.image import load_image, process_image
-    from model.init import init_random
+    from vlpipe.components.evaluate.config import EvalConfig
+    from vlpipe.components.evaluate.stage import run_evaluation
+    from vlpipe.model.checkpoint import load_checkpoint
+    from vlpipe.model.data.demo import DemoSizes, iter_demo_texts, write_demo_dataset
+    from vlpipe.model.image import load_image, process_image
+    from vlpipe.model.init import init_random
+    from vlpipe.serving.scoring import PRMScorer, score_steps_per_prefix
 
     out_dir = Path(out_dir)
     data = out_dir / "eval-data"

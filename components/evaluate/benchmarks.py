@@ -5,8 +5,8 @@ Every item becomes a `BenchmarkItem`: the question shown to the model (multiple-
 item is evaluated so a large benchmark is not held decoded in memory), and the rule that extracts and checks
 its final answer:
 
-- `demo`: `model.data.demo.extract_answer` (a last line "So the answer is N.") compared with the reference,
-  exactly `model.data.demo.is_correct`.
+- `demo`: `vlpipe.model.data.demo.extract_answer` (a last line "So the answer is N.") compared with the reference,
+  exactly `vlpipe.model.data.demo.is_correct`.
 - `choice` (a TSV row with option columns): the text after the last "answer is" / "answer:" if any, else the
   last non-blank line, stripped of brackets, `*` and a final period, must be an option letter ("B", "(B)",
   "B. text") or an option's text; the reference is the `answer` letter (or an option's text, mapped to its
@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Literal
 
-from components.evaluate.config import BenchmarkSpec
-from model.data.demo import extract_answer
-from model.errors import SampleError
-from model.image import decode_image
-from model.storage import filesystem, join
+from vlpipe.components.evaluate.config import BenchmarkSpec
+from vlpipe.model.data.demo import extract_answer
+from vlpipe.model.errors import SampleError
+from vlpipe.model.image import decode_image
+from vlpipe.model.storage import filesystem, join
 
 ItemKind = Literal["demo", "choice", "free"]
 IMAGE_PLACEHOLDER = "<image>"

@@ -1,4 +1,4 @@
-"""`vlpipe eval --config FILE`: the command function (registered by `pipelines.cli`) and its output table.
+"""`vlpipe eval --config FILE`: the command function (registered by `vlpipe.pipelines.cli`) and its output table.
 
 Heavy imports (torch, transformers, mlflow) happen inside the command.
 """
@@ -59,9 +59,9 @@ def eval_command(
     """
     from pydantic import ValidationError
 
-    from components.evaluate.benchmarks import BenchmarkError
-    from components.evaluate.config import load_eval_config
-    from components.evaluate.run import run_evaluation
+    from vlpipe.components.evaluate.benchmarks import BenchmarkError
+    from vlpipe.components.evaluate.config import load_eval_config
+    from vlpipe.components.evaluate.stage import run_evaluation
 
     try:
         cfg = load_eval_config(config)

@@ -4,7 +4,7 @@
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
-from components.release import IMAGE
+from vlpipe.components.release import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -27,7 +27,7 @@ def evaluate(
         preset: the recipe's preset (policy and PRM must be ones).
         parent_run_id: the pipeline's MLflow run.
     """
-    from components.evaluate.pipeline_step import run_eval_step
+    from vlpipe.components.evaluate.task import run_eval_step
 
     run_eval_step(
         config,

@@ -14,7 +14,7 @@ from typing import Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from objectives.config import Aggregation
+from vlpipe.objectives.config import Aggregation
 
 BenchmarkFormat = Literal["demo", "tsv"]
 OVERALL = "overall"
@@ -30,7 +30,7 @@ class BenchmarkSpec(BaseModel):
         name: short name used in metric keys and file names (letters, digits, `_`, `.`, `-`).
         path: the benchmark file, a local path or an fsspec URL (`s3://bucket/MathVista_MINI.tsv`).
         format: `demo` (JSONL lines `{"id", "image", "question", "answer", "solution"}`, as
-            `model.data.demo.write_demo_dataset` writes `reasoning/test.jsonl`) or `tsv` (VLMEvalKit: columns
+            `vlpipe.model.data.demo.write_demo_dataset` writes `reasoning/test.jsonl`) or `tsv` (VLMEvalKit: columns
             `index`, `image` as base64, `question`, `answer`, optional option columns `A`, `B`, ...).
         image_root: root of the JSONL's relative `image` paths; default `<file's directory>/../images` (the
             demo layout). Not used by `tsv`.

@@ -16,7 +16,7 @@ def plot_best_of_k(summary: dict, path: str | Path, title: str) -> Path:
     """Write the accuracy-vs-k plot of one scope.
 
     Args:
-        summary: a scope's metrics from `components.evaluate.metrics.summarize` (`best_of_k`, `oracle_at_k`,
+        summary: a scope's metrics from `vlpipe.components.evaluate.metrics.summarize` (`best_of_k`, `oracle_at_k`,
             `majority_at_k` keyed by k, int or str, and `pass_at_1`, `majority`, `oracle`).
         path: the PNG to write.
         title: the plot's title.

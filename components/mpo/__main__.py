@@ -1,7 +1,7 @@
-"""`python -m components.mpo --config FILE`."""
+"""`python -m vlpipe.components.mpo --config FILE`."""
 
 import sys
 
-from components.training.entrypoint import main
+from vlpipe.components.training.entrypoint import main
 
 sys.exit(main(["mpo", *sys.argv[1:]]))

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from components.training.config import PairDataConfig
-from components.training.records import RecordFile, default_image_root, read_records
-from model.conversation import ConversationEncoder, EncodedSample
-from model.image import ImageProcessingConfig, load_image, process_image
-from model.storage import join
+from vlpipe.components.training.config import PairDataConfig
+from vlpipe.components.training.records import RecordFile, default_image_root, read_records
+from vlpipe.model.conversation import ConversationEncoder, EncodedSample
+from vlpipe.model.image import ImageProcessingConfig, load_image, process_image
+from vlpipe.model.storage import join
 
 DATASET = "mpo_pairs"
 

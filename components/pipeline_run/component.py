@@ -3,7 +3,7 @@
 # No `from __future__ import annotations` here: kfp reads the parameter annotations as types.
 from kfp import dsl
 
-from components.release import IMAGE
+from vlpipe.components.release import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -19,11 +19,10 @@ def start_pipeline_run(
         parent_run_id: a run to adopt (local runs), or empty.
         job_id, job_name: the Kubeflow job's id and name.
     """
-    from components.pipeline_run.config import TrackingSettings
-    from components.pipeline_run.runs import start_parent_run
+    from vlpipe.components.pipeline_run.task import start_run_task
 
-    return start_parent_run(
-        TrackingSettings.model_validate_json(tracking),
+    return start_run_task(
+        tracking,
         pipeline=pipeline,
         recipe=recipe,
         parent_run_id=parent_run_id,
@@ -35,8 +34,6 @@ def start_pipeline_run(
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def finish_pipeline_run(parent_run_id: str, job_id: str, status: dsl.PipelineTaskFinalStatus):
     """Exit handler: close the parent run with the pipeline's final state."""
-    from components.pipeline_run.runs import finish_parent_run
+    from vlpipe.components.pipeline_run.task import finish_run_task
 
-    finish_parent_run(
-        parent_run_id=parent_run_id, job_id=job_id, state=status.state, error=status.error_message
-    )
+    finish_run_task(parent_run_id=parent_run_id, job_id=job_id, state=status.state, error=status.error_message)

@@ -6,7 +6,7 @@ set on every step from the recipe's `cluster.model_store`, e.g. `s3://vlpipe-mod
 uploads the checkpoint to `<store>/<pipeline run>/<task>/<output>` (the last three parts of the artifact's
 own URI, unique per run and step) and the artifact holds only a pointer file, `vlpipe-pointer.json`, plus
 the URI in its metadata (`checkpoint_uri`). Steps reading the artifact call `checkpoint_path`, which follows
-the pointer and downloads the checkpoint once into the local cache (`model.storage.localize`).
+the pointer and downloads the checkpoint once into the local cache (`vlpipe.model.storage.localize`).
 
 Why: checkpoints then live at stable, well-known S3 locations that a KServe `storageUri` or a later pipeline
 can name, and under `kfp.local` the steps exchange checkpoints through the object store exactly as cluster
@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from model.storage import filesystem, is_remote, join, localize, upload_dir, vlpipe_home
+from vlpipe.model.storage import filesystem, is_remote, join, localize, upload_dir, vlpipe_home
 
 log = logging.getLogger(__name__)
 

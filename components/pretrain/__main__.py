@@ -1,7 +1,7 @@
-"""`python -m components.pretrain --config FILE`."""
+"""`python -m vlpipe.components.pretrain --config FILE`."""
 
 import sys
 
-from components.training.entrypoint import main
+from vlpipe.components.training.entrypoint import main
 
 sys.exit(main(["pretrain", *sys.argv[1:]]))

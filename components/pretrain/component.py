@@ -1,10 +1,10 @@
-"""Kubeflow component of the `pretrain` stage (a thin shell around `components.training.kfp_entry`)."""
+"""Kubeflow component of the `pretrain` stage (a thin shell around `vlpipe.components.training.task`)."""
 
 # No `from __future__ import annotations` here: kfp reads the parameter annotations as types.
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components.release import IMAGE
+from vlpipe.components.release import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -31,7 +31,7 @@ def pretrain(
         work_root: the work volume's mount path ("" locally: under VLPIPE_HOME).
         world_size: training processes (GPUs) on the node.
     """
-    from components.training.kfp_entry import run_training_step
+    from vlpipe.components.training.task import run_training_step
 
     run_training_step(
         "pretrain",

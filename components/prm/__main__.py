@@ -1,7 +1,7 @@
-"""`python -m components.prm --config FILE`."""
+"""`python -m vlpipe.components.prm --config FILE`."""
 
 import sys
 
-from components.training.entrypoint import main
+from vlpipe.components.training.entrypoint import main
 
 sys.exit(main(["prm", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""Step-labelled solutions → PRM conversations (the format of `objectives.prm`) in InternVL's meta layout.
+"""Step-labelled solutions → PRM conversations (the format of `vlpipe.objectives.prm`) in InternVL's meta layout.
 
 Each input line `{"id", "image", "question", "steps": [...], "labels": [true, false, ...]}` becomes one
 conversation: the question and step 1 in the first user turn, every later step in its own user turn, and
@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components.training.config import StepDataConfig
-from components.training.records import default_image_root, read_records
-from model.data.config import DataConfig
-from model.data.mixing import MixtureConfig
-from objectives.prm import format_prm_conversation
+from vlpipe.components.training.config import StepDataConfig
+from vlpipe.components.training.records import default_image_root, read_records
+from vlpipe.model.data.config import DataConfig
+from vlpipe.model.data.mixing import MixtureConfig
+from vlpipe.objectives.prm import format_prm_conversation
 
 DATASET = "prm_steps"
 

@@ -8,7 +8,7 @@ Its output (`promoted`, `rejected` or `already_champion`) gates the deploy step:
 from kfp import dsl
 from kfp.dsl import Markdown, Output
 
-from components.release import IMAGE
+from vlpipe.components.release import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -16,13 +16,13 @@ def promote_model(config: str, parent_run_id: str, model_uri: str, report: Outpu
     """Promote the registered version to `champion` if it passes every gate against the current champion.
 
     Args:
-        config: `components.promote.config.PromoteConfig` as JSON.
+        config: `vlpipe.components.promote.config.PromoteConfig` as JSON.
         parent_run_id: the pipeline's MLflow run.
         model_uri: the registered version, `models:/<name>/<version>`.
 
     Returns:
         The decision: `promoted`, `rejected` or `already_champion` (a rejection is not a failure).
     """
-    from components.promote.promote import promote_step
+    from vlpipe.components.promote.promote import promote_step
 
     return promote_step(config, parent_run_id=parent_run_id, model_uri=model_uri, report=report)

@@ -6,8 +6,8 @@ import re
 
 from pydantic import Field
 
-from components.pipeline_run.config import StepConfig
-from serving.promote import PromotionConfig
+from vlpipe.components.pipeline_run.config import StepConfig
+from vlpipe.serving.promote import PromotionConfig
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9][A-Za-z0-9_.\-]*)/(?P<version>[1-9][0-9]*)$")
 """A registered model version as the register step returns it: `models:/<name>/<version>`."""
@@ -29,6 +29,6 @@ def parse_model_uri(model_uri: str) -> tuple[str, str]:
 
 
 class PromoteConfig(StepConfig):
-    """The `promote-model` step's settings: the recipe's gates (`serving.promote.PromotionConfig`)."""
+    """The `promote-model` step's settings: the recipe's gates (`vlpipe.serving.promote.PromotionConfig`)."""
 
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)

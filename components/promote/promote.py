@@ -1,6 +1,6 @@
 """The `promote-model` step: the registered version against the champion, by the recipe's gates.
 
-validate settings → child MLflow run `promote` → `serving.promote.promote` (moves `champion` to the version and
+validate settings → child MLflow run `promote` → `vlpipe.serving.promote.promote` (moves `champion` to the version and
 keeps the old one as `previous`, or records on the version why not) → the decision, the gates and the metrics
 compared in the run (tags, metrics, `promotion.md`) and in the step's Markdown report → the decision as the
 step's output: `promoted`, `rejected` or `already_champion`.
@@ -13,12 +13,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from components.pipeline_run.runs import child_run
-from components.promote.config import PromoteConfig, parse_model_uri
-from serving.promote import DEFAULT_EVAL_METRICS, PromotionConfig, check_gates, eval_metrics_of, promote
+from vlpipe.components.promote.config import PromoteConfig, parse_model_uri
+from vlpipe.serving.promote import (
+    DEFAULT_EVAL_METRICS,
+    PromotionConfig,
+    check_gates,
+    eval_metrics_of,
+    promote,
+)
+from vlpipe.tracking.runs import child_run
 
 DECISIONS = ("promoted", "rejected", "already_champion")
-"""The step's output values (`serving.promote.Decision.decision`)."""
+"""The step's output values (`vlpipe.serving.promote.Decision.decision`)."""
 
 
 def _accuracies(metrics: dict[str, float]) -> dict[str, float]:
@@ -96,7 +102,7 @@ def promote_version(config: PromoteConfig, *, model_uri: str, parent_run_id: str
     """
     from mlflow import MlflowClient
 
-    from components.training.tracking import tracking_uri
+    from vlpipe.tracking.runs import tracking_uri
 
     config = PromoteConfig.model_validate(config.model_dump())
     name, version = parse_model_uri(model_uri)

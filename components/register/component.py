@@ -8,7 +8,7 @@ model URI.
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Model, Output
 
-from components.release import IMAGE
+from vlpipe.components.release import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -25,11 +25,11 @@ def register_model(
     """Register the policy in MLflow with lineage tags and the alias; returns `models:/<name>/<version>`.
 
     Args:
-        config: `components.register.config.RegisterConfig` as JSON.
+        config: `vlpipe.components.register.config.RegisterConfig` as JSON.
         parent_run_id: the pipeline's MLflow run.
         job_id: the Kubeflow job id.
     """
-    from components.register.register import register_step
+    from vlpipe.components.register.register import register_step
 
     return register_step(
         config,

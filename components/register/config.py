@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from components.pipeline_run.config import StepConfig
+from vlpipe.components.pipeline_run.config import StepConfig
 
 
 class RegisterSettings(BaseModel):

@@ -1,7 +1,7 @@
 """The `register-model` step: the trained policy into the MLflow model registry.
 
 validate settings → child MLflow run → log the policy checkpoint as a pyfunc model and register a new version
-(`serving.pyfunc.log_checkpoint_model`) → lineage tags on the version (pipeline run and Kubeflow job, every
+(`vlpipe.serving.pyfunc.log_checkpoint_model`) → lineage tags on the version (pipeline run and Kubeflow job, every
 stage's run, data manifests, PRM, evaluation results, git commit) → alias (`challenger`).
 
 Promotion (`challenger` → `champion`) and deployment are later steps that take this step's model URI.
@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components.pipeline_run.runs import JOB_ID_TAG, child_run
-from components.register.config import RegisterConfig
+from vlpipe.components.register.config import RegisterConfig
+from vlpipe.tracking.pipeline import JOB_ID_TAG
+from vlpipe.tracking.runs import child_run
 
 
 def lineage_tags(
@@ -28,7 +29,7 @@ def lineage_tags(
     eval_metrics: dict[str, Any],
 ) -> dict[str, str]:
     """Tags that tie a model version to the runs, data and results that produced it."""
-    from components.training.tracking import git_commit
+    from vlpipe.tracking.runs import git_commit
 
     tags = {"pipeline_run_id": parent_run_id, JOB_ID_TAG: job_id, "git_commit": git_commit()}
     for stage, run_id in dict(policy_meta.get("lineage", {})).items():
@@ -71,8 +72,8 @@ def register_model(
     """
     from mlflow import MlflowClient
 
-    from components.training.tracking import tracking_uri
-    from serving.pyfunc import log_checkpoint_model
+    from vlpipe.serving.pyfunc import log_checkpoint_model
+    from vlpipe.tracking.runs import tracking_uri
 
     config = RegisterConfig.model_validate(config.model_dump())
     registry = config.registry
@@ -145,8 +146,8 @@ def register_step(
         eval_results: input `Dataset` artifact of the evaluation (`metrics.json`).
         card: output `Markdown` artifact (the model card).
     """
-    from components.pipeline_run.model_store import checkpoint_path
-    from components.training.kfp_entry import check_preset
+    from vlpipe.components.pipeline_run.model_store import checkpoint_path
+    from vlpipe.components.training.task import check_preset
 
     config = RegisterConfig.model_validate_json(config_json)
     policy_dir = checkpoint_path(policy.path)

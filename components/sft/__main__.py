@@ -1,7 +1,7 @@
-"""`python -m components.sft --config FILE`."""
+"""`python -m vlpipe.components.sft --config FILE`."""
 
 import sys
 
-from components.training.entrypoint import main
+from vlpipe.components.training.entrypoint import main
 
 sys.exit(main(["sft", *sys.argv[1:]]))

@@ -1,5 +1,5 @@
 import sys
 
-from components.training.entrypoint import main
+from vlpipe.components.training.entrypoint import main
 
 sys.exit(main())

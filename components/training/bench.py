@@ -15,9 +15,9 @@ from typing import Any
 import psutil
 import torch
 
-from model.collate import collate_padded
-from model.data.packing import GreedyPacker, PackingConfig, model_inputs, pack_rows
-from objectives.lm import lm_loss
+from vlpipe.model.collate import collate_padded
+from vlpipe.model.data.packing import GreedyPacker, PackingConfig, model_inputs, pack_rows
+from vlpipe.objectives.lm import lm_loss
 
 
 def _memory_gb() -> float:
@@ -105,9 +105,9 @@ def bench_sft_packing(
     Returns:
         Per-mode throughput, utilisation and peak memory, the speedup, and whether it meets the 2x goal.
     """
-    from model.checkpoint import load_checkpoint
-    from model.data.loader import DataConfig, MixtureLoader
-    from model.data.mixing import MixtureConfig
+    from vlpipe.model.checkpoint import load_checkpoint
+    from vlpipe.model.data.loader import DataConfig, MixtureLoader
+    from vlpipe.model.data.mixing import MixtureConfig
 
     torch.manual_seed(seed)
     loaded = load_checkpoint(checkpoint)

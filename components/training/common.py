@@ -1,48 +1,81 @@
-"""Set-up and wrap-up steps every stage shares: start checkpoint, resume point, final HF checkpoint."""
+"""The set-up and wrap-up every training stage shares, one helper each: `begin_stage` (process group, seed, work
+directory, starting checkpoint, frozen parts), `resume_point`, `open_run` (the stage's MLflow run with its resolved
+config), `save_final` (the HF checkpoint, also as an MLflow model) and `stage_summary` (the stage's result).
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from components.training.loop import LoopContext
-from components.training.runtime import DistInfo, Engine, barrier, full_parameters
-from components.training.state import ResumeState, latest_checkpoint, load_training_state
-from components.training.tracking import Tracker
-from model.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
+from vlpipe.components.training.runtime import (
+    DistInfo,
+    Engine,
+    apply_freeze,
+    barrier,
+    full_parameters,
+    init_distributed,
+    seed_everything,
+)
+from vlpipe.components.training.state import ResumeState, latest_checkpoint, load_training_state
+from vlpipe.model.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
+from vlpipe.tracking.runs import Run
 
 log = logging.getLogger(__name__)
 
 
-def load_start(uri: str, info: DistInfo, attn_implementation: str) -> LoadedModel:
-    """Load the stage's starting checkpoint on every rank (rank 0 first, so a remote one downloads once).
+@dataclass
+class StageStart:
+    """What a training stage has after `begin_stage`: its rank, work directory and starting model."""
+
+    info: DistInfo
+    work_dir: Path
+    loaded: LoadedModel
+    trainable: dict[str, int]
+    """Trainable parameters per model part after freezing."""
+
+    @property
+    def preset(self) -> str:
+        return str(self.loaded.metadata.get("preset", "unknown"))
+
+
+def begin_stage(cfg: Any, info: DistInfo | None = None) -> StageStart:
+    """Join the process group (unless `info` says the caller did), seed, create the work directory, load the
+    starting checkpoint (rank 0 first, so a remote one downloads once) and freeze the configured parts.
 
     Raises:
-        FileNotFoundError: when `uri` is not a checkpoint.
+        ValueError: a remote work directory.
+        FileNotFoundError: when `cfg.init` is not a checkpoint.
     """
+    trainer = cfg.trainer
+    info = info or init_distributed(trainer.distributed)
+    seed_everything(trainer.seed)
+    work_dir = ensure_local_dir(cfg.resolved_work_dir)
     if info.is_main:
-        loaded = load_checkpoint(uri)
+        loaded = load_checkpoint(cfg.init)
     barrier()
     if not info.is_main:
-        loaded = load_checkpoint(uri)
-    loaded.model.set_attn_implementation(attn_implementation)
+        loaded = load_checkpoint(cfg.init)
+    loaded.model.set_attn_implementation(trainer.attn_implementation)
     loaded.model.train()
-    return loaded
+    trainable = apply_freeze(loaded.model, trainer.freeze)
+    return StageStart(info, work_dir, loaded, trainable)
 
 
-def resume_point(work_dir: str, enabled: bool, engine: Engine, info: DistInfo) -> ResumeState | None:
-    """Restore the newest complete checkpoint in `work_dir` into `engine` (None when starting fresh)."""
+def resume_point(start: StageStart, enabled: bool, engine: Engine) -> ResumeState | None:
+    """Restore the newest complete checkpoint in the work directory into `engine` (None when starting fresh)."""
     if not enabled:
         return None
-    path = latest_checkpoint(work_dir)
+    path = latest_checkpoint(start.work_dir)
     if path is None:
         return None
-    state = load_training_state(path, engine, info)
-    if info.is_main:
+    state = load_training_state(path, engine, start.info)
+    if start.info.is_main:
         log.info("resuming from %s (step %d)", path, state.step)
     return state
 
@@ -58,32 +91,6 @@ def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def save_final(
-    output: str,
-    engine: Engine,
-    loaded: LoadedModel,
-    info: DistInfo,
-    tracker: Tracker,
-    *,
-    metadata: dict[str, Any],
-    log_model: bool,
-) -> str | None:
-    """Write the final HF checkpoint (rank 0, after gathering ZeRO-3 shards) and log it as an MLflow model.
-
-    Returns:
-        The MLflow model URI, when logged.
-    """
-    with full_parameters(engine) as module:
-        if info.is_main:
-            module.eval()
-            save_checkpoint(output, module, loaded.tokenizer, loaded.image_cfg, metadata=metadata)
-    barrier()
-    model_uri = None
-    if info.is_main and log_model:
-        model_uri = tracker.log_model(output, metadata={k: str(v) for k, v in metadata.items()})
-    return model_uri
-
-
 def ensure_local_dir(path: str) -> Path:
     """Create a local directory (the work dir must be a filesystem path, shared across nodes)."""
     if "://" in path:
@@ -93,45 +100,86 @@ def ensure_local_dir(path: str) -> Path:
     return target
 
 
-def resolved_config(
-    cfg: Any, info: DistInfo, engine: Engine, total_steps: int, trainable: dict[str, int]
-) -> dict[str, Any]:
+def resolved_config(cfg: Any, start: StageStart, engine: Engine, total_steps: int) -> dict[str, Any]:
     """The stage config plus what was derived at launch (logged to MLflow, written beside checkpoints)."""
     return {
         **cfg.model_dump(mode="json"),
         "derived": {
-            "world_size": info.world_size,
+            "world_size": start.info.world_size,
             "accumulation_steps": engine.accumulation_steps,
             "total_steps": total_steps,
             "bf16": engine.bf16,
-            "trainable_parameters": trainable,
+            "trainable_parameters": start.trainable,
             "deepspeed": engine.ds_config,
         },
     }
 
 
-def loop_context(
+def open_run(
     cfg: Any,
-    info: DistInfo,
-    engine: Engine,
-    tracker: Tracker,
-    work_dir: Path,
-    total_steps: int,
+    start: StageStart,
     resolved: dict[str, Any],
-    run_id: str | None,
-) -> LoopContext:
-    """The training loop's context for a stage config."""
-    return LoopContext(
+    *,
+    tags: dict[str, str],
+    resume: ResumeState | None,
+) -> Run:
+    """The stage's MLflow run (rank 0; reopened on resume), with its tags, params and resolved config."""
+    tracking = cfg.tracking
+    run = Run(start.info.is_main)
+    run.start(
+        tracking.run_name or cfg.stage,
+        experiment=tracking.experiment,
+        recipe=tracking.recipe,
+        parent_run_id=tracking.parent_run_id,
         stage=cfg.stage,
-        info=info,
-        engine=engine,
-        tracker=tracker,
-        work_dir=work_dir,
-        total_steps=total_steps,
-        every_steps=cfg.checkpoint.every_steps,
-        keep_last=cfg.checkpoint.keep_last,
-        log_every=cfg.trainer.log_every,
-        resolved_config=resolved,
-        trainer_state={"mlflow_run_id": run_id, "stage": cfg.stage},
-        flops_per_token=6.0 * parameter_count(engine.module),
+        tags={**tracking.tags, "preset": start.preset, **tags},
+        config=resolved,
+        resume_run_id=resume.trainer_state.get("mlflow_run_id") if resume else None,
+        system_metrics=tracking.system_metrics,
     )
+    return run
+
+
+def save_final(cfg: Any, start: StageStart, engine: Engine, run: Run, metadata: dict[str, Any]) -> str | None:
+    """Write the final HF checkpoint to `cfg.output` (rank 0, after gathering ZeRO-3 shards) and, with
+    `tracking.log_model`, log it as an MLflow pyfunc model.
+
+    Returns:
+        The MLflow model URI, when logged.
+    """
+    with full_parameters(engine) as module:
+        if start.info.is_main:
+            module.eval()
+            loaded = start.loaded
+            save_checkpoint(cfg.output, module, loaded.tokenizer, loaded.image_cfg, metadata=metadata)
+    barrier()
+    if not (run.active and cfg.tracking.log_model):
+        return None
+    from vlpipe.serving.pyfunc import log_checkpoint_model
+
+    info = log_checkpoint_model(cfg.output, name="model", metadata={k: str(v) for k, v in metadata.items()})
+    return info.model_uri
+
+
+def stage_summary(
+    cfg: Any,
+    run: Run,
+    model_uri: str | None,
+    total_steps: int,
+    start_step: int,
+    history: list[dict[str, Any]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """A training stage's result: output checkpoint, MLflow run and model URIs, steps, first/last loss, extras."""
+    losses = [h["loss"] for h in history]
+    return {
+        "stage": cfg.stage,
+        "output": cfg.output,
+        "mlflow_run_id": run.run_id,
+        "model_uri": model_uri,
+        "steps": total_steps,
+        "resumed_from_step": start_step,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        **extra,
+    }

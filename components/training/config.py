@@ -12,15 +12,12 @@ is derived: `global_batch_size / (micro_batch_size * world_size)`, which must di
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Literal, Self
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model.data.config import DataConfig, PackingConfig
-from objectives.config import LMLossConfig, MPOConfig
+from vlpipe.model.data.config import DataConfig, PackingConfig
+from vlpipe.objectives.config import LMLossConfig, MPOConfig
 
 StageName = Literal["pretrain", "sft", "mpo", "prm"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -315,58 +312,3 @@ class PRMStageConfig(_StageBase):
     def _packing_rows(self) -> Self:
         _check_packing(self.packing, self.trainer)
         return self
-
-
-StageConfig = Annotated[
-    PretrainStageConfig | SFTStageConfig | MPOStageConfig | PRMStageConfig, Field(discriminator="stage")
-]
-STAGE_CONFIGS: dict[str, type[_StageBase]] = {
-    "pretrain": PretrainStageConfig,
-    "sft": SFTStageConfig,
-    "mpo": MPOStageConfig,
-    "prm": PRMStageConfig,
-}
-_ADAPTER: TypeAdapter[Any] = TypeAdapter(StageConfig)
-
-
-def parse_stage_config(data: dict[str, Any], stage: str | None = None) -> Any:
-    """Validate a stage config from a dict.
-
-    Args:
-        data: the config; its "stage" key picks the class (or `stage` when the key is absent).
-        stage: the expected stage; a config for another stage is an error.
-
-    Returns:
-        The validated stage config.
-
-    Raises:
-        ValueError: when `stage` and the config's stage disagree, or the stage is unknown.
-        pydantic.ValidationError: on any invalid field.
-    """
-    data = dict(data)
-    if stage is not None:
-        if stage not in STAGE_CONFIGS:
-            raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_CONFIGS)}")
-        data.setdefault("stage", stage)
-        if data["stage"] != stage:
-            raise ValueError(f"the config is for stage {data['stage']!r}, not {stage!r}")
-    elif "stage" not in data:
-        raise ValueError(f"the config has no 'stage' key; set it to one of {', '.join(STAGE_CONFIGS)}")
-    return _ADAPTER.validate_python(data)
-
-
-def load_stage_config(path: str | Path, stage: str | None = None) -> Any:
-    """Read and validate a stage config from a YAML or JSON file.
-
-    Raises:
-        FileNotFoundError: when the file does not exist.
-        ValueError: when the file is not a mapping, or see `parse_stage_config`.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"stage config {path} does not exist")
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a stage config must be a mapping of keys to values")
-    return parse_stage_config(data, stage)

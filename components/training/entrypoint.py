@@ -1,24 +1,20 @@
 """Run a training stage from a config file: `vlpipe train STAGE --config FILE` or
-`python -m components.training STAGE --config FILE` (works under `torchrun` and `deepspeed`).
+`python -m vlpipe.components.training STAGE --config FILE` (works under `torchrun` and `deepspeed`).
 
-validate (before any heavy import) → run the stage's `main` → write the summary JSON (rank 0) → tear down
-the process group.
+validate (before any heavy import) → run the stage's `main` (the stage table's entry) → write the summary JSON
+(rank 0) → tear down the process group.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from components.training.config import STAGE_CONFIGS, load_stage_config
-
-STAGE_MODULES = {stage: f"components.{stage}.train" for stage in STAGE_CONFIGS}
-
+from vlpipe.components.stages import STAGES, TRAIN_COMMANDS, load_stage_config
 
 COMPLETE_FILE = "complete.json"
 
@@ -27,7 +23,7 @@ def run_stage(stage: str, config: Any) -> dict[str, Any]:
     """Run `stage` with a validated config; returns the stage's summary.
 
     Idempotent: a stage whose work dir records a completed run of the same config returns that run's
-    summary without training again (a retried pipeline step costs nothing). A completed run of a
+    summary without training again (a retried pipeline task costs nothing). A completed run of a
     different config in the same work dir is an error.
 
     Raises:
@@ -46,9 +42,9 @@ def run_stage(stage: str, config: Any) -> dict[str, Any]:
             f"{done.parent} holds a completed {previous['config'].get('stage')} run of another config; "
             "use a new work_dir (or output) for a new run"
         )
-    module = importlib.import_module(STAGE_MODULES[stage])
+    main = STAGES[stage].load_entry()
     try:
-        summary = module.main(config)
+        summary = main(config)
         if int(os.environ.get("RANK", "0")) == 0:
             tmp = done.with_suffix(".tmp")
             tmp.write_text(json.dumps({"config": wanted, "summary": summary}, indent=2, default=str))
@@ -65,16 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("stage", choices=sorted(STAGE_CONFIGS))
+    parser.add_argument("stage", choices=TRAIN_COMMANDS)
     parser.add_argument("--config", required=True, type=Path, help="stage config (YAML or JSON)")
     parser.add_argument("--summary", type=Path, help="write the stage summary JSON here (rank 0)")
     # The `deepspeed` launcher passes --local_rank; LOCAL_RANK in the environment is what is used.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = load_stage_config(args.config, args.stage)
-    summary = run_stage(args.stage, config)
-    if args.summary and int(os.environ.get("RANK", "0")) == 0:
-        args.summary.parent.mkdir(parents=True, exist_ok=True)
-        args.summary.write_text(json.dumps(summary, indent=2, default=str))
+    train(args.stage, load_stage_config(args.config, args.stage), args.summary)
     return 0
+
+
+def train(stage: str, config: Any, summary_file: Path | None = None) -> dict[str, Any]:
+    """`run_stage`, then the summary JSON written to `summary_file` on rank 0; returns the summary."""
+    summary = run_stage(stage, config)
+    if summary_file is not None and int(os.environ.get("RANK", "0")) == 0:
+        summary_file.parent.mkdir(parents=True, exist_ok=True)
+        summary_file.write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,9 +1,9 @@
-"""The optimizer-step loop shared by every stage, the resumable batch sources, and progress reporting.
+"""What a training stage's loop uses: resumable batch sources and the per-step report.
 
-A stage supplies a batch source (`PackedSource`, `PaddedSource` or `IndexSource`) and a step function that
-runs forward/backward/`engine.step()` over one optimizer step's micro-batches and returns that step's metrics,
-already reduced over ranks. `train_loop` adds lr, grad norm, tokens/s, MFU (GPU) and memory, logs every step
-to MLflow and to `<work_dir>/metrics.jsonl`, shows progress, and writes periodic checkpoints.
+The loop itself is written in each stage file (`components/sft/stage.py`, `components/mpo/stage.py`): the
+stage takes one optimizer step's micro-batches from a source (`PackedSource`, `PaddedSource` or `IndexSource`),
+runs its forward/backward/`engine.step()` over them, and hands the step's metrics (reduced over ranks) to
+`StepReport`, which logs them (MLflow, `<work_dir>/metrics.jsonl`, progress) and writes periodic checkpoints.
 """
 
 from __future__ import annotations
@@ -15,21 +15,20 @@ import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from components.training.runtime import DistInfo, Engine, peak_flops, rng_state
-from components.training.state import save_training_state
-from components.training.tracking import Tracker
-from model.collate import collate_padded
-from model.conversation import EncodedSample
-from model.data.config import PackingConfig
-from model.data.packing import GreedyPacker, Row, _sample_from_dict, _sample_to_dict, pack_rows
-from model.errors import SampleError
+from vlpipe.components.training.runtime import DistInfo, Engine, peak_flops, rng_state
+from vlpipe.components.training.state import save_training_state
+from vlpipe.model.collate import collate_padded
+from vlpipe.model.conversation import EncodedSample
+from vlpipe.model.data.config import PackingConfig
+from vlpipe.model.data.packing import GreedyPacker, Row, pack_rows, sample_from_dict, sample_to_dict
+from vlpipe.model.errors import SampleError
+from vlpipe.tracking.runs import Run
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
@@ -37,7 +36,7 @@ METRICS_FILE = "metrics.jsonl"
 
 # -- batch sources ------------------------------------------------------------------------------------------
 class PackedSource:
-    """Packed micro-batches (`model.data.packing`) from an endless, resumable sample stream.
+    """Packed micro-batches (`vlpipe.model.data.packing`) from an endless, resumable sample stream.
 
     Args:
         loader: a `MixtureLoader` (iterable of `EncodedSample`, with `state_dict`/`load_state_dict`).
@@ -78,14 +77,14 @@ class PackedSource:
         return {
             "loader": self.loader.state_dict(),
             "packer": self.packer.state_dict(),
-            "pending": [[_sample_to_dict(s) for s in row] for row in self.pending],
+            "pending": [[sample_to_dict(s) for s in row] for row in self.pending],
             "unpackable": dict(self.unpackable),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state["loader"])
         self.packer.load_state_dict(state["packer"])
-        self.pending = [[_sample_from_dict(s) for s in row] for row in state["pending"]]
+        self.pending = [[sample_from_dict(s) for s in row] for row in state["pending"]]
         self.unpackable = Counter(state["unpackable"])
         self._samples = iter(self.loader)
 
@@ -210,28 +209,7 @@ class Progress:
             self._bar.stop()
 
 
-# -- the loop -----------------------------------------------------------------------------------------------
-StepFn = Callable[[list[Any]], dict[str, float]]
-
-
-@dataclass
-class LoopContext:
-    """Everything the loop needs besides the source and the step function."""
-
-    stage: str
-    info: DistInfo
-    engine: Engine
-    tracker: Tracker
-    work_dir: Path
-    total_steps: int
-    every_steps: int
-    keep_last: int
-    log_every: int
-    resolved_config: dict[str, Any]
-    trainer_state: dict[str, Any] = field(default_factory=dict)
-    flops_per_token: float | None = None  # 6 x trainable-forward params, for MFU
-
-
+# -- per-step reporting -------------------------------------------------------------------------------------
 def _peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -246,70 +224,79 @@ def read_metrics(work_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _truncate_metrics(work_dir: Path, after_step: int) -> None:
-    """Drop logged steps past `after_step` (steps a killed run did after its last checkpoint)."""
-    kept = [m for m in read_metrics(work_dir) if m["step"] <= after_step]
-    (work_dir / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in kept))
+class StepReport:
+    """What a stage's loop does around each optimizer step besides the step itself.
 
-
-def train_loop(
-    ctx: LoopContext,
-    source: Any,
-    step_fn: StepFn,
-    *,
-    start_step: int = 0,
-    extra_state: Callable[[], dict[str, Any]] = dict,
-) -> list[dict[str, Any]]:
-    """Run optimizer steps `start_step .. total_steps - 1`.
+    `begin()` before the step; `end(step, metrics)` after it adds lr, step time, tokens/s, MFU (GPU) and peak
+    memory, logs the step to MLflow and `<work_dir>/metrics.jsonl` and shows progress; `checkpoint(step,
+    rank_state)` writes the resumable checkpoint every `checkpoint.every_steps` steps (a collective). Steps a
+    killed run logged after its last checkpoint are dropped from `metrics.jsonl` when the stage resumes.
 
     Args:
-        ctx: the stage's loop context.
-        source: a batch source with `next(n)` and `state_dict()`.
-        step_fn: runs one optimizer step over the given micro-batches; returns metrics reduced over ranks,
-            including "loss" and "tokens" (real tokens processed by all ranks).
+        cfg: the stage config (`checkpoint`, `trainer.log_every`).
+        start: the stage's start (rank, work directory).
+        engine: the DeepSpeed engine.
+        run: the stage's MLflow run.
+        total_steps: optimizer steps of the run.
         start_step: steps already done (after a resume).
-        extra_state: more per-rank state for checkpoints (e.g. MPO's reward shift).
-
-    Returns:
-        The metrics of the steps run here.
+        resolved: the resolved config (written into every checkpoint).
     """
-    if ctx.info.is_main:
-        ctx.work_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(ctx.work_dir, start_step)
-    peak = peak_flops()
-    progress = Progress(ctx.stage, ctx.total_steps, start_step, ctx.log_every, ctx.info.is_main)
-    history = []
-    try:
-        for step in range(start_step, ctx.total_steps):
-            lr = ctx.engine.scheduler.get_last_lr()[0]
-            started = time.perf_counter()
-            metrics = step_fn(source.next(ctx.engine.accumulation_steps))
-            seconds = time.perf_counter() - started
-            metrics["lr"] = lr
-            metrics["step_seconds"] = seconds
-            metrics["tokens_per_s"] = metrics["tokens"] / seconds
-            metrics["peak_memory_gb"] = _peak_memory_gb()
-            if peak and ctx.flops_per_token:
-                achieved = ctx.flops_per_token * metrics["tokens_per_s"] / ctx.info.world_size
-                metrics["mfu"] = achieved / peak
-            done = step + 1
-            ctx.tracker.log_metrics(metrics, step=done)
-            if ctx.info.is_main:
-                with (ctx.work_dir / METRICS_FILE).open("a") as f:
-                    f.write(json.dumps({"step": done, **metrics}) + "\n")
-            history.append({"step": done, **metrics})
-            progress.update(done, metrics)
-            if ctx.every_steps and done % ctx.every_steps == 0 and done < ctx.total_steps:
-                save_training_state(
-                    ctx.work_dir,
-                    done,
-                    ctx.engine,
-                    ctx.info,
-                    trainer_state=ctx.trainer_state,
-                    rank_state={"rng": rng_state(), "data": source.state_dict(), **extra_state()},
-                    resolved_config=ctx.resolved_config,
-                    keep_last=ctx.keep_last,
-                )
-    finally:
-        progress.close()
-    return history
+
+    def __init__(
+        self,
+        cfg: Any,
+        start: Any,
+        engine: Engine,
+        run: Run,
+        total_steps: int,
+        start_step: int,
+        resolved: dict[str, Any],
+    ) -> None:
+        self.info, self.work_dir, self.engine, self.run = start.info, start.work_dir, engine, run
+        self.total_steps, self.resolved = total_steps, resolved
+        self.every_steps, self.keep_last = cfg.checkpoint.every_steps, cfg.checkpoint.keep_last
+        self.trainer_state = {"mlflow_run_id": run.run_id, "stage": cfg.stage}
+        self.flops_per_token = 6.0 * sum(p.numel() for p in engine.module.parameters())
+        self.peak = peak_flops()
+        self.history: list[dict[str, Any]] = []
+        if self.info.is_main:
+            kept = [m for m in read_metrics(self.work_dir) if m["step"] <= start_step]
+            (self.work_dir / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in kept))
+        self.progress = Progress(cfg.stage, total_steps, start_step, cfg.trainer.log_every, self.info.is_main)
+        self._lr, self._started = 0.0, 0.0
+
+    def begin(self) -> None:
+        self._lr = self.engine.scheduler.get_last_lr()[0]
+        self._started = time.perf_counter()
+
+    def end(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Record optimizer step `step` (1-based) with its metrics (reduced over ranks, with "loss" and "tokens")."""
+        seconds = time.perf_counter() - self._started
+        metrics.update(lr=self._lr, step_seconds=seconds, tokens_per_s=metrics["tokens"] / seconds)
+        metrics["peak_memory_gb"] = _peak_memory_gb()
+        if self.peak:
+            metrics["mfu"] = self.flops_per_token * metrics["tokens_per_s"] / self.info.world_size / self.peak
+        self.run.log_metrics(metrics, step=step)
+        if self.info.is_main:
+            with (self.work_dir / METRICS_FILE).open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.history.append({"step": step, **metrics})
+        self.progress.update(step, metrics)
+        return metrics
+
+    def checkpoint(self, step: int, rank_state: dict[str, Any]) -> None:
+        """Write a resumable checkpoint after `step` when one is due (every rank calls this)."""
+        if self.every_steps and step % self.every_steps == 0 and step < self.total_steps:
+            save_training_state(
+                self.work_dir,
+                step,
+                self.engine,
+                self.info,
+                trainer_state=self.trainer_state,
+                rank_state={"rng": rng_state(), **rank_state},
+                resolved_config=self.resolved,
+                keep_last=self.keep_last,
+            )
+
+    def close(self) -> None:
+        self.progress.close()

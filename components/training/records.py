@@ -8,8 +8,8 @@ import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from model.data.meta import Quarantine
-from model.storage import filesystem, is_remote, join
+from vlpipe.model.data.meta import Quarantine
+from vlpipe.model.storage import filesystem, is_remote, join
 
 
 def default_image_root(jsonl_uri: str) -> str:

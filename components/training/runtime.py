@@ -22,8 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from components.training.config import DistributedConfig, FreezeConfig, OptimizerConfig, TrainerConfig
-from infra.ds_config import render_deepspeed_config
+from vlpipe.components.training.config import DistributedConfig, FreezeConfig, OptimizerConfig, TrainerConfig
+from vlpipe.components.training.deepspeed import render_deepspeed_config
+from vlpipe.objectives.distributed import all_reduce_sum
 
 _PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
 
@@ -301,11 +302,9 @@ def peak_flops() -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    """Sum floats over ranks (for logging)."""
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Sum floats over ranks (step totals for logging and normalisation); a collective on every rank."""
     tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            tensor = tensor.cuda()
-        dist.all_reduce(tensor)
-    return tensor.cpu().tolist()
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    return all_reduce_sum(tensor).cpu().tolist()

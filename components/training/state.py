@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from components.training.runtime import DistInfo, Engine, barrier
+from vlpipe.components.training.runtime import DistInfo, Engine, barrier
 
 PREFIX = "step-"
 DS_TAG = "state"

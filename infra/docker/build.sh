@@ -6,9 +6,9 @@
 #   bash infra/docker/build.sh --push             # build, then push every tag
 #   bash infra/docker/build.sh -- --build-arg TRAIN_BASE_IMAGE=pytorch/pytorch:...   # extra engine arguments
 #
-# Images and Dockerfiles: `python -m infra.images list`. Tags: <repository>:<version>, plus
+# Images and Dockerfiles: `python -m vlpipe.infra.images list`. Tags: <repository>:<version>, plus
 # <repository>:<version>-<commit> when git knows the commit. Labels: org.opencontainers.image.version/revision.
-# The context is a temporary copy of the paths in infra.images.CONTEXT_PATHS only (no .venv, mlruns or .git),
+# The context is a temporary copy of the paths in vlpipe.infra.images.CONTEXT_PATHS only (no .venv, mlruns or .git),
 # whatever the engine. Engines, first found: docker (with a reachable daemon), podman, buildah.
 # No credentials are read or passed here: log in to the registry with your engine before --push.
 set -euo pipefail
@@ -60,14 +60,14 @@ if [[ -z "$python" ]]; then
     if [[ -x "$ROOT/.venv/bin/python" ]]; then python="$ROOT/.venv/bin/python"; else python=python3; fi
 fi
 cd "$ROOT"
-version="$("$python" -m infra.images version)"
-mapfile -t images < <("$python" -m infra.images list)
-mapfile -t context_paths < <("$python" -m infra.images context)
+version="$("$python" -m vlpipe.infra.images version)"
+mapfile -t images < <("$python" -m vlpipe.infra.images list)
+mapfile -t context_paths < <("$python" -m vlpipe.infra.images context)
 
 for name in "${only[@]}"; do
     found=0
     for line in "${images[@]}"; do [[ "${line%% *}" == "$name" ]] && found=1; done
-    ((found)) || { echo "error: no image '$name' (see: python -m infra.images list)" >&2; exit 64; }
+    ((found)) || { echo "error: no image '$name' (see: python -m vlpipe.infra.images list)" >&2; exit 64; }
 done
 
 revision=unknown

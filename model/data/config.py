@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model.data.mixing import MixtureConfig
+from vlpipe.model.data.mixing import MixtureConfig
 
 LabelMode = Literal["sft", "pretrain"]
 """Which tokens carry the loss: assistant replies ("sft") or every text token ("pretrain")."""

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from model.data.reasoning import join_words
-from model.data.scenes import COLOURS, KINDS, Scene
+from vlpipe.model.data.reasoning import join_words
+from vlpipe.model.data.scenes import COLOURS, KINDS, Scene
 
 NUMBER_WORDS = [
     "zero",

@@ -16,7 +16,7 @@
 
 The task, its solution format, the answer extraction rule (`extract_answer`: the last line must read
 "So the answer is N.") and how wrong solutions and step labels are made are described in
-`model.data.reasoning`. Everything is drawn from `random.Random` streams derived from `seed`, so the same
+`vlpipe.model.data.reasoning`. Everything is drawn from `random.Random` streams derived from `seed`, so the same
 seed writes byte-identical files (the meta files name `out`, so they differ only in that path).
 """
 
@@ -32,14 +32,14 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.data.corpus import (
+from vlpipe.model.data.corpus import (
     caption_conversation,
     load_photos,
     photo_conversation,
     photo_crop,
     text_conversation,
 )
-from model.data.reasoning import (
+from vlpipe.model.data.reasoning import (
     ReasoningItem,
     balanced_plan,
     extract_answer,
@@ -48,7 +48,7 @@ from model.data.reasoning import (
     perturb,
     sample_item,
 )
-from model.data.scenes import COLOURS, KINDS, MAX_SHAPES, Scene, png_bytes, render_scene, sample_scene
+from vlpipe.model.data.scenes import COLOURS, KINDS, MAX_SHAPES, Scene, png_bytes, render_scene, sample_scene
 
 __all__ = [
     "DemoSizes",
@@ -408,7 +408,7 @@ def _readme(seed: int, counts: dict[str, int]) -> str:
     lines = [
         "# vlpipe demo dataset",
         "",
-        f"Written by `model.data.demo.write_demo_dataset` with seed {seed}. Images are 64x64 PNG shape scenes",
+        f"Written by `vlpipe.model.data.demo.write_demo_dataset` with seed {seed}. Images are 64x64 PNG shape scenes",
         "(1-6 circles, squares and triangles in red, green, blue and yellow) plus a few JPEG crops of",
         "scikit-image sample photographs. Annotation `image` fields are relative to `images/`.",
         "",

@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from model.conversation import ConversationEncoder, EncodedSample, image_list
-from model.data.config import DataConfig
-from model.data.meta import Dataset, MetaFile, Quarantine, load_meta, read_dataset
-from model.data.mixing import MixedStream, MixItem, MixtureStats
-from model.errors import SampleError
-from model.image import ImageProcessingConfig, load_image, num_tiles, process_image
-from model.storage import filesystem
+from vlpipe.model.conversation import ConversationEncoder, EncodedSample, image_list
+from vlpipe.model.data.config import DataConfig
+from vlpipe.model.data.meta import Dataset, MetaFile, Quarantine, load_meta, read_dataset
+from vlpipe.model.data.mixing import MixedStream, MixItem, MixtureStats
+from vlpipe.model.errors import SampleError
+from vlpipe.model.image import ImageProcessingConfig, load_image, num_tiles, process_image
+from vlpipe.model.storage import filesystem
 
 log = logging.getLogger(__name__)
 # Skips are only judged against max_bad_fraction once this many samples were seen (one bad sample out of
@@ -145,7 +145,7 @@ class MixtureLoader:
 
     def manifest(self, packing: dict | None = None) -> dict:
         """Provenance: content hashes, counts per dataset, target and achieved ratio, seed and packing."""
-        from model.data.provenance import build_manifest
+        from vlpipe.model.data.provenance import build_manifest
 
         return build_manifest(self, packing=packing)
 

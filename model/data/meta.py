@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from model.storage import filesystem, join
+from vlpipe.model.storage import filesystem, join
 
 
 class DatasetSpec(BaseModel):

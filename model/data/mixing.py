@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model.data.meta import Dataset
+from vlpipe.model.data.meta import Dataset
 
 
 class MixtureConfig(BaseModel):
@@ -81,7 +81,7 @@ class MixedStream:
     """The mixture as an endless, deterministic stream of `MixItem`s for one data-parallel rank.
 
     Args:
-        datasets: the datasets (records already read; see `model.data.meta.read_dataset`).
+        datasets: the datasets (records already read; see `vlpipe.model.data.meta.read_dataset`).
         config: ratio/weights and seed.
         estimate_tokens: tokens of one record of a dataset (text + image tokens); called on a seeded sample of
             each dataset once, to estimate its mean tokens per sample.

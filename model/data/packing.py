@@ -8,12 +8,12 @@ exactly `max_tokens` long, padded only at the tail. Inside a row every sub-sampl
   for flash-attention varlen kernels (see `model_inputs`);
 * keeps its own V2PE positions, which start at 0;
 * has the label of its first token set to -100, so no token learns to predict the next sub-sample
-  (`objectives.lm.lm_loss` relies on this), and its own `sample_index` for square averaging of the loss.
+  (`vlpipe.objectives.lm.lm_loss` relies on this), and its own `sample_index` for square averaging of the loss.
 
 A model fed a packed batch therefore gives each sub-sample the logits it would get alone, and `lm_loss`
 gives the loss and gradients of the same samples padded one per row.
 
-The batch has the keys of `model.collate.collate_padded` (`input_ids`, `labels`, `attention_mask`,
+The batch has the keys of `vlpipe.model.collate.collate_padded` (`input_ids`, `labels`, `attention_mask`,
 `position_ids`, `sample_index`, `pixel_values`) plus `num_tiles`, `sample_ids`, `cu_seq_lens_q/k` and
 `max_length_q/k`. Its `attention_mask` is 4-D, so pass the batch through `model_inputs`, not `**batch`.
 
@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from model.conversation import IGNORE_INDEX, EncodedSample
-from model.data.config import PackingConfig
-from model.errors import SampleError
+from vlpipe.model.conversation import IGNORE_INDEX, EncodedSample
+from vlpipe.model.data.config import PackingConfig
+from vlpipe.model.errors import SampleError
 
 __all__ = [
     "GreedyPacker",
@@ -156,7 +156,7 @@ class GreedyPacker:
         return {
             "version": _STATE_VERSION,
             "config": self._packing_limits(),
-            "rows": [[_sample_to_dict(s) for s in row.samples] for row in self._open],
+            "rows": [[sample_to_dict(s) for s in row.samples] for row in self._open],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -177,11 +177,11 @@ class GreedyPacker:
         for saved in state["rows"]:
             row = _OpenRow()
             for fields in saved:
-                row.add(_sample_from_dict(fields))
+                row.add(sample_from_dict(fields))
             self._open.append(row)
 
 
-def _sample_to_dict(sample: EncodedSample) -> dict[str, Any]:
+def sample_to_dict(sample: EncodedSample) -> dict[str, Any]:
     return {
         "sample_id": sample.sample_id,
         "input_ids": sample.input_ids,
@@ -192,7 +192,7 @@ def _sample_to_dict(sample: EncodedSample) -> dict[str, Any]:
     }
 
 
-def _sample_from_dict(fields: dict[str, Any]) -> EncodedSample:
+def sample_from_dict(fields: dict[str, Any]) -> EncodedSample:
     return EncodedSample(
         fields["sample_id"],
         fields["input_ids"],
@@ -300,7 +300,7 @@ def model_inputs(
     """The keyword arguments for `InternVLForConditionalGeneration.forward` on a packed or padded batch.
 
     Args:
-        batch: from `pack_rows` (4-D mask) or `model.collate.collate_padded` (2-D mask, passed through).
+        batch: from `pack_rows` (4-D mask) or `vlpipe.model.collate.collate_padded` (2-D mask, passed through).
         attn_implementation: the model's `config._attn_implementation`.
         dtype: the model's compute dtype; eager attention adds the mask to its scores in this dtype.
 

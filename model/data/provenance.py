@@ -13,7 +13,7 @@ import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from model.data.loader import MixtureLoader
+    from vlpipe.model.data.loader import MixtureLoader
 
 
 def build_manifest(loader: MixtureLoader, packing: dict | None = None) -> dict:

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from model.data.scenes import COLOURS, KINDS, MAX_SHAPES, Scene, sample_scene
+from vlpipe.model.data.scenes import COLOURS, KINDS, MAX_SHAPES, Scene, sample_scene
 
 QuestionKind = Literal["colour", "shape"]
 ErrorKind = Literal["misread", "miscount", "drop_or_add"]

@@ -9,14 +9,14 @@ import json
 import pytest
 from PIL import Image
 
-from components.evaluate.benchmarks import (
+from vlpipe.components.evaluate.benchmarks import (
     BenchmarkError,
     extract_choice,
     extract_free,
     load_benchmark,
 )
-from components.evaluate.config import BenchmarkSpec
-from model.data.demo import DemoSizes, is_correct, write_demo_dataset
+from vlpipe.components.evaluate.config import BenchmarkSpec
+from vlpipe.model.data.demo import DemoSizes, is_correct, write_demo_dataset
 
 
 def _png(colour=(255, 0, 0), size=(24, 16)) -> bytes:
@@ -59,7 +59,7 @@ def test_demo_split_loads_with_default_image_root(demo_dir):
         )
         assert item.images == ((demo_dir / "images" / row["image"]).read_bytes(),)
         assert item.prompt_text == "<image>\n" + row["question"]
-        # The demo rule is model.data.demo's: the reference solution is right, a changed final line is wrong.
+        # The demo rule is vlpipe.model.data.demo's: the reference solution is right, a changed final line is wrong.
         wrong = row["solution"].rsplit("\n", 1)[0] + f"\nSo the answer is {int(row['answer']) + 1}."
         for text in (row["solution"], wrong, "no final line"):
             assert item.is_correct(item.extract(text)) == is_correct(text, row["answer"])
@@ -202,7 +202,7 @@ def test_tsv_limit_missing_columns_and_multi_image(tmp_path):
 def test_tsv_from_s3(s3_server, tmp_path):
     import boto3
 
-    from model.storage import filesystem
+    from vlpipe.model.storage import filesystem
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="bench")
     fs, _ = filesystem("s3://bench/x.tsv")

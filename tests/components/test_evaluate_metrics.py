@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-import components.evaluate
-from components.evaluate.metrics import (
+import vlpipe.components.evaluate as components_evaluate
+from vlpipe.components.evaluate.metrics import (
     ItemOutcome,
     compute_metrics,
     ks_for,
@@ -114,12 +114,12 @@ def test_metrics_per_benchmark_and_overall_micro_average():
 
 def test_light_modules_import_without_torch_and_nothing_imports_kfp():
     code = (
-        "import sys, components.evaluate, components.evaluate.config, components.evaluate.metrics, "
-        "components.evaluate.cli; assert 'torch' not in sys.modules, 'torch imported'"
+        "import sys, vlpipe.components.evaluate, vlpipe.components.evaluate.config, vlpipe.components.evaluate.metrics, "
+        "vlpipe.components.evaluate.cli; assert 'torch' not in sys.modules, 'torch imported'"
     )
-    root = Path(components.evaluate.__file__).parents[2]
+    root = Path(components_evaluate.__file__).parents[2]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
-    for path in Path(components.evaluate.__file__).parent.glob("*.py"):
+    for path in Path(components_evaluate.__file__).parent.glob("*.py"):
         if path.name == "component.py":  # the Kubeflow component definition is the one place kfp belongs
             continue
         for node in ast.walk(ast.parse(path.read_text())):

@@ -13,19 +13,19 @@ import typer
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from components.evaluate.benchmarks import BenchmarkError, load_benchmark
-from components.evaluate.cli import eval_command
-from components.evaluate.config import BenchmarkSpec, EvalConfig, load_eval_config
-from components.evaluate.metrics import ItemOutcome, compute_metrics, select_best
-from components.evaluate.run import item_seed, prepare_item, run_evaluation
-from components.evaluate.scoring import PRMScorer, score_steps_per_prefix
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.conversation import ConversationEncoder
-from model.data.demo import DemoSizes, iter_demo_texts, write_demo_dataset
-from model.generate import generate
-from model.init import init_random
-from model.tokenizer import IM_END
-from objectives.prm import PLUS
+from vlpipe.components.evaluate.benchmarks import BenchmarkError, load_benchmark
+from vlpipe.components.evaluate.cli import eval_command
+from vlpipe.components.evaluate.config import BenchmarkSpec, EvalConfig, load_eval_config
+from vlpipe.components.evaluate.metrics import ItemOutcome, compute_metrics, select_best
+from vlpipe.components.evaluate.stage import item_seed, prepare_item, run_evaluation
+from vlpipe.model.checkpoint import load_checkpoint, save_checkpoint
+from vlpipe.model.conversation import ConversationEncoder
+from vlpipe.model.data.demo import DemoSizes, iter_demo_texts, write_demo_dataset
+from vlpipe.model.generate import generate
+from vlpipe.model.init import init_random
+from vlpipe.model.tokenizer import IM_END
+from vlpipe.objectives.prm import PLUS
+from vlpipe.serving.scoring import PRMScorer, score_steps_per_prefix
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +315,7 @@ def test_scripted_answers_give_hand_computed_metrics(workdir, tmp_path, monkeypa
         texts = [t for p in prompts[: 1 if do_sample else None] for t in scripted[(p.sample_id, do_sample)]]
         return [policy_tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
-    monkeypatch.setattr("components.evaluate.run.generate", fake_generate)
+    monkeypatch.setattr("vlpipe.components.evaluate.stage.generate", fake_generate)
     config = EvalConfig(
         policy=str(workdir / "policy"), prm=str(tmp_path / "flat-prm"), benchmarks=[_demo_spec(workdir, 2)],
         n=4, batch_items=2, output_dir=str(tmp_path / "out"),

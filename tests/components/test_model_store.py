@@ -1,4 +1,4 @@
-"""Checkpoints handed between steps through a model store (`components.pipeline_run.model_store`)."""
+"""Checkpoints handed between steps through a model store (`vlpipe.components.pipeline_run.model_store`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import boto3
 import pytest
 
-from components.pipeline_run.model_store import (
+from vlpipe.components.pipeline_run.model_store import (
     METADATA_KEY,
     POINTER_FILE,
     STORE_ENV,
@@ -96,7 +96,7 @@ def test_pointer_to_a_missing_checkpoint_names_the_uri(tmp_path, monkeypatch, s3
 
 
 def test_checkpoint_output_writes_in_place_without_a_store(tmp_path, monkeypatch):
-    from components.pipeline_run.model_store import checkpoint_output
+    from vlpipe.components.pipeline_run.model_store import checkpoint_output
 
     monkeypatch.delenv(STORE_ENV, raising=False)
     artifact = _artifact(tmp_path)
@@ -107,7 +107,7 @@ def test_checkpoint_output_writes_in_place_without_a_store(tmp_path, monkeypatch
 
 
 def test_checkpoint_output_stages_and_publishes_with_a_store(tmp_path, monkeypatch, s3_server):
-    from components.pipeline_run.model_store import checkpoint_output
+    from vlpipe.components.pipeline_run.model_store import checkpoint_output
 
     boto3.client("s3").create_bucket(Bucket="models")
     monkeypatch.setenv("VLPIPE_HOME", str(tmp_path / "home"))

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.release import IMAGE, VERSION
-from infra.images import (
+from vlpipe.components.release import IMAGE, VERSION
+from vlpipe.infra.images import (
     CONTEXT_PATHS,
     DOCKER_DIR,
     IMAGES,
@@ -25,9 +25,9 @@ from infra.images import (
     parse_dockerfile,
     project_version,
 )
-from infra.manifests import CREDENTIAL_NAME
-from serving.deploy import IMAGE_REPOSITORY as SERVING_REPOSITORY
-from serving.deploy import TEMPLATE_DIR, serving_image
+from vlpipe.infra.manifests import CREDENTIAL_NAME
+from vlpipe.serving.deploy import IMAGE_REPOSITORY as SERVING_REPOSITORY
+from vlpipe.serving.deploy import TEMPLATE_DIR, serving_image
 
 BUILD_SH = DOCKER_DIR / "build.sh"
 NO_ENGINE_MESSAGE = (

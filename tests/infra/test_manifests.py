@@ -18,9 +18,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from components.release import VERSION
-from infra.images import is_pinned
-from infra.manifests import (
+from vlpipe.components.release import VERSION
+from vlpipe.infra.images import is_pinned
+from vlpipe.infra.manifests import (
     BASE_DIR,
     DEEPSPEED_CONFIGMAP,
     DEEPSPEED_DIR,
@@ -39,8 +39,8 @@ from infra.manifests import (
     render_secrets,
     secret_template_variables,
 )
-from pipelines.config import RECIPES_DIR
-from serving.deploy import TEMPLATE_DIR, S3Settings, ServingDeployment, service_account_manifest
+from vlpipe.pipelines.config import RECIPES_DIR
+from vlpipe.serving.deploy import TEMPLATE_DIR, S3Settings, ServingDeployment, service_account_manifest
 
 K8S_VERSION = "1.32.0"
 NAMESPACE = "vlpipe"
@@ -587,13 +587,13 @@ def test_s3_endpoint_is_the_recipes_one():
 
 def test_deepspeed_configmap_has_no_drift():
     assert DEEPSPEED_CONFIGMAP.read_text() == deepspeed_configmap_yaml(), (
-        "infra/k8s/base/deepspeed-configmap.yaml is stale: run `python -m infra.manifests deepspeed-configmap`"
+        "infra/k8s/base/deepspeed-configmap.yaml is stale: run `python -m vlpipe.infra.manifests deepspeed-configmap`"
     )
     shipped = load_documents(DEEPSPEED_CONFIGMAP)[0]
     files = {p.name: p.read_text() for p in sorted(DEEPSPEED_DIR.glob("*.json"))}
     assert shipped["data"] == files
     assert sorted(files) == ["zero0.json", "zero1.json", "zero2.json", "zero3-offload.json", "zero3.json"]
-    from infra.ds_config import reference_configs
+    from vlpipe.components.training.deepspeed import reference_configs
 
     assert {name: json.loads(text) for name, text in shipped["data"].items()} == reference_configs()
     assert main(["deepspeed-configmap", "--check"]) == 0
@@ -627,7 +627,7 @@ def test_work_pvc_is_the_recipes_work_volume(rendered):
 
 @pytest.mark.parametrize("name", ["internvl3-1b", "internvl3-2b", "internvl3-8b"])
 def test_cluster_recipes_point_at_the_platform_these_manifests_deploy(rendered, name):
-    from pipelines.config import load_recipe
+    from vlpipe.pipelines.config import load_recipe
 
     recipe = load_recipe(name)
     service = _one(rendered["base"], "Service", "mlflow")

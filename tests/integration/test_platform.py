@@ -34,7 +34,7 @@ STAGES = ("init", "pretrain", "sft", "mpo", "prm")
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
     """The running platform's environment (started here when `make platform-up` was not run)."""
-    from infra import local_platform
+    from vlpipe.infra import local_platform
 
     home = os.environ.get("VLPIPE_PLATFORM_HOME")
     running = local_platform.load(Path(home)) if home else None
@@ -68,9 +68,9 @@ def client_env(platform, tmp_path_factory):
 @pytest.fixture(scope="module")
 def recipe_run(platform, client_env):
     """Demo data to S3, then the tiny recipe with S3 data, an S3 model store and the tracking server."""
-    from model.data.demo import DemoSizes, write_demo_dataset
-    from pipelines.config import PipelineConfig, recipe_path
-    from pipelines.local import run_local
+    from vlpipe.model.data.demo import DemoSizes, write_demo_dataset
+    from vlpipe.pipelines.config import PipelineConfig, recipe_path
+    from vlpipe.pipelines.local import run_local
 
     key = uuid.uuid4().hex[:8]
     raw = yaml.safe_load(recipe_path("tiny").read_text())
@@ -161,7 +161,7 @@ def test_the_champion_is_served_from_its_registry_uri(recipe_run, platform, clie
             [
                 sys.executable,
                 "-m",
-                "pipelines.cli",
+                "vlpipe.pipelines.cli",
                 "serve",
                 "--model-uri",
                 f"models:/{name}@champion",

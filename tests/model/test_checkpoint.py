@@ -9,9 +9,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from model.build import compose_pretrained, internvl_config
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.conversation import ConversationEncoder
+from vlpipe.model.build import compose_pretrained, internvl_config
+from vlpipe.model.checkpoint import load_checkpoint, save_checkpoint
+from vlpipe.model.conversation import ConversationEncoder
 
 
 def _inputs(tok, image_cfg):
@@ -98,7 +98,7 @@ def test_compose_copies_vit_and_llm_with_fresh_projector(tmp_path, tiny_preset, 
 
 
 def test_compose_rejects_wrong_preset(tmp_path, tiny_preset, tiny_tokenizer):
-    from model.presets import get_preset
+    from vlpipe.model.presets import get_preset
 
     _pretrained_parts(tmp_path, tiny_preset, tiny_tokenizer)
     with pytest.raises(ValueError, match="do not match preset 'small'"):

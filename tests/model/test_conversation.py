@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from model.conversation import IGNORE_INDEX, ConversationEncoder
-from model.errors import SampleError
+from vlpipe.model.conversation import IGNORE_INDEX, ConversationEncoder
+from vlpipe.model.errors import SampleError
 
 
 @pytest.fixture()

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
-from model.errors import SampleError
-from model.image import (
+from vlpipe.model.errors import SampleError
+from vlpipe.model.image import (
     ImageProcessingConfig,
     decode_image,
     load_image,

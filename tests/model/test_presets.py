@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from model.build import count_parameters, meta_parameter_count
-from model.presets import PRESETS, ModelPreset, get_preset
+from vlpipe.model.build import count_parameters, meta_parameter_count
+from vlpipe.model.presets import PRESETS, ModelPreset, get_preset
 
 
 @pytest.mark.parametrize(
@@ -31,7 +31,7 @@ def test_unknown_preset_names_the_choices():
 
 
 def test_preset_rejects_bad_shapes():
-    from model.presets import VisionPreset
+    from vlpipe.model.presets import VisionPreset
 
     with pytest.raises(ValueError, match="multiple of patch_size"):
         VisionPreset(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,

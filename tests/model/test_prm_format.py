@@ -2,8 +2,14 @@
 
 import torch
 
-from model.conversation import ConversationEncoder
-from objectives.prm import MINUS, PLUS, format_prm_conversation, reply_positions_from_labels, step_scores
+from vlpipe.model.conversation import ConversationEncoder
+from vlpipe.objectives.prm import (
+    MINUS,
+    PLUS,
+    format_prm_conversation,
+    reply_positions_from_labels,
+    step_scores,
+)
 
 
 def test_reply_positions_point_at_the_plus_minus_tokens(tiny_tokenizer, tiny_model):

@@ -3,9 +3,9 @@ import random
 import pytest
 import torch
 
-from model.conversation import ConversationEncoder
-from model.generate import generate
-from model.v2pe import TRAINING_DELTAS, sample_deltas, v2pe_position_ids
+from vlpipe.model.conversation import ConversationEncoder
+from vlpipe.model.generate import generate
+from vlpipe.model.v2pe import TRAINING_DELTAS, sample_deltas, v2pe_position_ids
 
 IMG = 9
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import objectives
+import vlpipe.objectives as objectives
 
 PACKAGE_DIR = Path(objectives.__file__).parent
 FORBIDDEN = {"kfp", "mlflow", "boto3", "fsspec", "s3fs", "yaml"}
@@ -15,9 +15,7 @@ FORBIDDEN = {"kfp", "mlflow", "boto3", "fsspec", "s3fs", "yaml"}
 
 def test_configs_import_without_torch() -> None:
     # Pipeline and stage configs embed these classes; compiling a pipeline must not need torch.
-    code = (
-        "import sys, objectives.config; assert 'torch' not in sys.modules, 'objectives.config imports torch'"
-    )
+    code = "import sys, vlpipe.objectives.config; assert 'torch' not in sys.modules, 'vlpipe.objectives.config imports torch'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=PACKAGE_DIR.parent)
 
 

@@ -1,4 +1,4 @@
-"""Tests of objectives.lm: hand-computed reductions, packing equivalence, data parallelism."""
+"""Tests of vlpipe.objectives.lm: hand-computed reductions, packing equivalence, data parallelism."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-import objectives.lm as lm
-from objectives.lm import IGNORE_INDEX, LMLossConfig, lm_loss, lm_loss_terms, token_weights
+import vlpipe.objectives.lm as lm
 from tests.objectives._gloo import run_on_gloo
+from vlpipe.objectives.lm import IGNORE_INDEX, LMLossConfig, lm_loss, lm_loss_terms, token_weights
 
 X = IGNORE_INDEX
 REDUCTIONS = ["token", "sample", "square"]

@@ -1,4 +1,4 @@
-"""Tests of objectives.mpo: each MPO term, the reward shift's updates and checkpointing, sequence_logps."""
+"""Tests of vlpipe.objectives.mpo: each MPO term, the reward shift's updates and checkpointing, sequence_logps."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from objectives.config import MPOConfig
-from objectives.lm import IGNORE_INDEX
-from objectives.mpo import MPOLoss, sequence_logps
 from tests.objectives._gloo import run_on_gloo
+from vlpipe.objectives.config import MPOConfig
+from vlpipe.objectives.lm import IGNORE_INDEX
+from vlpipe.objectives.mpo import MPOLoss, sequence_logps
 
 X = IGNORE_INDEX
 

@@ -1,4 +1,4 @@
-"""Tests of objectives.prm: conversation format, step scoring, aggregation."""
+"""Tests of vlpipe.objectives.prm: conversation format, step scoring, aggregation."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from objectives.config import PRMConfig
-from objectives.lm import IGNORE_INDEX
-from objectives.prm import (
+from vlpipe.objectives.config import PRMConfig
+from vlpipe.objectives.lm import IGNORE_INDEX
+from vlpipe.objectives.prm import (
     MINUS,
     PLUS,
     aggregate_step_scores,

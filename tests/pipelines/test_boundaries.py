@@ -9,26 +9,26 @@ import sys
 import pytest
 
 DEFINITION_MODULES = (
-    "components.release",
-    "components.pipeline_run.component",
-    "components.data.component",
-    "components.pretrain.component",
-    "components.sft.component",
-    "components.mpo.component",
-    "components.prm.component",
-    "components.evaluate.component",
-    "components.register.component",
-    "components.promote.component",
-    "components.deploy.component",
-    "components.promote.config",
-    "components.deploy.config",
-    "components.training.kfp_entry",
-    "components.evaluate.pipeline_step",
-    "pipelines.config",
-    "pipelines.dag",
-    "pipelines.compile",
-    "pipelines.submit",
-    "pipelines.local",
+    "vlpipe.components.release",
+    "vlpipe.components.pipeline_run.component",
+    "vlpipe.components.data.component",
+    "vlpipe.components.pretrain.component",
+    "vlpipe.components.sft.component",
+    "vlpipe.components.mpo.component",
+    "vlpipe.components.prm.component",
+    "vlpipe.components.evaluate.component",
+    "vlpipe.components.register.component",
+    "vlpipe.components.promote.component",
+    "vlpipe.components.deploy.component",
+    "vlpipe.components.promote.config",
+    "vlpipe.components.deploy.config",
+    "vlpipe.components.training.task",
+    "vlpipe.components.evaluate.task",
+    "vlpipe.pipelines.config",
+    "vlpipe.pipelines.dag",
+    "vlpipe.pipelines.compile",
+    "vlpipe.pipelines.submit",
+    "vlpipe.pipelines.local",
 )
 
 
@@ -48,16 +48,16 @@ def test_component_bodies_only_import_and_call_one_entrypoint():
     import ast
     import inspect
 
-    from components.data import component as data
-    from components.deploy.component import deploy_model
-    from components.evaluate.component import evaluate
-    from components.mpo.component import mpo
-    from components.pipeline_run import component as run
-    from components.pretrain.component import pretrain
-    from components.prm.component import prm
-    from components.promote.component import promote_model
-    from components.register.component import register_model
-    from components.sft.component import sft
+    from vlpipe.components.data import component as data
+    from vlpipe.components.deploy.component import deploy_model
+    from vlpipe.components.evaluate.component import evaluate
+    from vlpipe.components.mpo.component import mpo
+    from vlpipe.components.pipeline_run import component as run
+    from vlpipe.components.pretrain.component import pretrain
+    from vlpipe.components.prm.component import prm
+    from vlpipe.components.promote.component import promote_model
+    from vlpipe.components.register.component import register_model
+    from vlpipe.components.sft.component import sft
 
     components = [
         data.prepare_data, data.init_model, data.mix_data, pretrain, sft, mpo, prm, evaluate, register_model,
@@ -72,5 +72,5 @@ def test_component_bodies_only_import_and_call_one_entrypoint():
         ]
         imports = [node for node in body if isinstance(node, ast.ImportFrom)]
         calls = [node for node in body if not isinstance(node, ast.ImportFrom)]
-        assert all(node.module.startswith("components.") for node in imports), component.name
+        assert all(node.module.startswith("vlpipe.components.") for node in imports), component.name
         assert len(calls) == 1 and isinstance(calls[0], ast.Expr | ast.Return), component.name

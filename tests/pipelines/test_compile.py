@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from components.release import IMAGE, VERSION
-from pipelines.cli import app
-from pipelines.compile import compile_recipe, pipeline_version
-from pipelines.config import list_recipes, load_recipe
-from pipelines.dag import PIPELINES
 from tests.pipelines.ir import artifact_edges, body_tasks, constant, load_ir, parameter_edges, sub_dag_tasks
+from vlpipe.components.release import IMAGE, VERSION
+from vlpipe.pipelines.cli import app
+from vlpipe.pipelines.compile import compile_recipe, pipeline_version
+from vlpipe.pipelines.config import list_recipes, load_recipe
+from vlpipe.pipelines.dag import PIPELINES
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 STEPS = {
@@ -299,7 +299,7 @@ def test_compile_command_writes_one_file_per_pipeline(tmp_path, monkeypatch):
 def test_a_critic_section_trains_the_prm_base_from_the_sft_checkpoint(tmp_path):
     import yaml
 
-    from pipelines.config import PipelineConfig, recipe_path
+    from vlpipe.pipelines.config import PipelineConfig, recipe_path
 
     raw = yaml.safe_load(recipe_path("tiny").read_text())
     raw["critic"] = raw["stages"]["sft"]  # more SFT with the SFT settings

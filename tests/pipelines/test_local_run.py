@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.config import PipelineConfig, recipe_path
+from vlpipe.pipelines.config import PipelineConfig, recipe_path
 
 pytestmark = pytest.mark.slow
 STEPS = (
@@ -62,7 +62,7 @@ def local_home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def recipe_run(local_home):
-    from pipelines.local import run_local
+    from vlpipe.pipelines.local import run_local
 
     return run_local(_short_tiny())
 
@@ -126,7 +126,7 @@ def test_the_recipe_runs_end_to_end_with_one_parent_and_a_child_run_per_step(rec
 
 
 def test_the_evaluate_sub_pipeline_runs_on_given_checkpoints(recipe_run):
-    from pipelines.local import run_local
+    from vlpipe.pipelines.local import run_local
 
     run_dir = max(
         Path(recipe_run["pipeline_root"]).glob("internvl3-recipe-*"), key=lambda p: p.stat().st_mtime
@@ -144,8 +144,8 @@ def test_the_evaluate_sub_pipeline_runs_on_given_checkpoints(recipe_run):
 def test_the_promote_deploy_sub_pipeline_skips_deployment_unless_promoted(recipe_run):
     """The recipe run's version is the champion already: the decision is `already_champion` and the deploy
     branch (enabled here, with no cluster to reach) is skipped, the run succeeding."""
-    from components.deploy.config import DeploySettings
-    from pipelines.local import run_local
+    from vlpipe.components.deploy.config import DeploySettings
+    from vlpipe.pipelines.local import run_local
 
     # The cluster cross-checks (MLflow server, S3) are bypassed: the deploy step must never run here.
     service = {"name": "vlpipe-test", "storage_uri": "s3://nowhere/model", "gpus": 0}
@@ -161,7 +161,7 @@ def test_the_promote_deploy_sub_pipeline_skips_deployment_unless_promoted(recipe
 def test_a_failing_step_closes_the_parent_run_as_failed(recipe_run, tmp_path):
     from mlflow import MlflowClient
 
-    from pipelines.local import run_local
+    from vlpipe.pipelines.local import run_local
 
     with pytest.raises(RuntimeError, match="mix-data"):
         run_local(_short_tiny(), pipeline="sft-mpo", arguments={"checkpoint_uri": str(tmp_path / "missing")})
@@ -185,7 +185,7 @@ class _Artifact:
 
 def test_a_retried_training_step_publishes_the_completed_checkpoint_without_training(recipe_run, tmp_path):
     """A retry runs in a new pod with an empty output directory; the work directory still holds the run."""
-    from components.training.kfp_entry import run_training_step
+    from vlpipe.components.training.task import run_training_step
 
     recipe = _short_tiny()
     run_dir = max(

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from components.deploy.config import DeployConfig, DeploySettings, storage_uri_of
-from components.deploy.deploy import deploy_champion
-from components.pipeline_run.config import TrackingSettings
-from components.promote.config import PromoteConfig, parse_model_uri
-from components.promote.promote import promote_step
-from serving.promote import Gate, PromotionConfig
 from tests.serving.test_deploy import FakeClock, FakeCustomObjectsApi, _client, _container, _env
+from vlpipe.components.deploy.config import DeployConfig, DeploySettings, storage_uri_of
+from vlpipe.components.deploy.deploy import deploy_champion
+from vlpipe.components.pipeline_run.config import TrackingSettings
+from vlpipe.components.promote.config import PromoteConfig, parse_model_uri
+from vlpipe.components.promote.promote import promote_step
+from vlpipe.serving.promote import Gate, PromotionConfig
 
 NAME = "vlpipe-steps"
 TRACKING = TrackingSettings(experiment="vlpipe-steps")

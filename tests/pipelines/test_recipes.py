@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from pipelines.config import PipelineConfig, list_recipes, load_recipe, recipe_path
+from vlpipe.pipelines.config import PipelineConfig, list_recipes, load_recipe, recipe_path
 
 SHIPPED = ("internvl3-1b", "internvl3-2b", "internvl3-8b", "small", "tiny")
 

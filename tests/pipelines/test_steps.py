@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from components.data.config import DataSettings, DemoData
-from components.data.prepare import load_dataset_info, resolve
-from components.evaluate.pipeline_step import metrics_html, metrics_markdown, wire_eval_config
-from components.register.register import lineage_tags
-from components.training.kfp_entry import check_preset, owned_keys_in, stage_work_dir, wire_stage_config
-from pipelines.config import load_recipe
+from vlpipe.components.data.config import DataSettings, DemoData
+from vlpipe.components.data.prepare import load_dataset_info, resolve
+from vlpipe.components.evaluate.task import metrics_html, metrics_markdown, wire_eval_config
+from vlpipe.components.register.register import lineage_tags
+from vlpipe.components.stages import STAGES, owned_keys_in
+from vlpipe.components.training.task import check_preset, stage_work_dir, wire_stage_config
+from vlpipe.pipelines.config import load_recipe
 
 
 def test_wiring_adds_paths_and_parent_run_and_validates_with_the_stage_class():
@@ -45,12 +46,13 @@ def test_wiring_adds_paths_and_parent_run_and_validates_with_the_stage_class():
 
 
 def test_owned_keys_are_found():
-    assert owned_keys_in("sft", {"init": "x", "data": {"meta": "m"}, "tracking": {"experiment": "e"}}) == [
+    settings = {"init": "x", "data": {"meta": "m"}, "tracking": {"experiment": "e"}}
+    assert owned_keys_in(settings, STAGES["sft"].owned) == [
         "init",
         "tracking.experiment",
         "data.meta",
     ]
-    assert owned_keys_in("prm", {"data": {"max_length": 3}}) == []
+    assert owned_keys_in({"data": {"max_length": 3}}, STAGES["prm"].owned) == []
 
 
 def test_work_dir_is_per_job_and_stage(tmp_path, monkeypatch):
@@ -149,8 +151,7 @@ def test_lineage_tags_tie_the_version_to_runs_data_and_results(monkeypatch):
 
 
 def test_prm_data_wiring_reads_relative_paths_from_the_data_root():
-    from components.prm.pipeline_step import owned_keys_in as prm_data_owned
-    from components.prm.pipeline_step import wire_prm_data_config
+    from vlpipe.components.prm_data.task import wire_prm_data_config
 
     settings = {
         "source": "reasoning/train.jsonl",
@@ -166,7 +167,7 @@ def test_prm_data_wiring_reads_relative_paths_from_the_data_root():
     assert cfg.include == ("s3://bucket/data/prm/train.jsonl", "s3://curated/steps.jsonl")
     absolute = wire_prm_data_config({"source": "/abs/r.jsonl"}, policy="/p", output="/o", data_root="/root")
     assert absolute.source == "/abs/r.jsonl" and absolute.image_root is None
-    assert prm_data_owned({"policy": "x", "output": "y", "n": 2}) == ["policy", "output"]
+    assert owned_keys_in({"policy": "x", "output": "y", "n": 2}, STAGES["prm-data"].owned) == ["policy", "output"]
     with pytest.raises(ValidationError, match="temperature"):
         wire_prm_data_config(
             {"source": "r.jsonl", "temperature": 0}, policy="/p", output="/o", data_root="/d"

@@ -9,11 +9,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from components.release import VERSION
-from pipelines import submit as submit_module
-from pipelines.cli import app
-from pipelines.config import load_recipe
-from pipelines.submit import submit_recipe
+from vlpipe.components.release import VERSION
+from vlpipe.pipelines import submit as submit_module
+from vlpipe.pipelines.cli import app
+from vlpipe.pipelines.config import load_recipe
+from vlpipe.pipelines.submit import submit_recipe
 
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 

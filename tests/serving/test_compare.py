@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from serving.compare import comparison_rows, plot_loss_curves
+from vlpipe.serving.compare import comparison_rows, plot_loss_curves
 
 
 def test_compare_pipelines_and_single_runs(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from serving.deploy import (
+from vlpipe.serving.deploy import (
     TEMPLATE_DIR,
     S3Settings,
     ServingDeployment,

@@ -16,16 +16,16 @@ import pytest
 import torch
 from PIL import Image
 
-from components.evaluate.scoring import PRMScorer
-from model.checkpoint import load_checkpoint
-from model.conversation import ConversationEncoder
-from model.generate import generate
-from model.image import decode_image, process_image
-from model.init import init_random
-from model.tokenizer import IM_END
-from serving.limits import RequestRejected, ServingLimits
-from serving.openai_api import ChatSettings, Conversation
-from serving.predictor import VLPipeModel, serve_in_background
+from vlpipe.model.checkpoint import load_checkpoint
+from vlpipe.model.conversation import ConversationEncoder
+from vlpipe.model.generate import generate
+from vlpipe.model.image import decode_image, process_image
+from vlpipe.model.init import init_random
+from vlpipe.model.tokenizer import IM_END
+from vlpipe.serving.limits import RequestRejected, ServingLimits
+from vlpipe.serving.openai_api import ChatSettings, Conversation
+from vlpipe.serving.predictor import VLPipeModel, serve_in_background
+from vlpipe.serving.scoring import PRMScorer
 
 QUESTION = "How many red shapes are there?"
 V2PE_DELTA = 0.25
@@ -356,7 +356,7 @@ def test_concurrent_chat_requests_all_succeed(http):
 
 @pytest.mark.slow
 def test_bench_serving_runs_and_writes_json(tmp_path):
-    from serving.bench import bench_serving
+    from vlpipe.serving.bench import bench_serving
 
     result = bench_serving(tmp_path, duration_s=1.0, clients=4, latency_requests=3, max_tokens=4)
     assert json.loads((tmp_path / "serving.json").read_text()) == result

@@ -21,17 +21,17 @@ import typer
 from mlflow import MlflowClient
 from PIL import Image
 
-from model.checkpoint import load_checkpoint
-from model.conversation import ConversationEncoder
-from model.generate import generate
-from model.image import decode_image, process_image
-from model.init import init_random
-from model.tokenizer import IM_END
-from serving.cli import serve_command
-from serving.limits import ServingLimits
-from serving.predictor import VLPipeModel, VLPipeModelServer, resolve_checkpoint, serve_in_background
-from serving.pyfunc import log_checkpoint_model
 from tests.servers import wait_until_ready
+from vlpipe.model.checkpoint import load_checkpoint
+from vlpipe.model.conversation import ConversationEncoder
+from vlpipe.model.generate import generate
+from vlpipe.model.image import decode_image, process_image
+from vlpipe.model.init import init_random
+from vlpipe.model.tokenizer import IM_END
+from vlpipe.serving.cli import serve_command
+from vlpipe.serving.limits import ServingLimits
+from vlpipe.serving.predictor import VLPipeModel, VLPipeModelServer, resolve_checkpoint, serve_in_background
+from vlpipe.serving.pyfunc import log_checkpoint_model
 
 # KServe's V1 route builds FastAPI's deprecated ORJSONResponse itself.
 pytestmark = pytest.mark.filterwarnings("ignore:ORJSONResponse is deprecated")
@@ -84,7 +84,7 @@ def http(model):
 def _direct(
     checkpoint: str, rows: list[tuple[str, bytes | None]], **kwargs
 ) -> tuple[list[list[int]], list[str]]:
-    """Generation without serving code: encode each row as training does, then `model.generate.generate`."""
+    """Generation without serving code: encode each row as training does, then `vlpipe.model.generate.generate`."""
     loaded = load_checkpoint(checkpoint)
     tok = loaded.tokenizer
     encoder = ConversationEncoder(tok, loaded.tokens_per_tile, max_length=4096, mode="sft")
@@ -349,7 +349,7 @@ def test_serve_command_serves_in_a_subprocess_until_sigterm(checkpoint, tmp_path
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    code = f"from serving.cli import serve_command; serve_command({checkpoint!r}, port={port}, name='tiny')"
+    code = f"from vlpipe.serving.cli import serve_command; serve_command({checkpoint!r}, port={port}, name='tiny')"
     log = (tmp_path / "server.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-c", code], cwd=Path(__file__).parents[2], stdout=log, stderr=subprocess.STDOUT

@@ -7,7 +7,7 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from serving.promote import (
+from vlpipe.serving.promote import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS,

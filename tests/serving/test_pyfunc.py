@@ -17,13 +17,13 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from model.checkpoint import load_checkpoint
-from model.conversation import ConversationEncoder, EncodedSample
-from model.generate import generate
-from model.image import decode_image, process_image
-from model.init import init_random
-from model.tokenizer import IM_END
-from serving.pyfunc import (
+from vlpipe.model.checkpoint import load_checkpoint
+from vlpipe.model.conversation import ConversationEncoder, EncodedSample
+from vlpipe.model.generate import generate
+from vlpipe.model.image import decode_image, process_image
+from vlpipe.model.init import init_random
+from vlpipe.model.tokenizer import IM_END
+from vlpipe.serving.pyfunc import (
     SERVING_PACKAGES,
     VLPipePyfunc,
     decode_image_field,
@@ -266,7 +266,7 @@ def test_decode_image_field():
 def test_log_from_s3_localizes_first(checkpoint, s3_server, tmp_path, monkeypatch):
     import boto3
 
-    from model.storage import upload_dir
+    from vlpipe.model.storage import upload_dir
 
     monkeypatch.setenv("VLPIPE_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
@@ -283,5 +283,7 @@ def test_log_from_s3_localizes_first(checkpoint, s3_server, tmp_path, monkeypatc
 
 def test_module_import_is_light():
     # Pipeline components import this module to log models; torch and transformers load only with a model.
-    code = "import sys, serving.pyfunc; assert not {'torch', 'transformers', 'model'} & set(sys.modules)"
+    code = (
+        "import sys, vlpipe.serving.pyfunc; assert not {'torch', 'transformers', 'model'} & set(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

@@ -12,8 +12,8 @@ LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory) -> dict[str, Path]:
-    from model.data.demo import DemoSizes, iter_demo_texts, write_demo_dataset
-    from model.init import init_random
+    from vlpipe.model.data.demo import DemoSizes, iter_demo_texts, write_demo_dataset
+    from vlpipe.model.init import init_random
 
     root = tmp_path_factory.mktemp("train-ws")
     data = root / "data"

@@ -8,15 +8,15 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from components.training.config import (
-    OptimizerConfig,
-    SFTStageConfig,
-    TrainerConfig,
-    load_stage_config,
-    parse_stage_config,
+from vlpipe.components.stages import load_stage_config, parse_stage_config
+from vlpipe.components.training.config import OptimizerConfig, SFTStageConfig, TrainerConfig
+from vlpipe.components.training.deepspeed import (
+    REFERENCE_DIR,
+    dumps,
+    reference_configs,
+    render_deepspeed_config,
 )
-from components.training.runtime import lr_factor
-from infra.ds_config import REFERENCE_DIR, dumps, reference_configs, render_deepspeed_config
+from vlpipe.components.training.runtime import lr_factor
 
 SFT = {
     "stage": "sft",
@@ -99,7 +99,7 @@ def test_shipped_deepspeed_configs_are_the_rendering():
 
 
 def test_rendered_batch_keys():
-    from components.training.config import DistributedConfig
+    from vlpipe.components.training.config import DistributedConfig
 
     cfg = render_deepspeed_config(
         DistributedConfig(zero_stage=3),

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from components.prm.train import reply_placeholders, single_token_id
-from model.conversation import ConversationEncoder
-from objectives.lm import IGNORE_INDEX
-from objectives.prm import format_prm_conversation, reply_positions_from_labels
+from vlpipe.components.prm.stage import reply_placeholders, single_token_id
+from vlpipe.model.conversation import ConversationEncoder
+from vlpipe.objectives.lm import IGNORE_INDEX
+from vlpipe.objectives.prm import format_prm_conversation, reply_positions_from_labels
 
 
 def _encoded(tokenizer, labels):

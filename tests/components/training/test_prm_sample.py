@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from components.prm.sample import label, normalise_source
+from vlpipe.components.prm_data.stage import label, normalise_source
 
 REF = ["I see a red circle and a blue square.", "The red one is the circle.", "So the answer is 1."]
 
@@ -70,8 +70,8 @@ class _Artifact:
 def test_sampling_step_labels_the_policy_solutions_and_logs_them(workspace, tracking, tmp_path):
     import mlflow
 
-    from components.prm.pipeline_step import IMAGE_ROOT_KEY, run_prm_data_step
-    from model.data.reasoning import local_step_labels, parse_question
+    from vlpipe.components.prm_data.task import IMAGE_ROOT_KEY, run_prm_data_step
+    from vlpipe.model.data.reasoning import local_step_labels, parse_question
 
     # The SFT-format reasoning split as the source, with one record the labeller cannot use.
     source = tmp_path / "data" / "reasoning" / "train.jsonl"

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from components.training.loop import read_metrics
-from components.training.state import list_checkpoints
 from tests.components.training.conftest import child_env, sft_config
+from vlpipe.components.training.loop import read_metrics
+from vlpipe.components.training.state import list_checkpoints
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 240
@@ -28,13 +28,13 @@ def _write(cfg: dict, path: Path) -> Path:
 
 def _stage_cmd(config: Path, nproc: int = 1) -> list[str]:
     if nproc == 1:
-        return [sys.executable, "-m", "components.sft", "--config", str(config)]
+        return [sys.executable, "-m", "vlpipe.components.sft", "--config", str(config)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-        f"--master_port={port}", "-m", "components.sft", "--config", str(config),
+        f"--master_port={port}", "-m", "vlpipe.components.sft", "--config", str(config),
     ]  # fmt: skip
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from components.training.config import parse_stage_config
-from components.training.entrypoint import run_stage
-from components.training.loop import read_metrics
 from tests.components.training.conftest import sft_config
+from vlpipe.components.stages import parse_stage_config
+from vlpipe.components.training.entrypoint import run_stage
+from vlpipe.components.training.loop import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -25,11 +25,11 @@ def _records(path: Path, n: int) -> list[dict]:
 
 def _sft_batch_loss(ckpt: Path, data: Path) -> float:
     """Square-averaged LM loss of a fixed batch of 4 reasoning samples under a checkpoint."""
-    from model.checkpoint import load_checkpoint
-    from model.collate import collate_padded
-    from model.conversation import ConversationEncoder
-    from model.image import load_image, process_image
-    from objectives.lm import lm_loss
+    from vlpipe.model.checkpoint import load_checkpoint
+    from vlpipe.model.collate import collate_padded
+    from vlpipe.model.conversation import ConversationEncoder
+    from vlpipe.model.image import load_image, process_image
+    from vlpipe.objectives.lm import lm_loss
 
     loaded = load_checkpoint(ckpt)
     enc = ConversationEncoder(loaded.tokenizer, loaded.tokens_per_tile, 512, mode="sft")
@@ -197,7 +197,7 @@ def test_prm_trains_on_step_labels_and_counts_bad_lines(workspace, tmp_path, tra
     metrics = read_metrics(tmp_path / "prm-out.work")
     assert metrics[-1]["loss"] < metrics[0]["loss"]
     assert all(0.0 <= m["step_accuracy"] <= 1.0 for m in metrics)
-    from model.checkpoint import load_checkpoint
+    from vlpipe.model.checkpoint import load_checkpoint
 
     assert load_checkpoint(tmp_path / "prm-out").metadata["stage"] == "prm"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from model.data.demo import (
+from vlpipe.model.data.demo import (
     DemoSizes,
     Scene,
     extract_answer,
@@ -22,8 +22,8 @@ from model.data.demo import (
     render_scene,
     write_demo_dataset,
 )
-from model.data.reasoning import Question, perturb, sample_item, solution_steps
-from model.data.scenes import Shape, png_bytes
+from vlpipe.model.data.reasoning import Question, perturb, sample_item, solution_steps
+from vlpipe.model.data.scenes import Shape, png_bytes
 
 
 def _read_jsonl(path: Path) -> list[dict]:

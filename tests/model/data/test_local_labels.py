@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from model.data.reasoning import (
+from vlpipe.model.data.reasoning import (
     Question,
     local_step_labels,
     parse_describe_step,

@@ -5,16 +5,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.data.demo import DemoSizes, iter_demo_texts, write_demo_dataset
-from model.data.loader import DataConfig, MixtureLoader
-from model.data.meta import MetaError, Quarantine, load_meta, read_dataset
-from model.data.mixing import MixedStream, MixtureConfig, epoch_order
+from vlpipe.model.data.demo import DemoSizes, iter_demo_texts, write_demo_dataset
+from vlpipe.model.data.loader import DataConfig, MixtureLoader
+from vlpipe.model.data.meta import MetaError, Quarantine, load_meta, read_dataset
+from vlpipe.model.data.mixing import MixedStream, MixtureConfig, epoch_order
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from model.checkpoint import load_checkpoint
-    from model.init import init_random
+    from vlpipe.model.checkpoint import load_checkpoint
+    from vlpipe.model.init import init_random
 
     root = tmp_path_factory.mktemp("demo")
     write_demo_dataset(str(root / "data"), seed=0, sizes=DemoSizes.tiny())
@@ -186,7 +186,7 @@ def test_quarantine_counts_each_kind_of_bad_input(tmp_path, demo):
 def test_manifest_hashes_and_mlflow_inputs(tmp_path, demo, monkeypatch):
     import mlflow
 
-    from model.data.provenance import log_manifest_to_mlflow
+    from vlpipe.model.data.provenance import log_manifest_to_mlflow
 
     data, lm = demo
     loader = _loader(data / "meta_pretrain.json", lm)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from model.collate import collate_padded
-from model.conversation import IGNORE_INDEX, ConversationEncoder, EncodedSample
-from model.data.packing import (
+from vlpipe.model.collate import collate_padded
+from vlpipe.model.conversation import IGNORE_INDEX, ConversationEncoder, EncodedSample
+from vlpipe.model.data.packing import (
     GreedyPacker,
     PackingConfig,
     model_inputs,
@@ -21,8 +21,8 @@ from model.data.packing import (
     padded_utilisation,
     token_utilisation,
 )
-from model.errors import SampleError
-from objectives.lm import lm_loss
+from vlpipe.model.errors import SampleError
+from vlpipe.objectives.lm import lm_loss
 
 PAD = 0
 

@@ -32,7 +32,7 @@ def prm_data_command(
     import yaml
     from pydantic import ValidationError
 
-    from components.prm.sample import PRMSampleConfig, sample_prm_data
+    from vlpipe.components.prm_data.stage import PRMSampleConfig, sample_prm_data
 
     try:
         cfg = PRMSampleConfig.model_validate(yaml.safe_load(config.read_text()))

@@ -1,11 +1,13 @@
-"""`vlpipe train prm`: train the process reward model from a checkpoint on step-labelled solutions.
+"""The PRM stage (`vlpipe train prm`): the process reward model trained from a checkpoint on step-labelled
+solutions.
 
-validate → convert the solutions to `+`/`-` conversations → SFT on the replies (the mixture loader, packing
-and LM loss of the SFT stage) → HF checkpoint. Besides the loss it logs `step_accuracy`: how often the model
+validate → convert the solutions to `+`/`-` conversations (rank 0; every rank reads the result) → the LM flow
+of the SFT stage on the replies (`vlpipe.components.sft.stage.train_lm`: mixture loader, packing, LM loss,
+loop, save) → HF checkpoint. Besides the loss it logs `step_accuracy`: how often the model
 prefers the right one of `+`/`-` at the reply positions of the training batch.
 
 Trained as scored: at inference every reply of the conversation is a `+` placeholder (all steps go through one
-forward, `components.evaluate.scoring`), so in training the reply tokens are `+` in the model's INPUT too,
+forward, `vlpipe.serving.scoring`), so in training the reply tokens are `+` in the model's INPUT too,
 while the labels keep the true `+`/`-` (`reply_placeholders`). With the true replies in the input the model
 learns to copy the previous step's judgement (labels are strongly correlated along a solution: with
 final-answer labels they are all equal) instead of judging the step, and at inference, where the previous
@@ -20,19 +22,13 @@ from typing import Any
 
 import torch
 
-from components.prm.data import load_prepared, prepare_prm_data
-from components.training.config import PRMStageConfig
-from components.training.lm import run_lm_stage
-from components.training.runtime import barrier, init_distributed
-from objectives.prm import MINUS, PLUS, reply_positions_from_labels
-
-
-def single_token_id(tokenizer: Any, text: str) -> int:
-    """The id of `text` as the conversation encoder tokenises it; it must be one token."""
-    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(f"the PRM reply {text!r} must be a single token of this tokenizer, got ids {ids}")
-    return ids[0]
+from vlpipe.components.prm.data import load_prepared, prepare_prm_data
+from vlpipe.components.sft.stage import train_lm
+from vlpipe.components.training.common import begin_stage
+from vlpipe.components.training.config import PRMStageConfig
+from vlpipe.components.training.runtime import barrier, init_distributed
+from vlpipe.model.tokenizer import single_token_id
+from vlpipe.objectives.prm import MINUS, PLUS, reply_positions_from_labels
 
 
 def step_accuracy_metric(tokenizer: Any):
@@ -73,18 +69,18 @@ def reply_placeholders(tokenizer: Any):
 
 
 def main(cfg: PRMStageConfig) -> dict[str, Any]:
-    """Run the PRM stage; returns the stage summary (see `components.training.lm.run_lm_stage`)."""
+    """Run the PRM stage; returns the stage summary (see `vlpipe.components.sft.stage.train_lm`)."""
     info = init_distributed(cfg.trainer.distributed)
     out_dir = Path(cfg.resolved_work_dir) / "prm_data"
     if info.is_main:
         prepare_prm_data(cfg.data, out_dir)
     barrier()
     data, report = load_prepared(cfg.data, out_dir)
-    return run_lm_stage(
+    return train_lm(
         cfg,
         data,
         micro_metrics=step_accuracy_metric,
         batch_transform=reply_placeholders,
         extra_report=report,
-        info=info,
+        start=begin_stage(cfg, info),
     )

@@ -1,50 +1,46 @@
-"""`vlpipe train mpo`: mixed preference optimisation from the SFT checkpoint.
+"""The MPO stage (`vlpipe train mpo`): mixed preference optimisation from the SFT checkpoint.
 
 validate → load the policy → read and encode the pairs (bad ones counted) → reference log-probs of every
 pair from the starting policy, computed once (that *is* the frozen reference: a copy of the starting policy)
-and cached in the work dir → DeepSpeed training with `objectives.mpo.MPOLoss` → HF checkpoint. MPO's reward
+and cached in the work dir → DeepSpeed training with `vlpipe.objectives.mpo.MPOLoss` → HF checkpoint. MPO's reward
 shift δ is saved with every checkpoint and restored on resume.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from components.mpo.data import PairEncoder
-from components.training.common import (
-    ensure_local_dir,
-    load_start,
-    loop_context,
+from vlpipe.components.mpo.data import PairEncoder
+from vlpipe.components.training.common import (
+    StageStart,
+    begin_stage,
+    open_run,
     resolved_config,
     resume_point,
     save_final,
+    stage_summary,
     steps_for,
 )
-from components.training.config import MPOStageConfig
-from components.training.loop import IndexSource, train_loop
-from components.training.runtime import (
+from vlpipe.components.training.config import MPOStageConfig
+from vlpipe.components.training.loop import IndexSource, StepReport
+from vlpipe.components.training.runtime import (
     DistInfo,
     Engine,
-    all_reduce_sum,
-    apply_freeze,
     build_engine,
     device_for,
     grad_norm,
-    init_distributed,
     local_grad_norm,
-    seed_everything,
     set_rng_state,
+    sum_over_ranks,
 )
-from components.training.tracking import Tracker
-from model.collate import collate_padded
-from model.conversation import ConversationEncoder
-from model.errors import SampleError
-from objectives.mpo import MPOLoss, sequence_logps
+from vlpipe.model.collate import collate_padded
+from vlpipe.model.conversation import ConversationEncoder
+from vlpipe.model.errors import SampleError
+from vlpipe.objectives.mpo import MPOLoss, sequence_logps
 
 log = logging.getLogger(__name__)
 REF_CACHE = "reference_logps.pt"
@@ -119,7 +115,7 @@ def _first_good(pairs: PairEncoder) -> int:
     raise ValueError(f"no pair of {pairs.records.path} can be encoded (missing images or too long)")
 
 
-def make_mpo_step(
+def mpo_step(
     engine: Engine, loss_fn: MPOLoss, pairs: PairEncoder, good: list[int], ref: dict, info: DistInfo
 ):
     """The step function: one forward over chosen + rejected per micro-batch, MPO loss, backward, step."""
@@ -145,7 +141,7 @@ def make_mpo_step(
                 totals[name] += float(out[name].detach())
             tokens += float(real)
         shift = float(loss_fn.reward_shift)
-        sums = all_reduce_sum([totals[n] for n in names] + [tokens])
+        sums = sum_over_ranks([totals[n] for n in names] + [tokens])
         count = len(micros) * info.world_size
         metrics = {name: sums[i] / count for i, name in enumerate(names)}
         metrics.update(tokens=sums[-1], reward_shift=shift, grad_norm=norm if zero0 else grad_norm(engine))
@@ -156,28 +152,15 @@ def make_mpo_step(
 
 def main(cfg: MPOStageConfig) -> dict[str, Any]:
     """Run the MPO stage; returns its summary (output, MLflow ids, steps, losses, skip counts)."""
+    # -- set up: policy, pairs, engine, reference log-probs, resume, MLflow run ----------------------------
     trainer = cfg.trainer
-    info = init_distributed(trainer.distributed)
-    seed_everything(trainer.seed)
-    work_dir = ensure_local_dir(cfg.resolved_work_dir)
+    start = begin_stage(cfg)
+    info, loaded = start.info, start.loaded
     device = device_for(info)
-
-    # -- set up -------------------------------------------------------------------------------------------
-    loaded = load_start(cfg.init, info, trainer.attn_implementation)
-    trainable = apply_freeze(loaded.model, trainer.freeze)
     encoder = ConversationEncoder(loaded.tokenizer, loaded.tokens_per_tile, cfg.data.max_length, mode="sft")
     pairs = PairEncoder.create(cfg.data, encoder, loaded.image_cfg, loaded.v2pe_delta)
     engine = build_engine(loaded.model, trainer, info, total_steps=1)  # schedule length fixed below
-
-    cache = Path(work_dir) / REF_CACHE
-    key = {"init": cfg.init, "data": cfg.data.model_dump(mode="json"), "pairs": len(pairs)}
-    cached = torch.load(cache, weights_only=False) if cache.exists() else None
-    if cached is not None and cached["key"] == key:
-        ref, bad = cached["ref"], cached["bad"]
-    else:
-        ref, bad = reference_logps(engine, pairs, info, device)
-        if info.is_main:
-            torch.save({"key": key, "ref": ref, "bad": bad}, cache)
+    ref, bad = cached_reference_logps(cfg, start, engine, pairs, device)
     good = sorted(ref)
     skipped = len(pairs.records.quarantine) + len(bad)
     if (skipped / max(pairs.records.total_lines, 1)) > cfg.data.max_bad_fraction:
@@ -189,7 +172,7 @@ def main(cfg: MPOStageConfig) -> dict[str, Any]:
     engine.schedule.total_steps = total_steps  # known only now that the usable pairs are counted
     loss_fn = MPOLoss.from_config(cfg.mpo).to(device).train()
     source = IndexSource(len(good), trainer.micro_batch_size, cfg.data.seed, info)
-    resume = resume_point(str(work_dir), cfg.checkpoint.resume, engine, info)
+    resume = resume_point(start, cfg.checkpoint.resume, engine)
     start_step = 0
     if resume is not None:
         source.load_state_dict(resume.rank_state["data"])
@@ -203,44 +186,53 @@ def main(cfg: MPOStageConfig) -> dict[str, Any]:
         "skipped_lines": pairs.records.quarantine.counts,
         "skipped_encoding": dict(list(bad.items())[:100]),
     }
-    resolved = resolved_config(cfg, info, engine, total_steps, trainable)
-    tracker = Tracker(info.is_main)
-    preset = str(loaded.metadata.get("preset", "unknown"))
-    run_id = tracker.start(
-        stage=cfg.stage,
-        tracking=cfg.tracking,
-        resolved_config=resolved,
-        extra_tags={"preset": preset, "data_sha256": pairs.records.sha256},
-        resume_run_id=resume.trainer_state.get("mlflow_run_id") if resume else None,
+    resolved = resolved_config(cfg, start, engine, total_steps)
+    run = open_run(cfg, start, resolved, tags={"data_sha256": pairs.records.sha256}, resume=resume)
+    step_fn = mpo_step(engine, loss_fn, pairs, good, ref, info)
+
+    with run:
+        # -- train: one optimizer step per iteration ----------------------------------------------------------
+        report = StepReport(cfg, start, engine, run, total_steps, start_step, resolved)
+        try:
+            for step in range(start_step + 1, total_steps + 1):
+                report.begin()
+                metrics = step_fn(source.next(engine.accumulation_steps))
+                report.end(step, metrics)
+                report.checkpoint(step, {"data": source.state_dict(), "mpo": loss_fn.state_dict()})
+        finally:
+            report.close()
+
+        # -- save: the pair report, the HF checkpoint --------------------------------------------------------
+        run.log_dict(data_report, "data/pairs.json")
+        metadata = {
+            "preset": start.preset,
+            "stage": cfg.stage,
+            "parent": cfg.init,
+            "mlflow_run_id": run.run_id,
+        }
+        model_uri = save_final(cfg, start, engine, run, metadata)
+    return stage_summary(
+        cfg,
+        run,
+        model_uri,
+        total_steps,
+        start_step,
+        report.history,
+        reward_shift=float(loss_fn.reward_shift),
+        **{k: v for k, v in data_report.items() if k != "skipped_encoding"},
     )
 
-    # -- train --------------------------------------------------------------------------------------------
-    ctx = loop_context(cfg, info, engine, tracker, work_dir, total_steps, resolved, run_id)
-    status = "FAILED"
-    try:
-        step_fn = make_mpo_step(engine, loss_fn, pairs, good, ref, info)
-        history = train_loop(
-            ctx, source, step_fn, start_step=start_step, extra_state=lambda: {"mpo": loss_fn.state_dict()}
-        )
-        # -- save -----------------------------------------------------------------------------------------
-        tracker.log_dict(data_report, "data/pairs.json")
-        metadata = {"preset": preset, "stage": cfg.stage, "parent": cfg.init, "mlflow_run_id": run_id}
-        model_uri = save_final(
-            cfg.output, engine, loaded, info, tracker, metadata=metadata, log_model=cfg.tracking.log_model
-        )
-        status = "FINISHED"
-    finally:
-        tracker.finish(status)
-    losses = [h["loss"] for h in history]
-    return {
-        "stage": cfg.stage,
-        "output": cfg.output,
-        "mlflow_run_id": run_id,
-        "model_uri": model_uri,
-        "steps": total_steps,
-        "resumed_from_step": start_step,
-        "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None,
-        "reward_shift": float(loss_fn.reward_shift),
-        **{k: v for k, v in data_report.items() if k != "skipped_encoding"},
-    }
+
+def cached_reference_logps(
+    cfg: MPOStageConfig, start: StageStart, engine: Engine, pairs: PairEncoder, device: torch.device
+) -> tuple[dict[int, tuple[float, float]], dict[int, str]]:
+    """`reference_logps`, cached in the work directory for a rerun or resume of the same init and data."""
+    cache = start.work_dir / REF_CACHE
+    key = {"init": cfg.init, "data": cfg.data.model_dump(mode="json"), "pairs": len(pairs)}
+    cached = torch.load(cache, weights_only=False) if cache.exists() else None
+    if cached is not None and cached["key"] == key:
+        return cached["ref"], cached["bad"]
+    ref, bad = reference_logps(engine, pairs, start.info, device)
+    if start.info.is_main:
+        torch.save({"key": key, "ref": ref, "bad": bad}, cache)
+    return ref, bad

@@ -15,19 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from components.evaluate.config import OVERALL, EvalConfig
+from vlpipe.components.evaluate.config import OVERALL, EvalConfig
 
-PIPELINE_OWNED = ("policy", "prm", "output_dir")
-"""`EvalConfig` keys the pipeline sets (plus `mlflow.parent_run_id`)."""
 PLACEHOLDERS = {"policy": "/pipeline/policy", "prm": "/pipeline/prm", "output_dir": "/pipeline/eval"}
-
-
-def owned_keys_in(settings: dict[str, Any]) -> list[str]:
-    """The pipeline-owned keys a recipe's evaluation settings set (they must set none)."""
-    found = [key for key in PIPELINE_OWNED if key in settings]
-    if "parent_run_id" in settings.get("mlflow", {}):
-        found.append("mlflow.parent_run_id")
-    return found
 
 
 def wire_eval_config(
@@ -46,16 +36,15 @@ def wire_eval_config(
     Raises:
         pydantic.ValidationError: an invalid setting (the message names the key).
     """
-    from components.data.config import is_absolute
-    from model.storage import join
+    from vlpipe.components.data.config import under_root
 
     cfg = copy.deepcopy(settings)
     benchmarks = []
     for spec in cfg.get("benchmarks", []):
         spec = dict(spec)
         for key in ("path", "image_root"):
-            if spec.get(key) and not is_absolute(spec[key]) and data_root:
-                spec[key] = join(data_root, spec[key])
+            if spec.get(key):
+                spec[key] = under_root(data_root, spec[key])
         benchmarks.append(spec)
     cfg["benchmarks"] = benchmarks
     cfg["mlflow"] = {"run_name": "eval", **cfg.get("mlflow", {}), "parent_run_id": parent_run_id or None}
@@ -136,10 +125,10 @@ def run_eval_step(
     Returns:
         The evaluation metrics (`run_evaluation`'s result).
     """
-    from components.data.prepare import load_dataset_info
-    from components.evaluate.run import run_evaluation
-    from components.pipeline_run.model_store import checkpoint_path
-    from components.training.kfp_entry import check_preset
+    from vlpipe.components.data.prepare import load_dataset_info
+    from vlpipe.components.evaluate.stage import run_evaluation
+    from vlpipe.components.pipeline_run.model_store import checkpoint_path
+    from vlpipe.components.training.task import check_preset
 
     info = load_dataset_info(data.path)
     policy_dir, prm_dir = checkpoint_path(policy.path), checkpoint_path(prm.path)

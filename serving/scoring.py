@@ -1,6 +1,6 @@
 """Process reward model scoring: every step of an answer scored in ONE forward pass.
 
-The PRM is the VLM trained on VisualPRM conversations (`objectives.prm.format_prm_conversation`): the question
+The PRM is the VLM trained on VisualPRM conversations (`vlpipe.objectives.prm.format_prm_conversation`): the question
 and step 1 in the first user turn, each later step in its own user turn, and after each a one-token assistant
 reply `+`/`-`. At inference every reply is a `+` placeholder; the conversation is encoded by the same
 `ConversationEncoder` (SFT mode) as in PRM training, the reply positions come from its labels, and one forward
@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from model.checkpoint import LoadedModel
-from model.collate import collate_padded
-from model.conversation import ConversationEncoder, EncodedSample
-from objectives.prm import (
+from vlpipe.model.checkpoint import LoadedModel
+from vlpipe.model.collate import collate_padded
+from vlpipe.model.conversation import ConversationEncoder, EncodedSample
+from vlpipe.model.tokenizer import single_token_id
+from vlpipe.objectives.prm import (
     MINUS,
     PLUS,
     Aggregation,
@@ -45,7 +46,7 @@ class ScoredAnswer:
     """PRM scores of one answer.
 
     Attributes:
-        steps: the answer's steps (`objectives.prm.split_steps`).
+        steps: the answer's steps (`vlpipe.objectives.prm.split_steps`).
         step_scores: P(+) of each step.
         score: the aggregated score; NaN for an answer without any step.
     """
@@ -53,15 +54,6 @@ class ScoredAnswer:
     steps: tuple[str, ...]
     step_scores: tuple[float, ...]
     score: float
-
-
-def _single_token_id(tokenizer, text: str) -> int:
-    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    if len(ids) != 1:
-        raise ValueError(
-            f"the PRM tokenizer splits {text!r} into {len(ids)} tokens; a PRM reply must be one token"
-        )
-    return int(ids[0])
 
 
 def answer_steps(answer: str) -> list[str]:
@@ -83,8 +75,8 @@ class PRMScorer:
         self.aggregation = aggregation
         tokenizer = prm.tokenizer
         self.encoder = ConversationEncoder(tokenizer, prm.tokens_per_tile, _NO_TRUNCATION, mode="sft")
-        self.plus_id = _single_token_id(tokenizer, PLUS)
-        self.minus_id = _single_token_id(tokenizer, MINUS)
+        self.plus_id = single_token_id(tokenizer, PLUS)
+        self.minus_id = single_token_id(tokenizer, MINUS)
         self.pad_id = int(tokenizer.pad_token_id)
 
     @property
@@ -104,7 +96,7 @@ class PRMScorer:
         Args:
             prompt_text: the user turn's text with its `<image>` placeholders (`BenchmarkItem.prompt_text`).
             steps: the answer's steps (non-blank).
-            num_tiles: tiles per image, in order (from `model.image.process_image` with the PRM's settings).
+            num_tiles: tiles per image, in order (from `vlpipe.model.image.process_image` with the PRM's settings).
             pixel_values: the PRM's processed tiles.
             sample_id: name used in errors.
 

@@ -14,9 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from components.training.config import DistributedConfig
+from vlpipe.components.training.config import DistributedConfig
 
-REFERENCE_DIR = Path(__file__).parent / "deepspeed"
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
+"""The reference files in the source tree (`infra/deepspeed/`)."""
 _STEPS_PER_PRINT = 10**9  # DeepSpeed's own periodic prints are replaced by vlpipe's progress and MLflow
 
 

@@ -4,12 +4,12 @@ them with the stage's own config class, run the stage, fill the output artifacts
 Torch-free at import (pipeline definitions and recipe validation import this module); the stage itself is
 imported when it runs.
 
-A recipe's stage settings are a stage config without the keys the pipeline owns (`PIPELINE_OWNED`): where
+A recipe's stage settings are a stage config without the keys the pipeline owns (the stage table's `owned`): where
 the model starts (`init`, the upstream `Model` artifact), the resumable `work_dir` (`<work root>/<pipeline
 job id>/<stage>`, on the recipe's volume in a cluster), where the checkpoint goes (`output`,
 `<work_dir>/final`, then copied into this step's `Model` artifact), the data file (`data.meta` or
 `data.path`, from the `prepare-data` artifact) and the MLflow parent run. Keeping `output` in the work
-directory makes a retried step (a new pod, an empty artifact directory) find the completed run there
+directory makes a retried task (a new pod, an empty artifact directory) find the completed run there
 (`run_stage` is idempotent) and publish its checkpoint again instead of training again. `wire_stage_config` adds them and validates the result with `parse_stage_config`; recipe
 validation calls it with placeholders, the component with the real values.
 
@@ -31,21 +31,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-PIPELINE_OWNED = ("stage", "init", "output", "work_dir")
-"""Top-level stage config keys the pipeline sets."""
-PIPELINE_OWNED_TRACKING = ("experiment", "run_name", "parent_run_id", "recipe")
-"""`tracking` keys the pipeline sets (from the recipe's tracking settings and the parent run)."""
-STAGE_DATA = {
-    "pretrain": ("meta", "pretrain_meta"),
-    "sft": ("meta", "sft_meta"),
-    "mpo": ("path", "mpo_pairs"),
-    "prm": ("path", "prm_steps"),
-    "critic": ("meta", "sft_meta"),
-}
-"""Per stage: the `data` key the pipeline sets and the `DataSettings` file it comes from."""
-TRAINED_AS = {"critic": "sft"}
-"""Pipeline stages that another stage's code trains: the critic is more SFT from the policy's SFT checkpoint
-(the PRM's base; its own work directory, MLflow run name and `stage` tag)."""
 FINAL_CHECKPOINT = "final"
 """The stage's output checkpoint directory inside its work directory."""
 PLACEHOLDERS = {
@@ -54,16 +39,6 @@ PLACEHOLDERS = {
     "work_dir": "/pipeline/work",
     "data": "/pipeline/data-file",
 }
-
-
-def owned_keys_in(stage: str, settings: dict[str, Any]) -> list[str]:
-    """The pipeline-owned keys a recipe's stage settings set (they must set none)."""
-    found = [key for key in PIPELINE_OWNED if key in settings]
-    found += [f"tracking.{key}" for key in PIPELINE_OWNED_TRACKING if key in settings.get("tracking", {})]
-    data_key = STAGE_DATA[stage][0]
-    if data_key in settings.get("data", {}):
-        found.append(f"data.{data_key}")
-    return found
 
 
 def wire_stage_config(
@@ -91,17 +66,18 @@ def wire_stage_config(
     Raises:
         pydantic.ValidationError: an invalid setting (the message names the key).
     """
-    from components.training.config import parse_stage_config
+    from vlpipe.components.stages import STAGES, parse_stage_config
 
+    entry = STAGES[stage]
     cfg = copy.deepcopy(settings)
-    data_key = STAGE_DATA[stage][0]
+    data_key = entry.data[0]
     cfg["data"] = {**cfg.get("data", {}), data_key: data_file}
     cfg["tracking"] = {
         "run_name": stage,
         **cfg.get("tracking", {}),
         "parent_run_id": parent_run_id or None,
     }
-    trained = TRAINED_AS.get(stage, stage)
+    trained = entry.trains_as or stage
     if trained != stage:
         cfg["tracking"]["tags"] = {**cfg["tracking"].get("tags", {}), "stage": stage}
     cfg.update(stage=trained, init=init, output=output, work_dir=work_dir)
@@ -110,7 +86,7 @@ def wire_stage_config(
 
 def stage_work_dir(work_root: str, run_key: str, stage: str) -> str:
     """`<work root>/<run key>/<stage>`; an empty work root means `<VLPIPE_HOME>/work` (local runs)."""
-    from model.storage import vlpipe_home
+    from vlpipe.model.storage import vlpipe_home
 
     root = Path(work_root) if work_root else vlpipe_home() / "work"
     return str(root / (run_key or "standalone") / stage)
@@ -149,7 +125,7 @@ def run_stage_processes(stage: str, config: Any, world_size: int) -> dict[str, A
         subprocess.CalledProcessError: a distributed run failed (its output is in the step's log).
     """
     if world_size <= 1:
-        from components.training.entrypoint import run_stage
+        from vlpipe.components.training.entrypoint import run_stage
 
         return run_stage(stage, config)
     work = Path(config.resolved_work_dir)
@@ -159,7 +135,7 @@ def run_stage_processes(stage: str, config: Any, world_size: int) -> dict[str, A
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}",
         "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-        "-m", "components.training", stage, "--config", str(config_file), "--summary", str(summary_file),
+        "-m", "vlpipe.components.training", config.stage, "--config", str(config_file), "--summary", str(summary_file),
     ]  # fmt: skip
     log.info("launching %s", " ".join(command))
     subprocess.run(command, check=True, env=os.environ.copy())
@@ -207,16 +183,17 @@ def run_training_step(
     Raises:
         ValueError: a starting checkpoint of another preset, or data other than the mix step checked.
     """
-    from components.data.prepare import load_dataset_info
-    from components.pipeline_run.model_store import checkpoint_path, publish_checkpoint
+    from vlpipe.components.data.prepare import load_dataset_info
+    from vlpipe.components.pipeline_run.model_store import checkpoint_path, publish_checkpoint
+    from vlpipe.components.stages import STAGES
 
     info = load_dataset_info(data.path)
     work_dir = stage_work_dir(work_root, run_key, stage)
     init_dir = checkpoint_path(init_model.path)
     settings = json.loads(config_json)
-    data_file = info["files"][STAGE_DATA[stage][1]]
+    data_file = info["files"][STAGES[stage].data[1]]
     if steps is not None:
-        from components.prm.pipeline_step import IMAGE_ROOT_KEY
+        from vlpipe.components.prm_data.task import IMAGE_ROOT_KEY
 
         data_file = steps.path
         image_root = steps.metadata.get(IMAGE_ROOT_KEY)

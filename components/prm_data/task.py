@@ -1,13 +1,13 @@
 """What the `sample-prm-data` component calls: on-policy PRM data from the pipeline's policy.
 
 VisualPRM trains its critic on the policy's own solutions with per-step labels; this step samples N solutions
-per source item from the policy the evaluation will judge, labels every step (`components.prm.sample`) and
+per source item from the policy the evaluation will judge, labels every step (`vlpipe.components.prm_data.stage`) and
 hands the JSONL to the `prm` stage in place of the prepared `prm/train.jsonl`. Everything is logged to an
 MLflow child run `prm-data`: the settings, the counts (solutions, step labels, sample accuracy, skipped
 items by reason), items/s, a summary JSON and the first solutions as a preview.
 
 Torch-free at import. A recipe's `prm_data.config` is a `PRMSampleConfig` without `policy` and `output`
-(`PIPELINE_OWNED`); a relative `source`, `image_root` or `include` path is read from the data root.
+(the stage table's `owned`); a relative `source`, `image_root` or `include` path is read from the data root.
 """
 
 from __future__ import annotations
@@ -17,20 +17,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from components.pipeline_run.config import StepConfig
-from components.prm.sample import PRMSampleConfig
+from vlpipe.components.pipeline_run.config import StepConfig
+from vlpipe.components.prm_data.stage import PRMSampleConfig
 
-PIPELINE_OWNED = ("policy", "output")
-"""`PRMSampleConfig` keys the pipeline sets."""
 PLACEHOLDERS = {"policy": "/pipeline/policy", "output": "/pipeline/prm-data/steps.jsonl"}
 IMAGE_ROOT_KEY = "image_root"
 """The output `Dataset` artifact's metadata key naming the directory its rows' `image` paths are relative to."""
 PREVIEW_ROWS = 50
-
-
-def owned_keys_in(settings: dict[str, Any]) -> list[str]:
-    """The pipeline-owned keys a recipe's `prm_data.config` sets (it must set none)."""
-    return [key for key in PIPELINE_OWNED if key in settings]
 
 
 def wire_prm_data_config(
@@ -41,18 +34,14 @@ def wire_prm_data_config(
     Raises:
         pydantic.ValidationError: an invalid setting (the message names the key).
     """
-    from components.data.config import is_absolute
-    from model.storage import join
-
-    def under_root(path: str) -> str:
-        return join(data_root, path) if data_root and not is_absolute(path) else path
+    from vlpipe.components.data.config import under_root
 
     cfg = copy.deepcopy(settings)
     for key in ("source", "image_root"):
         if cfg.get(key):
-            cfg[key] = under_root(cfg[key])
+            cfg[key] = under_root(data_root, cfg[key])
     if cfg.get("include"):
-        cfg["include"] = [under_root(path) for path in cfg["include"]]
+        cfg["include"] = [under_root(data_root, path) for path in cfg["include"]]
     cfg.update(policy=policy, output=output)
     return PRMSampleConfig.model_validate(cfg)
 
@@ -110,12 +99,12 @@ def run_prm_data_step(
     Returns:
         The counts of `sample_prm_data`, with `mlflow_run_id`.
     """
-    from components.data.prepare import load_dataset_info
-    from components.pipeline_run.model_store import checkpoint_path
-    from components.pipeline_run.runs import child_run
-    from components.prm.sample import sample_prm_data
-    from components.training.kfp_entry import check_preset
-    from components.training.records import default_image_root
+    from vlpipe.components.data.prepare import load_dataset_info
+    from vlpipe.components.pipeline_run.model_store import checkpoint_path
+    from vlpipe.components.prm_data.stage import sample_prm_data
+    from vlpipe.components.training.records import default_image_root
+    from vlpipe.components.training.task import check_preset
+    from vlpipe.tracking.runs import child_run
 
     step = StepConfig.model_validate_json(step_json)
     info = load_dataset_info(data.path)

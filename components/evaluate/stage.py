@@ -2,11 +2,11 @@
 
 For each benchmark item: a greedy answer (pass@1; greedy answers of `batch_items` items in one batch) and N
 sampled answers (the prompt repeated N times in one batch, seeded per item), both with KV-cache generation on
-V2PE positions (`model.generate`) and the training image processing (`model.image.process_image` with the
+V2PE positions (`vlpipe.model.generate`) and the training image processing (`vlpipe.model.image.process_image` with the
 checkpoint's settings); the PRM scores every step of the N answers in one padded forward
-(`components.evaluate.scoring`); the best aggregated score picks the answer (ties → earliest sample); final
-answers are extracted and checked per benchmark format (`components.evaluate.benchmarks`); metrics are pure
-functions of the per-item outcomes (`components.evaluate.metrics`).
+(`vlpipe.serving.scoring`); the best aggregated score picks the answer (ties → earliest sample); final
+answers are extracted and checked per benchmark format (`vlpipe.components.evaluate.benchmarks`); metrics are pure
+functions of the per-item outcomes (`vlpipe.components.evaluate.metrics`).
 
 Writes `metrics.json`, `items.jsonl`, `skipped.json`, `config.json` and `best_of_k*.png` to `output_dir`, and
 records an MLflow run (params, metrics with Best-of-k at step k, the files above and a per-item table).
@@ -29,25 +29,31 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from components.evaluate.benchmarks import (
+from vlpipe.components.evaluate.benchmarks import (
     BenchmarkError,
     BenchmarkItem,
     LoadedBenchmark,
     SkippedRow,
     load_benchmark,
 )
-from components.evaluate.config import OVERALL, EvalConfig
-from components.evaluate.metrics import ItemOutcome, compute_metrics, ks_for, majority_vote, select_best
-from components.evaluate.plot import plot_best_of_k
-from components.evaluate.scoring import PRMScorer
-from components.training.tracking import ensure_experiment, git_commit, tracking_uri
-from model.checkpoint import LoadedModel, load_checkpoint
-from model.conversation import ConversationEncoder, EncodedSample
-from model.errors import SampleError
-from model.generate import generate
-from model.image import decode_image, process_image
-from model.storage import is_remote, upload_dir
-from model.tokenizer import IM_END
+from vlpipe.components.evaluate.config import OVERALL, EvalConfig
+from vlpipe.components.evaluate.metrics import (
+    ItemOutcome,
+    compute_metrics,
+    ks_for,
+    majority_vote,
+    select_best,
+)
+from vlpipe.components.evaluate.plot import plot_best_of_k
+from vlpipe.model.checkpoint import LoadedModel, load_checkpoint
+from vlpipe.model.conversation import ConversationEncoder, EncodedSample
+from vlpipe.model.errors import SampleError
+from vlpipe.model.generate import generate
+from vlpipe.model.image import decode_image, process_image
+from vlpipe.model.storage import is_remote, upload_dir
+from vlpipe.model.tokenizer import IM_END
+from vlpipe.serving.scoring import PRMScorer
+from vlpipe.tracking.runs import Run, tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -283,45 +289,6 @@ def _params(config: EvalConfig) -> dict[str, str]:
     return params
 
 
-class _Run:
-    """The MLflow run of one evaluation, through an explicit client (no global active-run state)."""
-
-    def __init__(self, config: EvalConfig) -> None:
-        from mlflow import MlflowClient
-
-        settings = config.mlflow
-        self.tracking_uri = tracking_uri()
-        self.client = MlflowClient(self.tracking_uri)
-        tags = {"stage": "eval", "git_commit": git_commit(), **settings.tags}
-        if settings.parent_run_id:
-            parent = self.client.get_run(settings.parent_run_id)
-            experiment_id = parent.info.experiment_id
-            tags["mlflow.parentRunId"] = settings.parent_run_id
-        else:
-            experiment_id = ensure_experiment(settings.experiment)
-        run_name = settings.run_name or f"eval-{Path(config.policy.rstrip('/')).name}"
-        self.experiment_id = experiment_id
-        self.run_id = self.client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
-
-    def log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, v) for k, v in params.items()]
-        for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
-
-    def log_metrics(self, values: list[tuple[str, float, int]]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(key, value, now, step) for key, value, step in values]
-        for start in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[start : start + 500])
-
-    def finish(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status)
-
-
 def _report_skipped(console: Console, rows: Sequence[SkippedRow], show: int = 10) -> None:
     for i, row in enumerate(rows):
         logger.warning("skipped %s item %s: %s: %s", row.benchmark, row.item_id, row.reason, row.detail)
@@ -347,7 +314,7 @@ def run_evaluation(config: EvalConfig, console: Console | None = None) -> dict:
 
     Returns:
         The metrics (as also written to `<output_dir>/metrics.json`): `benchmarks` (per benchmark) and `overall`
-        scopes (see `components.evaluate.metrics.summarize`, plus `skipped`, `skipped_reasons`,
+        scopes (see `vlpipe.components.evaluate.metrics.summarize`, plus `skipped`, `skipped_reasons`,
         `items_per_second`), `n`, `ks`, `aggregation`, `evaluated_items`, `seconds`, `items_per_second`,
         `skipped` (every skipped row with its reason), `output_dir` and `mlflow` (tracking URI, experiment
         and run id).
@@ -374,12 +341,21 @@ def run_evaluation(config: EvalConfig, console: Console | None = None) -> dict:
     staging = Path(tempfile.mkdtemp(prefix="vlpipe-eval-")) if is_remote(config.output_dir) else None
     out = staging or Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = _Run(config)
+    settings = config.mlflow
+    run = Run()
+    run.start(
+        settings.run_name or f"eval-{Path(config.policy.rstrip('/')).name}",
+        experiment=settings.experiment,
+        recipe=settings.tags.get("recipe"),
+        parent_run_id=settings.parent_run_id,
+        stage="eval",
+        tags=settings.tags,
+        params=_params(config),
+    )
     try:
-        run.log_params(_params(config))
         config_json = config.model_dump_json(indent=2)
         (out / "config.json").write_text(config_json + "\n")
-        run.client.log_artifact(run.run_id, str(out / "config.json"), "eval")
+        run.log_artifact(out / "config.json", "eval")
 
         if config.device == "auto":
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -436,7 +412,7 @@ def run_evaluation(config: EvalConfig, console: Console | None = None) -> dict:
             skipped=[row.to_dict() for row in skipped],
             output_dir=config.output_dir,
             mlflow={
-                "tracking_uri": run.tracking_uri,
+                "tracking_uri": tracking_uri(),
                 "experiment_id": run.experiment_id,
                 "run_id": run.run_id,
             },
@@ -455,12 +431,14 @@ def run_evaluation(config: EvalConfig, console: Console | None = None) -> dict:
             ]
 
         # 5. Log.
-        run.log_metrics([*_mlflow_metrics(metrics), ("items_per_second", metrics["items_per_second"], 0)])
+        run.log_metric_series(
+            [*_mlflow_metrics(metrics), ("items_per_second", metrics["items_per_second"], 0)]
+        )
         for name in ("metrics.json", "items.jsonl", "skipped.json"):
-            run.client.log_artifact(run.run_id, str(out / name), "eval")
+            run.log_artifact(out / name, "eval")
         for plot in plots:
-            run.client.log_artifact(run.run_id, str(plot), "eval/plots")
-        run.client.log_table(run.run_id, data=_table(records), artifact_file="eval/items_table.json")
+            run.log_artifact(plot, "eval/plots")
+        run.log_table(_table(records), "eval/items_table.json")
         if staging is not None:
             upload_dir(staging, config.output_dir)
     except BaseException:

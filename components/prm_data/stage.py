@@ -7,14 +7,14 @@ into steps, and labels each step. Labellers:
 * `reference_steps`: a step is correct while it matches the item's reference solution step for step (exact
   text), wrong from the first mismatch on. Right for templated synthetic tasks.
 * `demo_reference`: the same, but a step's listed items may come in any order
-  (`model.data.reasoning.canonical_step`): the demo task's labeller.
-* `demo_local`: the demo task's step-local labeller (`model.data.reasoning.local_step_labels`): step 1 is
+  (`vlpipe.model.data.reasoning.canonical_step`): the demo task's labeller.
+* `demo_local`: the demo task's step-local labeller (`vlpipe.model.data.reasoning.local_step_labels`): step 1 is
   right when it lists as many shapes of the asked colour or kind as the image has, steps 2 and 3 when they
   follow from the step before. It is what Monte Carlo labels approach on this task and separates perception
   from following the steps (score answers with `min`); measured, it picks no better than `final_answer`
   (README, "Measured results").
 * `final_answer`: every step takes the label of the final answer (weak supervision; the answer is read with
-  the demo's rule, `model.data.reasoning.extract_answer`: a last line "So the answer is N.").
+  the demo's rule, `vlpipe.model.data.reasoning.extract_answer`: a last line "So the answer is N.").
 
 VisualPRM400K labels steps by Monte Carlo rollouts (the share of continuations from a step prefix that reach
 the right answer); that needs many more generations and is not implemented here.
@@ -89,7 +89,7 @@ def normalise_source(record: dict) -> dict | str:
         human, gpt = turns[0], turns[1]
         if human.get("from") != "human" or gpt.get("from") != "gpt":
             return "the first two turns must be human then gpt"
-        from model.data.reasoning import extract_answer
+        from vlpipe.model.data.reasoning import extract_answer
 
         solution = str(gpt.get("value") or "")
         record = {
@@ -118,8 +118,8 @@ def _labeller_check(labeler: str) -> Callable[[dict], str | None]:
     def check(record: dict) -> str | None:
         if labeler not in ("demo_local", "demo_reference"):
             return None
-        from model.data.reasoning import parse_describe_step, parse_question
-        from objectives.prm import split_steps
+        from vlpipe.model.data.reasoning import parse_describe_step, parse_question
+        from vlpipe.objectives.prm import split_steps
 
         if labeler == "demo_local" and parse_question(record["question"]) is None:
             return f"the {labeler} labeller needs a demo counting question, got {record['question'][:80]!r}"
@@ -142,14 +142,14 @@ def label(
     if labeler == "final_answer":
         return [final_correct] * len(steps)
     if labeler == "demo_local":
-        from model.data.reasoning import local_step_labels, parse_question
+        from vlpipe.model.data.reasoning import local_step_labels, parse_question
 
         parsed = parse_question(question or "")
         if parsed is None:
             raise ValueError(f"the demo_local labeller needs a demo counting question, got {question!r}")
         return local_step_labels(parsed, steps, reference)
     if labeler == "demo_reference":
-        from model.data.reasoning import canonical_step as canonical
+        from vlpipe.model.data.reasoning import canonical_step as canonical
     else:
         canonical = str.strip
     labels, ok = [], True
@@ -176,16 +176,16 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
     import torch
     from tqdm import tqdm
 
-    from components.training.records import default_image_root, read_records
-    from model.checkpoint import load_checkpoint
-    from model.conversation import ConversationEncoder
-    from model.data.reasoning import extract_answer
-    from model.errors import SampleError
-    from model.generate import generate
-    from model.image import load_image, process_image
-    from model.storage import filesystem, join
-    from model.tokenizer import IM_END
-    from objectives.prm import split_steps
+    from vlpipe.components.training.records import default_image_root, read_records
+    from vlpipe.model.checkpoint import load_checkpoint
+    from vlpipe.model.conversation import ConversationEncoder
+    from vlpipe.model.data.reasoning import extract_answer
+    from vlpipe.model.errors import SampleError
+    from vlpipe.model.generate import generate
+    from vlpipe.model.image import load_image, process_image
+    from vlpipe.model.storage import filesystem, join
+    from vlpipe.model.tokenizer import IM_END
+    from vlpipe.objectives.prm import split_steps
 
     check = _labeller_check(config.labeler)
 

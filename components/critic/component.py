@@ -1,0 +1,48 @@
+"""Kubeflow component of the `critic` stage: the PRM's base, SFT continued from the policy's SFT checkpoint (a thin
+shell around `vlpipe.components.training.task`)."""
+
+# No `from __future__ import annotations` here: kfp reads the parameter annotations as types.
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from vlpipe.components.release import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def critic(
+    config: str,
+    preset: str,
+    parent_run_id: str,
+    run_key: str,
+    work_root: str,
+    world_size: int,
+    init_model: Input[Model],
+    data: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """The PRM's base: SFT continued from the policy's SFT checkpoint (a critic stronger than the policy).
+
+    Args:
+        config: the recipe's `critic.config` (an `SFTStageConfig` without the pipeline's paths) as JSON.
+        preset: the recipe's preset (the starting checkpoint must be one).
+        parent_run_id: the pipeline's MLflow run.
+        run_key: the pipeline job's id (names the resumable work directory).
+        work_root: the work volume's mount path ("" locally: under VLPIPE_HOME).
+        world_size: training processes (GPUs) on the node.
+    """
+    from vlpipe.components.training.task import run_training_step
+
+    run_training_step(
+        "critic",
+        config,
+        preset=preset,
+        parent_run_id=parent_run_id,
+        run_key=run_key,
+        work_root=work_root,
+        world_size=world_size,
+        init_model=init_model,
+        data=data,
+        model=model,
+        metrics=metrics,
+    )

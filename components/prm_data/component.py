@@ -1,0 +1,41 @@
+"""Kubeflow component of the `prm-data` stage (`sample-prm-data` task): on-policy step-labelled data for the PRM (a
+thin shell around `vlpipe.components.prm_data.task`)."""
+
+# No `from __future__ import annotations` here: kfp reads the parameter annotations as types.
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from vlpipe.components.release import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def sample_prm_data(
+    config: str,
+    step: str,
+    preset: str,
+    parent_run_id: str,
+    policy: Input[Model],
+    data: Input[Dataset],
+    steps: Output[Dataset],
+    metrics: Output[Metrics],
+):
+    """On-policy PRM data: N sampled solutions per source item from the policy, every step labelled.
+
+    Args:
+        config: the recipe's `prm_data.config` (a `PRMSampleConfig` without policy and output) as JSON.
+        step: the recipe name and tracking settings as JSON.
+        preset: the recipe's preset (the policy must be one).
+        parent_run_id: the pipeline's MLflow run.
+    """
+    from vlpipe.components.prm_data.task import run_prm_data_step
+
+    run_prm_data_step(
+        config,
+        step,
+        preset=preset,
+        parent_run_id=parent_run_id,
+        policy=policy,
+        data=data,
+        steps=steps,
+        metrics=metrics,
+    )

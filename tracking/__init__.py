@@ -1,0 +1,1 @@
+"""MLflow tracking: the tracking URI, experiments, and the one run helper every stage uses."""
