@@ -97,21 +97,21 @@ _TABLE = (
         "data",
         task="prepare-data",
         component=f"{_C}.data.component:prepare_data",
-        entry=f"{_C}.data.prepare:prepare_data_step",
+        entry=f"{_C}.data.prepare:prepare_data_task",
         summary=("records", "quarantined", "mpo_pairs", "prm_solutions"),
     ),
     Stage(
         "init",
         task="init-model",
         component=f"{_C}.data.component:init_model",
-        entry=f"{_C}.data.init_model:init_model_step",
+        entry=f"{_C}.data.init_model:init_model_task",
         summary=("seconds",),
     ),
     Stage(
         "mix",
         task="mix-data",
         component=f"{_C}.data.component:mix_data",
-        entry=f"{_C}.data.mix:mix_data_step",
+        entry=f"{_C}.data.mix:mix_data_task",
         summary=("pretrain/achieved_language_share", "sft/achieved_language_share"),
     ),
     Stage(
@@ -195,19 +195,19 @@ _TABLE = (
         "register",
         task="register-model",
         component=f"{_C}.register.component:register_model",
-        entry=f"{_C}.register.register:register_step",
+        entry=f"{_C}.register.register:register_task",
     ),
     Stage(
         "promote",
         task="promote-model",
         component=f"{_C}.promote.component:promote_model",
-        entry=f"{_C}.promote.promote:promote_step",
+        entry=f"{_C}.promote.promote:promote_task",
     ),
     Stage(
         "deploy",
         task="deploy-model",
         component=f"{_C}.deploy.component:deploy_model",
-        entry=f"{_C}.deploy.deploy:deploy_step",
+        entry=f"{_C}.deploy.deploy:deploy_task",
     ),
 )
 STAGES: dict[str, Stage] = {stage.name: stage for stage in _TABLE}
@@ -219,13 +219,13 @@ TRAIN_COMMANDS: tuple[str, ...] = tuple(name for name in TRAINING_STAGES if STAG
 
 
 def stage_config_class(stage: str) -> type[BaseModel]:
-    """The config class a training stage validates with.
+    """The config class a training stage's code validates with (a stage trained as another is run as that one).
 
     Raises:
         ValueError: naming the training stages.
     """
     found = STAGES.get(stage)
-    if found is None or found.config is None:
+    if found is None or found.config is None or found.trains_as is not None:
         raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(TRAIN_COMMANDS)}")
     return found.config
 

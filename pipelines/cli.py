@@ -264,7 +264,7 @@ def _register_stage_commands() -> None:
     from vlpipe.serving.cli import serve_command
     from vlpipe.serving.registry_cli import compare_command, promote_command, rollback_command
 
-    app.command("eval", help="Best-of-N evaluation with the PRM as critic (`--config FILE`).")(eval_command)
+    app.command("eval", help="Best-of-N evaluation with the PRM as judge (`--config FILE`).")(eval_command)
     app.command(
         "prm-data", help="On-policy PRM data: sample the policy, label every step (`--config FILE`)."
     )(prm_data_command)

@@ -41,7 +41,7 @@ from vlpipe.components.data.config import (
     PrepareDataConfig,
 )
 from vlpipe.components.deploy.config import DeployConfig, DeploySettings
-from vlpipe.components.pipeline_run.config import StepConfig, TrackingSettings
+from vlpipe.components.pipeline_run.config import TaskConfig, TrackingSettings
 from vlpipe.components.promote.config import PromoteConfig
 from vlpipe.components.register.config import RegisterConfig, RegisterSettings
 from vlpipe.components.stages import STAGES as STAGE_TABLE
@@ -191,7 +191,7 @@ class ClusterConfig(_Strict):
         return self
 
 
-class StageStep(_Strict):
+class StageTask(_Strict):
     """A training stage in a recipe.
 
     Attributes:
@@ -205,14 +205,14 @@ class StageStep(_Strict):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
-class EvalStep(_Strict):
+class EvalTask(_Strict):
     """The evaluation step: its pod and an `EvalConfig` without policy, prm and output_dir."""
 
     resources: Resources = Resources()
     config: dict[str, Any] = Field(default_factory=dict)
 
 
-class PRMDataStep(_Strict):
+class PRMDataTask(_Strict):
     """On-policy PRM data (`sample-prm-data`): the policy's own solutions, every step labelled; the `prm`
     stage trains on them instead of the prepared `prm/train.jsonl`.
 
@@ -229,8 +229,8 @@ class PRMDataStep(_Strict):
 Stages = create_model(
     "Stages",
     __base__=_Strict,
-    __doc__="The recipe's `stages` section: one `StageStep` per training stage of the stage table.",
-    **{name: (StageStep, ...) for name in STAGES},
+    __doc__="The recipe's `stages` section: one `StageTask` per training stage of the stage table.",
+    **{name: (StageTask, ...) for name in STAGES},
 )
 
 
@@ -281,9 +281,9 @@ class PipelineConfig(_Strict):
     data: DataSettings
     init: InitSettings = InitSettings()
     stages: Stages
-    critic: StageStep | None = None
-    prm_data: PRMDataStep | None = None
-    eval: EvalStep
+    critic: StageTask | None = None
+    prm_data: PRMDataTask | None = None
+    eval: EvalTask
     registry: RegisterSettings
     promotion: PromotionConfig = PromotionConfig()
     deploy: DeploySettings = DeploySettings()
@@ -440,7 +440,7 @@ class PipelineConfig(_Strict):
         optional = (name for name in TRAINING_STAGES if name not in STAGES)
         return (*STAGES, *(name for name in optional if getattr(self, name, None) is not None))
 
-    def stage_step(self, stage: str) -> StageStep:
+    def stage_step(self, stage: str) -> StageTask:
         """A training stage's recipe entry (at the stage table's `recipe_key`: `stages.<name>` or top level)."""
         node: Any = self
         for part in _stage_key(stage).split("."):
@@ -481,11 +481,11 @@ class PipelineConfig(_Strict):
         except (ValidationError, ValueError) as exc:
             raise _prefix(f"{_stage_key(stage)}.config", exc) from exc
 
-    def prm_data_settings(self) -> tuple[dict[str, Any], StepConfig]:
+    def prm_data_settings(self) -> tuple[dict[str, Any], TaskConfig]:
         """What the `sample-prm-data` component receives: the sampling settings and the tracking settings."""
         if self.prm_data is None:
             raise ValueError("the recipe has no prm_data section")
-        return json.loads(json.dumps(self.prm_data.config)), StepConfig(
+        return json.loads(json.dumps(self.prm_data.config)), TaskConfig(
             recipe=self.name, tracking=self.tracking
         )
 

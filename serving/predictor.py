@@ -59,7 +59,6 @@ from vlpipe.serving.openai_api import (
 from vlpipe.serving.pyfunc import CHECKPOINT_ARTIFACT, VLPipePyfunc, generation_settings
 
 if TYPE_CHECKING:
-    import torch
     from fastapi import FastAPI
     from PIL import Image
 
@@ -364,7 +363,8 @@ class VLPipeModel(kserve.Model):
             RequestRejected: (400) an image that does not decode, a placeholder/image mismatch, a prompt
                 longer than the context; (413) an image over the pixel cap.
         """
-        from vlpipe.model.image import decode_image, process_image
+        from vlpipe.model.image import decode_image
+        from vlpipe.model.prompt import generation_prompt
 
         loaded = self.loaded
         assert self.pyfunc is not None and self.pyfunc.encoder is not None
@@ -373,20 +373,8 @@ class VLPipeModel(kserve.Model):
                 decode_image(data, source=f"image {i}", max_pixels=loaded.image_cfg.max_pixels)
                 for i, data in enumerate(conversation.images)
             ]
-            tiles = [process_image(image, loaded.image_cfg) for image in images]
-            record: dict[str, Any] = {
-                "id": "request",
-                "conversations": [{"from": role, "value": text} for role, text in conversation.turns],
-            }
-            if images:
-                record["image"] = [f"image {i}" for i in range(len(images))]
-            sample = self.pyfunc.encoder.encode(
-                record,
-                [int(t.shape[0]) for t in tiles],
-                sample_id="request",
-                pixel_values=_cat(tiles),
-                v2pe_deltas=loaded.v2pe_delta,
-                add_generation_prompt=True,
+            sample = generation_prompt(
+                self.pyfunc.encoder, loaded, conversation.turns, images, sample_id="request"
             )
         except ValueError as exc:  # SampleError is a ValueError
             raise _reject(exc) from exc
@@ -399,7 +387,7 @@ class VLPipeModel(kserve.Model):
         Raises:
             RequestRejected: (400) when the server runs without a PRM.
         """
-        from vlpipe.model.image import process_image
+        from vlpipe.model.prompt import image_pixels
 
         if self.prm_scorer is None:
             raise RequestRejected(
@@ -412,8 +400,7 @@ class VLPipeModel(kserve.Model):
         if same or not prompt.images:
             tiles, pixels = prompt.sample.num_tiles, prompt.sample.pixel_values
         else:
-            processed = [process_image(image, prm.image_cfg) for image in prompt.images]
-            tiles, pixels = [int(t.shape[0]) for t in processed], _cat(processed)
+            tiles, pixels = image_pixels(prompt.images, prm.image_cfg)
         return self.prm_scorer.score_answers(prompt.prm_text, answers, tiles, pixels, "request")
 
     def chat_sync(self, conversation: Conversation, settings: ChatSettings) -> ChatResult:
@@ -465,12 +452,6 @@ class VLPipeModel(kserve.Model):
     async def chat(self, conversation: Conversation, settings: ChatSettings) -> ChatResult:
         """`chat_sync` on the model's worker thread."""
         return await self._run(self.chat_sync, conversation, settings)
-
-
-def _cat(tiles: list[torch.Tensor]) -> torch.Tensor | None:
-    import torch
-
-    return torch.cat(tiles) if tiles else None
 
 
 def _v1_rows(payload: dict) -> tuple[list[dict[str, Any]], dict[str, Any]]:

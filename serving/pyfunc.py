@@ -185,7 +185,8 @@ class VLPipePyfunc(mlflow.pyfunc.PythonModel):
 
     def _encode_row(self, index: int, row: dict[str, Any]) -> EncodedSample:
         """One row → an encoded generation prompt with its tiles, exactly as in training."""
-        from vlpipe.model.image import decode_image, process_image
+        from vlpipe.model.image import decode_image
+        from vlpipe.model.prompt import generation_prompt
 
         assert self.loaded is not None and self.encoder is not None
         name = f"row {index}"
@@ -194,26 +195,14 @@ class VLPipePyfunc(mlflow.pyfunc.PythonModel):
             shown = "missing" if _is_missing(prompt) else f"{type(prompt).__name__}, not a string"
             raise ValueError(f"{name}: 'prompt' is {shown}; give every row a non-empty string prompt")
         image_value = row.get("image")
-        record: dict[str, Any] = {"id": name, "conversations": [{"from": "human", "value": prompt}]}
-        if _is_missing(image_value):
-            return self.encoder.encode(
-                record, [], sample_id=name, v2pe_deltas=self.loaded.v2pe_delta, add_generation_prompt=True
-            )
-        data = decode_image_field(image_value, name)
-        # decode_image raises SampleError (a ValueError) naming the row: corrupt_image or image_too_large.
-        image = decode_image(data, source=name, max_pixels=self.loaded.image_cfg.max_pixels)
-        pixel_values = process_image(image, self.loaded.image_cfg)
-        if IMAGE_PLACEHOLDER not in prompt:
-            record["conversations"][0]["value"] = f"{IMAGE_PLACEHOLDER}\n{prompt}"
-        record["image"] = name
-        return self.encoder.encode(
-            record,
-            [int(pixel_values.shape[0])],
-            sample_id=name,
-            pixel_values=pixel_values,
-            v2pe_deltas=self.loaded.v2pe_delta,
-            add_generation_prompt=True,
-        )
+        images = []
+        if not _is_missing(image_value):
+            data = decode_image_field(image_value, name)
+            # decode_image raises SampleError (a ValueError) naming the row: corrupt_image or image_too_large.
+            images = [decode_image(data, source=name, max_pixels=self.loaded.image_cfg.max_pixels)]
+            if IMAGE_PLACEHOLDER not in prompt:
+                prompt = f"{IMAGE_PLACEHOLDER}\n{prompt}"
+        return generation_prompt(self.encoder, self.loaded, [("human", prompt)], images, sample_id=name)
 
 
 def _is_missing(value: Any) -> bool:

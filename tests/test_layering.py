@@ -120,3 +120,44 @@ def test_library_packages_never_import_kfp(package):
         if module.split(".")[0] == "kfp"
     ]
     assert not bad
+
+
+@pytest.mark.slow
+def test_the_distribution_installs_only_the_vlpipe_name(tmp_path):
+    """A built wheel holds `vlpipe/` and its metadata only; from outside the checkout `import model` fails."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "source"  # a copy, so the build leaves no build/ in the checkout
+    source.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(source)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = tmp_path.glob("vlpipe-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {
+        "vlpipe",
+        f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info",
+    }
+    packages = {name.rsplit("/", 1)[0] for name in names if name.endswith("/__init__.py")}
+    assert {
+        "vlpipe/model",
+        "vlpipe/components/sft",
+        "vlpipe/tracking",
+        "vlpipe/pipelines/recipes",
+    } <= packages
+    assert "vlpipe/pipelines/recipes/tiny.yaml" in names
+    check = (
+        "import importlib.util as u, vlpipe.model, vlpipe.pipelines.cli; "
+        "assert all(u.find_spec(n) is None for n in ('model', 'components', 'pipelines', 'serving', 'infra', "
+        "'objectives', 'tracking')), 'a bare top-level name is importable'"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=tmp_path, timeout=120)

@@ -25,9 +25,9 @@ def prepare_data(
         config: `vlpipe.components.data.config.PrepareDataConfig` as JSON.
         parent_run_id: the pipeline's MLflow run.
     """
-    from vlpipe.components.data.prepare import prepare_data_step
+    from vlpipe.components.data.prepare import prepare_data_task
 
-    prepare_data_step(config, parent_run_id=parent_run_id, dataset=data, metrics=metrics, report=report)
+    prepare_data_task(config, parent_run_id=parent_run_id, dataset=data, metrics=metrics, report=report)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -44,9 +44,9 @@ def init_model(
         config: `vlpipe.components.data.config.InitModelConfig` as JSON.
         parent_run_id: the pipeline's MLflow run.
     """
-    from vlpipe.components.data.init_model import init_model_step
+    from vlpipe.components.data.init_model import init_model_task
 
-    init_model_step(config, parent_run_id=parent_run_id, dataset=data, model=model, metrics=metrics)
+    init_model_task(config, parent_run_id=parent_run_id, dataset=data, model=model, metrics=metrics)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -65,9 +65,9 @@ def mix_data(
         config: `vlpipe.components.data.config.MixConfig` as JSON.
         parent_run_id: the pipeline's MLflow run.
     """
-    from vlpipe.components.data.mix import mix_data_step
+    from vlpipe.components.data.mix import mix_data_task
 
-    mix_data_step(
+    mix_data_task(
         config,
         parent_run_id=parent_run_id,
         dataset=data,

@@ -13,7 +13,7 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vlpipe.components.pipeline_run.config import StepConfig
+from vlpipe.components.pipeline_run.config import TaskConfig
 from vlpipe.model.data.config import DataConfig, PackingConfig
 from vlpipe.model.data.demo import DemoSizes
 
@@ -145,20 +145,20 @@ class Mixture(_Strict):
         return DataConfig(meta=meta, **self.data)
 
 
-class PrepareDataConfig(StepConfig):
+class PrepareDataConfig(TaskConfig):
     """The `prepare-data` step's settings."""
 
     data: DataSettings
 
 
-class InitModelConfig(StepConfig):
+class InitModelConfig(TaskConfig):
     """The `init-model` step's settings."""
 
     preset: str = Field(min_length=1)
     init: InitSettings
 
 
-class MixConfig(StepConfig):
+class MixConfig(TaskConfig):
     """The `mix-data` step's settings."""
 
     data: DataSettings

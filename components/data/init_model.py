@@ -77,7 +77,7 @@ def init_model(
     return {**facts, "mlflow_run_id": run_id}
 
 
-def init_model_step(config_json: str, *, parent_run_id: str, dataset: Any, model: Any, metrics: Any) -> None:
+def init_model_task(config_json: str, *, parent_run_id: str, dataset: Any, model: Any, metrics: Any) -> None:
     """The component's entrypoint: validate `config_json`, write the checkpoint into the `Model` artifact.
 
     Args:

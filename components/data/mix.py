@@ -130,7 +130,7 @@ def mixture_markdown(manifests: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def mix_data_step(
+def mix_data_task(
     config_json: str, *, parent_run_id: str, dataset: Any, model: Any, mixture: Any, metrics: Any, report: Any
 ) -> None:
     """The component's entrypoint: validate `config_json`, run the step, fill the output artifacts.

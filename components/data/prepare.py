@@ -177,7 +177,7 @@ def dataset_summary_markdown(info: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def prepare_data_step(
+def prepare_data_task(
     config_json: str, *, parent_run_id: str, dataset: Any, metrics: Any, report: Any
 ) -> None:
     """The component's entrypoint: validate `config_json`, run the step, fill the output artifacts.

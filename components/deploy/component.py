@@ -1,4 +1,4 @@
-"""Kubeflow component of the deploy step (a thin shell around `deploy.deploy_step`).
+"""Kubeflow component of the deploy step (a thin shell around `deploy.deploy_task`).
 
 The pipelines add it only when the recipe enables deployment, inside
 `dsl.If(promote_task.outputs["Output"] == "promoted")`.
@@ -23,6 +23,6 @@ def deploy_model(config: str, parent_run_id: str, model_uri: str, report: Output
     Returns:
         `created` or `rolled_out` (a failed rollout is rolled back and fails the step).
     """
-    from vlpipe.components.deploy.deploy import deploy_step
+    from vlpipe.components.deploy.deploy import deploy_task
 
-    return deploy_step(config, parent_run_id=parent_run_id, model_uri=model_uri, report=report)
+    return deploy_task(config, parent_run_id=parent_run_id, model_uri=model_uri, report=report)

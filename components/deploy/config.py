@@ -10,7 +10,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vlpipe.components.pipeline_run.config import StepConfig
+from vlpipe.components.pipeline_run.config import TaskConfig
 
 MLFLOW_PROXY_SCHEME = "mlflow-artifacts:"
 PLACEHOLDER_STORAGE_URI = "s3://pipeline/registered-model"
@@ -106,7 +106,7 @@ def storage_uri_of(settings: DeploySettings, download_uri: str) -> str:
     )
 
 
-class DeployConfig(StepConfig):
+class DeployConfig(TaskConfig):
     """The `deploy-model` step's settings."""
 
     deploy: DeploySettings

@@ -231,7 +231,7 @@ def deploy_champion(
     return result
 
 
-def deploy_step(config_json: str, *, parent_run_id: str, model_uri: str, report: Any) -> str:
+def deploy_task(config_json: str, *, parent_run_id: str, model_uri: str, report: Any) -> str:
     """The component's entrypoint; returns `created` or `rolled_out` (a failed rollout raises).
 
     Args:

@@ -1,4 +1,4 @@
-"""Kubeflow component of the Best-of-N evaluation (a thin shell around `pipeline_step.run_eval_step`)."""
+"""Kubeflow component of the Best-of-N evaluation (a thin shell around `pipeline_step.run_eval_task`)."""
 
 # No `from __future__ import annotations` here: kfp reads the parameter annotations as types.
 from kfp import dsl
@@ -27,9 +27,9 @@ def evaluate(
         preset: the recipe's preset (policy and PRM must be ones).
         parent_run_id: the pipeline's MLflow run.
     """
-    from vlpipe.components.evaluate.task import run_eval_step
+    from vlpipe.components.evaluate.task import run_eval_task
 
-    run_eval_step(
+    run_eval_task(
         config,
         preset=preset,
         parent_run_id=parent_run_id,

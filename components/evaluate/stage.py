@@ -49,7 +49,8 @@ from vlpipe.model.checkpoint import LoadedModel, load_checkpoint
 from vlpipe.model.conversation import ConversationEncoder, EncodedSample
 from vlpipe.model.errors import SampleError
 from vlpipe.model.generate import generate
-from vlpipe.model.image import decode_image, process_image
+from vlpipe.model.image import decode_image
+from vlpipe.model.prompt import generation_prompt, image_pixels
 from vlpipe.model.storage import is_remote, upload_dir
 from vlpipe.model.tokenizer import IM_END
 from vlpipe.serving.scoring import PRMScorer
@@ -87,11 +88,6 @@ class PreparedItem:
     prm_pixels: torch.Tensor | None
 
 
-def _pixels(images: Sequence, loaded: LoadedModel) -> tuple[list[int], torch.Tensor | None]:
-    tiles = [process_image(image, loaded.image_cfg) for image in images]
-    return [t.shape[0] for t in tiles], (torch.cat(tiles) if tiles else None)
-
-
 def prepare_item(
     item: BenchmarkItem, policy: LoadedModel, encoder: ConversationEncoder, prm: LoadedModel
 ) -> PreparedItem:
@@ -110,17 +106,11 @@ def prepare_item(
         decode_image(data, source=f"{item.benchmark}:{item.item_id} image {i}")
         for i, data in enumerate(item.images)
     ]
-    tiles, pixels = _pixels(images, policy)
-    record: dict = {"id": item.item_id, "conversations": [{"from": "human", "value": item.prompt_text}]}
-    if images:
-        record["image"] = [f"image-{i}" for i in range(len(images))]
-    prompt = encoder.encode(
-        record, tiles, pixel_values=pixels, v2pe_deltas=policy.v2pe_delta, add_generation_prompt=True
-    )
+    prompt = generation_prompt(encoder, policy, [("human", item.prompt_text)], images, sample_id=item.item_id)
     if prm is policy:
-        prm_tiles, prm_pixels = tiles, pixels
+        prm_tiles, prm_pixels = prompt.num_tiles, prompt.pixel_values
     else:
-        prm_tiles, prm_pixels = _pixels(images, prm)
+        prm_tiles, prm_pixels = image_pixels(images, prm.image_cfg)
     return PreparedItem(item, prompt, prm_tiles, prm_pixels)
 
 

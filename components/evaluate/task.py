@@ -96,7 +96,7 @@ def metrics_html(metrics: dict[str, Any], plot: Path | None) -> str:
     )
 
 
-def run_eval_step(
+def run_eval_task(
     config_json: str,
     *,
     preset: str,

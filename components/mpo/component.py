@@ -30,9 +30,9 @@ def mpo(
         work_root: the work volume's mount path ("" locally: under VLPIPE_HOME).
         world_size: training processes (GPUs) on the node.
     """
-    from vlpipe.components.training.task import run_training_step
+    from vlpipe.components.training.task import run_training_task
 
-    run_training_step(
+    run_training_task(
         "mpo",
         config,
         preset=preset,

@@ -36,4 +36,6 @@ def finish_pipeline_run(parent_run_id: str, job_id: str, status: dsl.PipelineTas
     """Exit handler: close the parent run with the pipeline's final state."""
     from vlpipe.components.pipeline_run.task import finish_run_task
 
-    finish_run_task(parent_run_id=parent_run_id, job_id=job_id, state=status.state, error=status.error_message)
+    finish_run_task(
+        parent_run_id=parent_run_id, job_id=job_id, state=status.state, error=status.error_message
+    )

@@ -25,7 +25,7 @@ class TrackingSettings(BaseModel):
     system_metrics: bool = False
 
 
-class StepConfig(BaseModel):
+class TaskConfig(BaseModel):
     """What every non-training step knows: the recipe's name and tracking settings."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -31,9 +31,9 @@ def pretrain(
         work_root: the work volume's mount path ("" locally: under VLPIPE_HOME).
         world_size: training processes (GPUs) on the node.
     """
-    from vlpipe.components.training.task import run_training_step
+    from vlpipe.components.training.task import run_training_task
 
-    run_training_step(
+    run_training_task(
         "pretrain",
         config,
         preset=preset,

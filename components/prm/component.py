@@ -32,9 +32,9 @@ def prm(
         world_size: training processes (GPUs) on the node.
         steps: the `sample-prm-data` output (on-policy solutions); without it, the prepared `prm/train.jsonl`.
     """
-    from vlpipe.components.training.task import run_training_step
+    from vlpipe.components.training.task import run_training_task
 
-    run_training_step(
+    run_training_task(
         "prm",
         config,
         preset=preset,

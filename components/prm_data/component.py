@@ -27,9 +27,9 @@ def sample_prm_data(
         preset: the recipe's preset (the policy must be one).
         parent_run_id: the pipeline's MLflow run.
     """
-    from vlpipe.components.prm_data.task import run_prm_data_step
+    from vlpipe.components.prm_data.task import run_prm_data_task
 
-    run_prm_data_step(
+    run_prm_data_task(
         config,
         step,
         preset=preset,

@@ -182,7 +182,8 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
     from vlpipe.model.data.reasoning import extract_answer
     from vlpipe.model.errors import SampleError
     from vlpipe.model.generate import generate
-    from vlpipe.model.image import load_image, process_image
+    from vlpipe.model.image import load_image
+    from vlpipe.model.prompt import generation_prompt
     from vlpipe.model.storage import filesystem, join
     from vlpipe.model.tokenizer import IM_END
     from vlpipe.objectives.prm import split_steps
@@ -215,21 +216,10 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
             batch, prompts = [], []
             for record in records[start : start + config.batch_items]:
                 try:
-                    pixels = process_image(
-                        load_image(join(root, record["image"]), max_pixels=policy.image_cfg.max_pixels),
-                        policy.image_cfg,
-                    )
-                    conv = {
-                        "id": record.get("id"),
-                        "image": record["image"],
-                        "conversations": [{"from": "human", "value": "<image>\n" + record["question"]}],
-                    }
-                    prompt = encoder.encode(
-                        conv,
-                        [pixels.shape[0]],
-                        pixel_values=pixels,
-                        v2pe_deltas=policy.v2pe_delta,
-                        add_generation_prompt=True,
+                    image = load_image(join(root, record["image"]), max_pixels=policy.image_cfg.max_pixels)
+                    turns = [("human", "<image>\n" + record["question"])]
+                    prompt = generation_prompt(
+                        encoder, policy, turns, [image], sample_id=str(record.get("id"))
                     )
                 except SampleError as err:
                     counts["skipped_items"] += 1

@@ -1,6 +1,6 @@
 """What the `sample-prm-data` component calls: on-policy PRM data from the pipeline's policy.
 
-VisualPRM trains its critic on the policy's own solutions with per-step labels; this step samples N solutions
+VisualPRM trains its PRM on the policy's own solutions with per-step labels; this step samples N solutions
 per source item from the policy the evaluation will judge, labels every step (`vlpipe.components.prm_data.stage`) and
 hands the JSONL to the `prm` stage in place of the prepared `prm/train.jsonl`. Everything is logged to an
 MLflow child run `prm-data`: the settings, the counts (solutions, step labels, sample accuracy, skipped
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vlpipe.components.pipeline_run.config import StepConfig
+from vlpipe.components.pipeline_run.config import TaskConfig
 from vlpipe.components.prm_data.stage import PRMSampleConfig
 
 PLACEHOLDERS = {"policy": "/pipeline/policy", "output": "/pipeline/prm-data/steps.jsonl"}
@@ -72,7 +72,7 @@ def _log_run(config: PRMSampleConfig, counts: dict[str, Any], output: Path) -> N
     mlflow.log_text("".join(preview), "prm_data/preview.jsonl")
 
 
-def run_prm_data_step(
+def run_prm_data_task(
     config_json: str,
     step_json: str,
     *,
@@ -87,7 +87,7 @@ def run_prm_data_step(
 
     Args:
         config_json: the recipe's `prm_data.config` (a `PRMSampleConfig` without policy and output) as JSON.
-        step_json: the recipe name and tracking settings (`StepConfig`) as JSON.
+        step_json: the recipe name and tracking settings (`TaskConfig`) as JSON.
         preset: the recipe's preset (the policy must be one).
         parent_run_id: the pipeline's MLflow run.
         policy: input `Model` artifact (the policy whose solutions the PRM will judge).
@@ -106,7 +106,7 @@ def run_prm_data_step(
     from vlpipe.components.training.task import check_preset
     from vlpipe.tracking.runs import child_run
 
-    step = StepConfig.model_validate_json(step_json)
+    step = TaskConfig.model_validate_json(step_json)
     info = load_dataset_info(data.path)
     policy_dir = checkpoint_path(policy.path)
     check_preset(policy_dir, preset)

@@ -1,4 +1,4 @@
-"""Kubeflow component of the promote step (a thin shell around `promote.promote_step`).
+"""Kubeflow component of the promote step (a thin shell around `promote.promote_task`).
 
 Its output (`promoted`, `rejected` or `already_champion`) gates the deploy step:
 `dsl.If(promote_task.outputs["Output"] == "promoted")`.
@@ -23,6 +23,6 @@ def promote_model(config: str, parent_run_id: str, model_uri: str, report: Outpu
     Returns:
         The decision: `promoted`, `rejected` or `already_champion` (a rejection is not a failure).
     """
-    from vlpipe.components.promote.promote import promote_step
+    from vlpipe.components.promote.promote import promote_task
 
-    return promote_step(config, parent_run_id=parent_run_id, model_uri=model_uri, report=report)
+    return promote_task(config, parent_run_id=parent_run_id, model_uri=model_uri, report=report)

@@ -6,7 +6,7 @@ import re
 
 from pydantic import Field
 
-from vlpipe.components.pipeline_run.config import StepConfig
+from vlpipe.components.pipeline_run.config import TaskConfig
 from vlpipe.serving.promote import PromotionConfig
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9][A-Za-z0-9_.\-]*)/(?P<version>[1-9][0-9]*)$")
@@ -28,7 +28,7 @@ def parse_model_uri(model_uri: str) -> tuple[str, str]:
     return match["name"], match["version"]
 
 
-class PromoteConfig(StepConfig):
+class PromoteConfig(TaskConfig):
     """The `promote-model` step's settings: the recipe's gates (`vlpipe.serving.promote.PromotionConfig`)."""
 
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)

@@ -149,7 +149,7 @@ def promote_version(config: PromoteConfig, *, model_uri: str, parent_run_id: str
     return result
 
 
-def promote_step(config_json: str, *, parent_run_id: str, model_uri: str, report: Any) -> str:
+def promote_task(config_json: str, *, parent_run_id: str, model_uri: str, report: Any) -> str:
     """The component's entrypoint; returns the decision (`promoted`, `rejected` or `already_champion`).
 
     Args:

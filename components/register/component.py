@@ -1,4 +1,4 @@
-"""Kubeflow component of the register step (a thin shell around `register.register_step`).
+"""Kubeflow component of the register step (a thin shell around `register.register_task`).
 
 Extension point: the promote and deploy steps (Serving issue) take this step's output, the registered
 model URI.
@@ -29,9 +29,9 @@ def register_model(
         parent_run_id: the pipeline's MLflow run.
         job_id: the Kubeflow job id.
     """
-    from vlpipe.components.register.register import register_step
+    from vlpipe.components.register.register import register_task
 
-    return register_step(
+    return register_task(
         config,
         parent_run_id=parent_run_id,
         job_id=job_id,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vlpipe.components.pipeline_run.config import StepConfig
+from vlpipe.components.pipeline_run.config import TaskConfig
 
 
 class RegisterSettings(BaseModel):
@@ -21,7 +21,7 @@ class RegisterSettings(BaseModel):
     alias: str = Field("challenger", pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", max_length=64)
 
 
-class RegisterConfig(StepConfig):
+class RegisterConfig(TaskConfig):
     """The `register-model` step's settings."""
 
     preset: str = Field(min_length=1)

@@ -123,7 +123,7 @@ def register_markdown(result: dict[str, Any], tags: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def register_step(
+def register_task(
     config_json: str,
     *,
     parent_run_id: str,

@@ -142,7 +142,7 @@ def run_stage_processes(stage: str, config: Any, world_size: int) -> dict[str, A
     return json.loads(summary_file.read_text())
 
 
-def run_training_step(
+def run_training_task(
     stage: str,
     config_json: str,
     *,

@@ -185,7 +185,7 @@ class _Artifact:
 
 def test_a_retried_training_step_publishes_the_completed_checkpoint_without_training(recipe_run, tmp_path):
     """A retry runs in a new pod with an empty output directory; the work directory still holds the run."""
-    from vlpipe.components.training.task import run_training_step
+    from vlpipe.components.training.task import run_training_task
 
     recipe = _short_tiny()
     run_dir = max(
@@ -194,7 +194,7 @@ def test_a_retried_training_step_publishes_the_completed_checkpoint_without_trai
     work = Path(recipe_run["pipeline_root"]).parent / "work"
     job = next(p.name for p in work.iterdir() if (p / "mpo" / "complete.json").exists())
     model, metrics = _Artifact(tmp_path / "retried-model"), _Artifact(tmp_path / "metrics")
-    summary = run_training_step(
+    summary = run_training_task(
         "mpo",
         json.dumps(recipe.stage_settings("mpo")),
         preset="tiny",

@@ -15,7 +15,7 @@ from vlpipe.components.deploy.config import DeployConfig, DeploySettings, storag
 from vlpipe.components.deploy.deploy import deploy_champion
 from vlpipe.components.pipeline_run.config import TrackingSettings
 from vlpipe.components.promote.config import PromoteConfig, parse_model_uri
-from vlpipe.components.promote.promote import promote_step
+from vlpipe.components.promote.promote import promote_task
 from vlpipe.serving.promote import Gate, PromotionConfig
 
 NAME = "vlpipe-steps"
@@ -61,7 +61,7 @@ def _promote(parent: str, version: str, tmp_path: Path, gates=None) -> tuple[str
     if gates is None:
         config = PromoteConfig(recipe="steps", tracking=TRACKING)  # the default gates
     report = _Artifact(tmp_path / f"promote-{version}.md")
-    decision = promote_step(
+    decision = promote_task(
         config.model_dump_json(), parent_run_id=parent, model_uri=f"models:/{NAME}/{version}", report=report
     )
     assert report.metadata["decision"] == decision

@@ -167,7 +167,10 @@ def test_prm_data_wiring_reads_relative_paths_from_the_data_root():
     assert cfg.include == ("s3://bucket/data/prm/train.jsonl", "s3://curated/steps.jsonl")
     absolute = wire_prm_data_config({"source": "/abs/r.jsonl"}, policy="/p", output="/o", data_root="/root")
     assert absolute.source == "/abs/r.jsonl" and absolute.image_root is None
-    assert owned_keys_in({"policy": "x", "output": "y", "n": 2}, STAGES["prm-data"].owned) == ["policy", "output"]
+    assert owned_keys_in({"policy": "x", "output": "y", "n": 2}, STAGES["prm-data"].owned) == [
+        "policy",
+        "output",
+    ]
     with pytest.raises(ValidationError, match="temperature"):
         wire_prm_data_config(
             {"source": "r.jsonl", "temperature": 0}, policy="/p", output="/o", data_root="/d"

@@ -70,7 +70,7 @@ class _Artifact:
 def test_sampling_step_labels_the_policy_solutions_and_logs_them(workspace, tracking, tmp_path):
     import mlflow
 
-    from vlpipe.components.prm_data.task import IMAGE_ROOT_KEY, run_prm_data_step
+    from vlpipe.components.prm_data.task import IMAGE_ROOT_KEY, run_prm_data_task
     from vlpipe.model.data.reasoning import local_step_labels, parse_question
 
     # The SFT-format reasoning split as the source, with one record the labeller cannot use.
@@ -94,7 +94,7 @@ def test_sampling_step_labels_the_policy_solutions_and_logs_them(workspace, trac
     }
     step = {"recipe": "tiny", "tracking": {"experiment": "prm-data-test"}}
     steps, metrics = _Artifact(tmp_path / "out" / "steps.jsonl"), _Artifact(tmp_path / "metrics")
-    counts = run_prm_data_step(
+    counts = run_prm_data_task(
         json.dumps(settings), json.dumps(step), preset="tiny", parent_run_id="",
         policy=_Artifact(workspace["init"]), data=_Artifact(tmp_path / "data"), steps=steps, metrics=metrics,
     )  # fmt: skip
