@@ -1,4 +1,4 @@
-"""Kubeflow component of the Best-of-N evaluation (a thin shell around `pipeline_step.run_eval_task`)."""
+"""Kubeflow component of the Best-of-N evaluation (a thin shell around `vlpipe.components.evaluate.task.run_eval_task`)."""
 
 # No `from __future__ import annotations` here: kfp reads the parameter annotations as types.
 from kfp import dsl

@@ -1,4 +1,4 @@
-"""Checkpoints handed between pipeline steps, directly or through a model store (`cluster.model_store`).
+"""Checkpoints handed between pipeline tasks, directly or through a model store (`cluster.model_store`).
 
 Without a model store a step copies its checkpoint into its `Model` artifact, and Kubeflow moves the artifact
 (to the pipeline root on a cluster, a local directory under `kfp.local`). With one (`VLPIPE_MODEL_STORE`,

@@ -77,7 +77,7 @@ def init_distributed(config: DistributedConfig) -> DistInfo:
             deepspeed.init_distributed(dist_backend=backend, timeout=_PROCESS_GROUP_TIMEOUT)
         finally:
             if group_of_one:
-                # Child processes (pipeline steps, launchers) must not join this process's group; DeepSpeed
+                # Child processes (pipeline tasks, launchers) must not join this process's group; DeepSpeed
                 # only needs LOCAL_RANK later (at `deepspeed.initialize`).
                 for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
                     os.environ.pop(key, None)
