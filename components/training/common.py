@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vlpipe.components.training.runtime import (
     DistInfo,
     Engine,
@@ -85,10 +83,6 @@ def steps_for(trainer: Any, units_per_epoch: float) -> int:
     if trainer.max_steps is not None:
         return int(trainer.max_steps)
     return max(1, math.ceil(trainer.epochs * units_per_epoch / trainer.global_batch_size))
-
-
-def parameter_count(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def ensure_local_dir(path: str) -> Path:
