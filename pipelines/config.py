@@ -267,7 +267,7 @@ class PipelineConfig(_Strict):
             than the smaller policies.
         prm_data: on-policy PRM data sampled from the MPO policy (absent: the PRM trains on the prepared
             step-labelled file).
-        eval: the Best-of-N evaluation (policy: the MPO model; critic: the PRM).
+        eval: the Best-of-N evaluation (policy: the MPO model; judge: the PRM).
         registry: the registry entry of the final policy.
         promotion: the gates the registered version must pass to become `champion` (`vlpipe.serving.promote`).
         deploy: whether and how the champion is served with KServe after a promotion.

@@ -196,7 +196,7 @@ def print_summary(
     console.print(stages)
     if "eval" in summary:
         n = summary["eval"]["n"]
-        table = Table(title=f"Best-of-{n} evaluation (policy: MPO model, critic: PRM)")
+        table = Table(title=f"Best-of-{n} evaluation (policy: MPO model, judge: PRM)")
         for column in ("benchmark", "items", "pass@1", f"Best-of-{n}", f"majority@{n}", f"oracle@{n}"):
             table.add_column(column, justify="left" if column == "benchmark" else "right")
         rows = [*summary["eval"]["benchmarks"].items(), ("overall", summary["eval"]["overall"])]
