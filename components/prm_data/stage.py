@@ -12,7 +12,7 @@ into steps, and labels each step. Labellers:
   right when it lists as many shapes of the asked colour or kind as the image has, steps 2 and 3 when they
   follow from the step before. It is what Monte Carlo labels approach on this task and separates perception
   from following the steps (score answers with `min`); measured, it picks no better than `final_answer`
-  (README, "Measured results").
+  (docs/results.md).
 * `final_answer`: every step takes the label of the final answer (weak supervision; the answer is read with
   the demo's rule, `vlpipe.model.data.reasoning.extract_answer`: a last line "So the answer is N.").
 

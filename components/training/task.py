@@ -14,7 +14,8 @@ directory makes a retried task (a new pod, an empty artifact directory) find the
 validation calls it with placeholders, the component with the real values.
 
 One GPU (or the CPU) trains in-process; `world_size > 1` launches `torch.distributed.run` with one process
-per GPU on this node. Multi-node training (a PyTorchJob per stage) is an extension point, not implemented.
+per GPU on this node. Multi-node training (a Kubeflow Trainer TrainJob per stage) is an extension point, not
+implemented.
 """
 
 from __future__ import annotations
