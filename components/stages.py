@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ class Stage:
     trains_as: str | None = None
     data: tuple[str, str] | None = None
     inputs: tuple[str, ...] = ()
-    owned: tuple[str, ...] = field(default=())
+    owned: tuple[str, ...] = ()
 
     @property
     def trained(self) -> bool:
@@ -272,6 +272,9 @@ def load_stage_config(path: str | Path, stage: str | None = None) -> Any:
     return parse_stage_config(data, stage)
 
 
+_MISSING = object()
+
+
 def owned_keys_in(settings: dict[str, Any], owned: tuple[str, ...]) -> list[str]:
     """The dotted keys of `owned` that a recipe's stage settings set (the pipeline sets them; a recipe must not)."""
     found = []
@@ -282,6 +285,3 @@ def owned_keys_in(settings: dict[str, Any], owned: tuple[str, ...]) -> list[str]
         if node is not _MISSING:
             found.append(key)
     return found
-
-
-_MISSING = object()
