@@ -17,6 +17,10 @@ app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 deepspeed_app = typer.Typer(help="DeepSpeed configs.", no_args_is_help=True)
 app.add_typer(deepspeed_app, name="deepspeed")
+recipe_app = typer.Typer(
+    help="Recipes: list the shipped ones, show one fully resolved.", no_args_is_help=True
+)
+app.add_typer(recipe_app, name="recipe")
 console = Console()
 
 
@@ -155,15 +159,19 @@ def deepspeed_render(
         console.print(f"wrote {path}")
 
 
-def _recipe(name: str):
-    """Load and validate a recipe, turning its errors into a clean CLI error (exit code 2)."""
+def _recipe(name: str, overrides: list[str] | None = None):
+    """Load and validate a recipe (its `base` chain and `--set` overrides applied), turning its errors into a
+    clean CLI error (exit code 2)."""
     from vlpipe.pipelines.config import load_recipe
 
     try:
-        return load_recipe(name)
+        return load_recipe(name, overrides or [])
     except (FileNotFoundError, ValueError) as exc:
         console.print(f"[red]invalid recipe {name}:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(2) from exc
+
+
+SET_HELP = "Override a recipe setting: KEY=VALUE with a dotted key, e.g. stages.sft.config.trainer.optimizer.lr=1e-5 (repeatable; the value is YAML)."
 
 
 def _parameters(values: list[str]) -> dict[str, str]:
@@ -180,6 +188,7 @@ def _parameters(values: list[str]) -> dict[str, str]:
 def compile_pipelines(
     recipe: str = typer.Option(None, help="Recipe name or YAML file; default: every shipped recipe."),
     out: Path = typer.Option(Path(".vlpipe/compiled"), help="Output directory."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Compile the Kubeflow pipelines to IR YAML, one file per pipeline: `<pipeline>-<version>.yaml`.
 
@@ -190,7 +199,7 @@ def compile_pipelines(
 
     names = [recipe] if recipe else list_recipes()
     for name in names:
-        config = _recipe(name)
+        config = _recipe(name, set_)
         for path in compile_recipe(config, out if recipe else out / config.name).values():
             console.print(f"wrote {path}")
 
@@ -206,12 +215,17 @@ def submit(
         "internvl3-recipe", help="internvl3-recipe, sft-mpo, evaluate or promote-deploy."
     ),
     param: list[str] = typer.Option([], help="Pipeline parameter NAME=VALUE (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Upload the pipeline (or a new version of it) and start a run on Kubeflow Pipelines."""
     from vlpipe.pipelines.submit import submit_recipe
 
     result = submit_recipe(
-        _recipe(recipe), host=host, pipeline=pipeline, experiment=experiment, arguments=_parameters(param)
+        _recipe(recipe, set_),
+        host=host,
+        pipeline=pipeline,
+        experiment=experiment,
+        arguments=_parameters(param),
     )
     console.print(
         f"{'uploaded' if result.uploaded else 'reused'} {result.pipeline_name} version "
@@ -228,6 +242,7 @@ def run(
     ),
     param: list[str] = typer.Option([], help="Pipeline parameter NAME=VALUE (repeatable)."),
     summary_json: Path = typer.Option(None, "--summary-json", help="Also write the summary as JSON here."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Run a pipeline locally with kfp.local (subprocesses, no containers) and print its summary."""
     if not local_run:
@@ -236,7 +251,7 @@ def run(
     from vlpipe.pipelines.local import run_local
     from vlpipe.pipelines.summary import print_summary
 
-    config = _recipe(recipe)
+    config = _recipe(recipe, set_)
     try:
         result = run_local(config, pipeline=pipeline, arguments=_parameters(param))
     except RuntimeError as exc:
@@ -247,6 +262,27 @@ def run(
         summary_json.write_text(json.dumps(result, indent=2, default=str) + "\n")
     wide = Console(width=max(console.width, 120))  # the summary tables are wider than a pipe's 80 columns
     print_summary(result, wide, tracking_uri=result["tracking_uri"], seconds=result["seconds"])
+
+
+@recipe_app.command("show")
+def recipe_show(
+    recipe: str = typer.Argument(..., help="Recipe name or YAML file."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Print the fully resolved, validated recipe (base chain merged, overrides applied, defaults filled) as YAML."""
+    import yaml
+
+    config = _recipe(recipe, set_)
+    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, width=110), end="")
+
+
+@recipe_app.command("list")
+def recipe_list() -> None:
+    """The shipped recipes."""
+    from vlpipe.pipelines.config import list_recipes
+
+    for name in list_recipes():
+        print(name)
 
 
 @app.command("bench")

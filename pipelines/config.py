@@ -57,6 +57,7 @@ _CREDENTIAL_NAME = re.compile(
 _USERINFO = re.compile(r"^[a-z][a-z0-9+.\-]*://[^/@]+@", re.IGNORECASE)
 _K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_EXPONENT_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _RESERVED_ENV = ("MLFLOW_TRACKING_URI", "VLPIPE_GIT_COMMIT", "VLPIPE_MODEL_STORE")
 
 
@@ -568,15 +569,18 @@ class PipelineConfig(_Strict):
         return DeployConfig(recipe=self.name, tracking=self.tracking, deploy=deploy)
 
 
-def recipe_path(name_or_path: str | Path) -> Path:
-    """A shipped recipe's file (`tiny` → `pipelines/recipes/tiny.yaml`) or the given file.
+def recipe_path(name_or_path: str | Path, relative_to: Path | None = None) -> Path:
+    """A shipped recipe's file (`tiny` → `pipelines/recipes/tiny.yaml`) or the given file (a relative path is
+    read from `relative_to`, the directory of the recipe that names it as its `base`, when it exists there).
 
     Raises:
         FileNotFoundError: naming the shipped recipes.
     """
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
+    if path.suffix in (".yaml", ".yml"):
+        for candidate in ([relative_to / path] if relative_to and not path.is_absolute() else []) + [path]:
+            if candidate.exists():
+                return candidate
     shipped = RECIPES_DIR / f"{name_or_path}.yaml"
     if shipped.exists():
         return shipped
@@ -588,18 +592,92 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def load_recipe(name_or_path: str | Path) -> PipelineConfig:
-    """Read and validate a recipe.
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` on top of `base`: mappings merge key by key, anything else (lists included) is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_recipe(name_or_path: str | Path, *, _relative_to: Path | None = None, _seen: tuple = ()) -> dict:
+    """A recipe's settings as a mapping, its `base` chain resolved (each file on top of its base, deep-merged).
 
     Raises:
-        FileNotFoundError: no such recipe.
-        ValueError: the file is not a mapping, or any setting is invalid (the message names the key).
+        FileNotFoundError: a recipe or base that does not exist.
+        ValueError: a file that is not a mapping, an invalid `base`, or a cycle of bases (naming the files).
     """
-    path = recipe_path(name_or_path)
-    data = yaml.safe_load(path.read_text())
+    path = recipe_path(name_or_path, _relative_to).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise ValueError(f"recipe bases form a cycle: {chain}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe must be a mapping of settings")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{path}: base must name a recipe (a shipped name or a YAML file), got {base!r}")
+    try:
+        parent = read_recipe(base, _relative_to=path.parent, _seen=(*_seen, path))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{path}: base: {exc}") from exc
+    return deep_merge(parent, data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`KEY=VALUE` overrides (`stages.sft.config.trainer.optimizer.lr=1e-5`) set into a recipe's settings.
+
+    The value is read as YAML (`1e-5` is a number, `[a, b]` a list, `{...}` a mapping that replaces the key's);
+    missing mappings on the way are created. Unknown keys fail when the recipe is validated, naming the key.
+
+    Raises:
+        ValueError: an override that is not `KEY=VALUE`, or one that goes through a value that is not a mapping.
+    """
+    result = json.loads(json.dumps(data))
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ValueError(
+                f"--set {override!r}: expected KEY=VALUE with a dotted KEY (stages.sft.config.x=1)"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--set {override!r}: the value is not valid YAML: {exc}") from exc
+        if isinstance(value, str) and _EXPONENT_NUMBER.match(value):  # YAML 1.1 reads 1e-5 as a string
+            value = float(value)
+        node = result
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ValueError(f"--set {override!r}: {where} is {child!r}, not a mapping of settings")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a recipe (its `base` chain merged), apply `--set` overrides, and validate it.
+
+    Raises:
+        FileNotFoundError: no such recipe (or base).
+        ValueError: the file is not a mapping, a bad base or override, or any setting is invalid (the message
+            names the file and the key).
+    """
+    path = recipe_path(name_or_path)
+    data = apply_overrides(read_recipe(name_or_path), overrides)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise _prefix(str(path), exc) from exc
+        where = f"{path} with --set {', '.join(overrides)}" if overrides else str(path)
+        raise _prefix(where, exc) from exc
