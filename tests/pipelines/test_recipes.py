@@ -6,16 +6,15 @@ import copy
 from pathlib import Path
 
 import pytest
-import yaml
 from pydantic import ValidationError
 
-from vlpipe.pipelines.config import PipelineConfig, list_recipes, load_recipe, recipe_path
+from vlpipe.pipelines.config import PipelineConfig, list_recipes, load_recipe, read_recipe, recipe_path
 
 SHIPPED = ("internvl3-1b", "internvl3-2b", "internvl3-8b", "small", "tiny")
 
 
 def _raw(name: str) -> dict:
-    return yaml.safe_load(recipe_path(name).read_text())
+    return read_recipe(name)  # the recipe's settings, its base chain merged
 
 
 def _invalid(raw: dict, match: str) -> None:
