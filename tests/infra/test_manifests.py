@@ -577,9 +577,11 @@ def test_serving_service_account_is_the_generated_one_for_the_s3_endpoint(render
 
 
 def test_s3_endpoint_is_the_recipes_one():
+    from vlpipe.pipelines.config import read_recipe
+
     endpoint = load_documents(BASE_DIR / "s3-endpoint-configmap.yaml")[0]["data"]
     for name in ("internvl3-1b", "internvl3-2b", "internvl3-8b"):
-        recipe = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
+        recipe = read_recipe(RECIPES_DIR / f"{name}.yaml")  # its base chain merged
         assert recipe["cluster"]["env"]["AWS_ENDPOINT_URL"] == endpoint["AWS_ENDPOINT_URL"]
         assert recipe["cluster"]["env"]["AWS_DEFAULT_REGION"] == endpoint["AWS_DEFAULT_REGION"]
         assert recipe["deploy"]["service"]["s3"]["endpoint"] == urlsplit(endpoint["AWS_ENDPOINT_URL"]).netloc
