@@ -229,7 +229,8 @@ def submit(
     )
     console.print(
         f"{'uploaded' if result.uploaded else 'reused'} {result.pipeline_name} version "
-        f"{result.version_name}; started run {result.run_id} in experiment {result.experiment}"
+        f"{result.version_name}; started run {result.run_id} in experiment {result.experiment}",
+        soft_wrap=True,
     )
 
 

@@ -1,13 +1,16 @@
 """Compile a recipe's pipelines to Kubeflow IR YAML, one file per pipeline, named with its version.
 
-The version is the package version plus the source commit: `internvl3-recipe-0.1.0+<sha12>.yaml`.
-Compiling the same commit gives byte-identical files: the IR holds only the recipe, the commit and the
-component sources (no timestamps, no environment). Nothing from the environment but `VLPIPE_GIT_COMMIT`
-(when set, instead of asking git) is read, so no credential can end up in a compiled file.
+The version is the package version, the source commit and a digest of the compiled pipeline itself:
+`internvl3-recipe-0.1.0+<commit12>.<digest12>.yaml`. Compiling the same recipe at the same commit gives
+byte-identical files (the IR holds only the recipe, the commit and the component sources: no timestamps, no
+environment), so an identical compile has the same version, and any change to the recipe, an override or the
+code gives a new one. Nothing from the environment but `VLPIPE_GIT_COMMIT` (when set, instead of asking git) is
+read, so no credential can end up in a compiled file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 from pathlib import Path
@@ -25,10 +28,25 @@ def source_commit() -> str:
     return git_commit()
 
 
-def pipeline_version(commit: str | None = None) -> str:
-    """`<package version>+<12 characters of the commit>` (a PEP 440 local version): `0.1.0+1a2b3c4d5e6f`."""
+DIGEST_CHARS = 12
+PIPELINE_VERSION_PARAM = "pipeline_version"
+"""Every pipeline's parameter that names its version (set by `vlpipe submit` and `vlpipe run --local`; the
+parent MLflow run records it and its digest)."""
+
+
+def pipeline_digest(path: str | Path) -> str:
+    """The first 12 hex characters of the SHA-256 of a compiled pipeline file."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:DIGEST_CHARS]
+
+
+def pipeline_version(commit: str | None = None, digest: str | None = None) -> str:
+    """`<package version>+<commit12>[.<digest12>]` (a PEP 440 local version): `0.1.0+1a2b3c4d5e6f.0f9e8d7c6b5a`.
+
+    Without `digest` it names the code only (what the compiled pipelines' descriptions say).
+    """
     commit = commit or source_commit()
-    return f"{VERSION}+{commit[:12]}"
+    code = f"{VERSION}+{commit[:12]}"
+    return f"{code}.{digest}" if digest else code
 
 
 def compile_recipe(
@@ -42,7 +60,7 @@ def compile_recipe(
         commit: the source commit; default `source_commit()`.
 
     Returns:
-        Pipeline name → written file.
+        Pipeline name → written file (`<pipeline>-<version>.yaml`; see `pipeline_version`).
     """
     from kfp import compiler
 
@@ -53,17 +71,16 @@ def compile_recipe(
         log.warning(
             "no source commit (not a git checkout and VLPIPE_GIT_COMMIT unset); version says 'unknown'"
         )
-    version = pipeline_version(commit)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
-    for name, pipeline in build_pipelines(recipe, commit=commit, version=version).items():
-        path = out / f"{name}-{version}.yaml"
+    for name, pipeline in build_pipelines(recipe, commit=commit, version=pipeline_version(commit)).items():
         # Compile beside the target and rename, so a reader never sees a half-written file.
         with tempfile.NamedTemporaryFile(dir=out, prefix=".tmp-", suffix=".yaml", delete=False) as tmp:
             tmp_path = Path(tmp.name)
         compiler.Compiler().compile(pipeline_func=pipeline, package_path=str(tmp_path))
         tmp_path.chmod(0o644)
+        path = out / f"{name}-{pipeline_version(commit, pipeline_digest(tmp_path))}.yaml"
         tmp_path.replace(path)
         written[name] = path
     return written

@@ -112,10 +112,11 @@ class _Builder:
     def finish(self, parent_run_id: Any) -> Any:
         return self.configure(finish_pipeline_run(parent_run_id=parent_run_id, job_id=JOB_ID))
 
-    def start(self, pipeline: str, parent_run_id: Any) -> Any:
+    def start(self, pipeline: str, parent_run_id: Any, version: Any) -> Any:
         task = start_pipeline_run(
             tracking=_json(self.recipe.tracking),
             pipeline=pipeline,
+            pipeline_version=version,
             recipe=self.recipe.name,
             parent_run_id=parent_run_id,
             job_id=JOB_ID,
@@ -261,9 +262,9 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
         ),
         pipeline_root=root,
     )
-    def internvl3_recipe(parent_run_id: str = ""):
+    def internvl3_recipe(parent_run_id: str = "", pipeline_version: str = ""):
         with dsl.ExitHandler(b.finish(parent_run_id), name="recipe"):
-            parent = b.start(RECIPE_PIPELINE, parent_run_id).output
+            parent = b.start(RECIPE_PIPELINE, parent_run_id, pipeline_version).output
             data = b.prepare_data(parent).outputs["data"]
             init = b.init_model(parent, data).outputs["model"]
             mixture = b.mix(parent, data, init, ("pretrain", "sft")).outputs["mixture"]
@@ -280,9 +281,9 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
         description=_description(recipe, "SFT then MPO from a given checkpoint", version),
         pipeline_root=root,
     )
-    def sft_mpo(checkpoint_uri: str, parent_run_id: str = ""):
+    def sft_mpo(checkpoint_uri: str, parent_run_id: str = "", pipeline_version: str = ""):
         with dsl.ExitHandler(b.finish(parent_run_id), name="sft-mpo"):
-            parent = b.start(SFT_MPO_PIPELINE, parent_run_id).output
+            parent = b.start(SFT_MPO_PIPELINE, parent_run_id, pipeline_version).output
             data = b.prepare_data(parent).outputs["data"]
             start_model = b.checkpoint(checkpoint_uri).output
             mixture = b.mix(parent, data, start_model, ("sft",)).outputs["mixture"]
@@ -294,9 +295,9 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
         description=_description(recipe, "Best-of-N evaluation of a given policy with a given PRM", version),
         pipeline_root=root,
     )
-    def evaluate_pipeline(policy_uri: str, prm_uri: str, parent_run_id: str = ""):
+    def evaluate_pipeline(policy_uri: str, prm_uri: str, parent_run_id: str = "", pipeline_version: str = ""):
         with dsl.ExitHandler(b.finish(parent_run_id), name="evaluate"):
-            parent = b.start(EVALUATE_PIPELINE, parent_run_id).output
+            parent = b.start(EVALUATE_PIPELINE, parent_run_id, pipeline_version).output
             data = b.prepare_data(parent).outputs["data"]
             policy = b.checkpoint(policy_uri).output
             prm = b.checkpoint(prm_uri).output
@@ -308,10 +309,13 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
         pipeline_root=root,
     )
     def promote_deploy(
-        model_version: str, model_name: str = recipe.registry.model_name, parent_run_id: str = ""
+        model_version: str,
+        model_name: str = recipe.registry.model_name,
+        parent_run_id: str = "",
+        pipeline_version: str = "",
     ):
         with dsl.ExitHandler(b.finish(parent_run_id), name="promote-deploy"):
-            parent = b.start(PROMOTE_DEPLOY_PIPELINE, parent_run_id).output
+            parent = b.start(PROMOTE_DEPLOY_PIPELINE, parent_run_id, pipeline_version).output
             b.promote_and_deploy(parent, f"models:/{model_name}/{model_version}")
 
     return {

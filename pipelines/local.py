@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -41,10 +42,16 @@ def run_local(
     from kfp import local
 
     from vlpipe.model.storage import vlpipe_home
-    from vlpipe.pipelines.compile import pipeline_version, source_commit
+    from vlpipe.pipelines.compile import (
+        PIPELINE_VERSION_PARAM,
+        compile_recipe,
+        pipeline_digest,
+        pipeline_version,
+        source_commit,
+    )
     from vlpipe.pipelines.dag import build_pipelines
     from vlpipe.pipelines.summary import collect_summary
-    from vlpipe.tracking.pipeline import PIPELINE_TAG
+    from vlpipe.tracking.pipeline import PIPELINE_TAG, version_tags
     from vlpipe.tracking.runs import base_tags, ensure_experiment, tracking_uri
 
     home = vlpipe_home()
@@ -58,12 +65,22 @@ def run_local(
     pipelines = build_pipelines(recipe, commit=commit, version=pipeline_version(commit))
     if pipeline not in pipelines:
         raise ValueError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(pipelines)}")
+    with tempfile.TemporaryDirectory(prefix="vlpipe-version-") as tmp:  # the version a submit would give it
+        version = pipeline_version(
+            commit, pipeline_digest(compile_recipe(recipe, tmp, commit=commit)[pipeline])
+        )
 
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     experiment_id = ensure_experiment(recipe.tracking.experiment)
-    tags = {**base_tags(recipe.name), **recipe.tracking.tags, PIPELINE_TAG: pipeline, "mode": "kfp.local"}
+    tags = {
+        **base_tags(recipe.name),
+        **recipe.tracking.tags,
+        PIPELINE_TAG: pipeline,
+        "mode": "kfp.local",
+        **version_tags(version),
+    }
     parent_run_id = client.create_run(
         experiment_id, run_name=f"{pipeline}-{recipe.name}", tags=tags
     ).info.run_id
@@ -77,12 +94,15 @@ def run_local(
             # kfp warns that the vlpipe image name does not look like a Python image; the subprocess runs in
             # this environment, where vlpipe is installed.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-            pipelines[pipeline](parent_run_id=parent_run_id, **(arguments or {}))
+            arguments = {PIPELINE_VERSION_PARAM: version, **(arguments or {})}
+            pipelines[pipeline](parent_run_id=parent_run_id, **arguments)
     finally:
         status = client.get_run(parent_run_id).info.status
         if status == "RUNNING":  # the exit handler did not run (interrupted): do not leave it open
             client.set_terminated(parent_run_id, "FAILED")
     seconds = time.perf_counter() - started
     summary = collect_summary(parent_run_id, uri)
-    summary.update(seconds=round(seconds, 1), tracking_uri=uri, pipeline_root=str(Path(root)))
+    summary.update(
+        seconds=round(seconds, 1), tracking_uri=uri, pipeline_root=str(Path(root)), pipeline_version=version
+    )
     return summary

@@ -1,8 +1,9 @@
 """Submit a recipe's pipeline to a Kubeflow Pipelines deployment (`vlpipe submit`).
 
 compile (into a temporary directory) → find the pipeline `<pipeline>-<recipe>` on the server: upload it, or
-add this version (`<package version>+<sha12>`) unless it is there already → create or reuse the experiment →
-start a run with the given parameters.
+add this version (`<package version>+<commit12>.<digest12>`, the digest of the compiled file) unless it is there
+already → create or reuse the experiment → start a run with the given parameters and `pipeline_version` (the
+parent MLflow run records it). An identical compile reuses its version; any change uploads a new one.
 
 Credentials never come from arguments: `kfp.Client` reads the kube config, an in-cluster service account
 token or its own environment variables (`KF_PIPELINES_*`); a bearer token, where the deployment needs one, is
@@ -81,16 +82,22 @@ def submit_recipe(
     Raises:
         ValueError: an unknown pipeline.
     """
-    from vlpipe.pipelines.compile import compile_recipe, pipeline_version, source_commit
+    from vlpipe.pipelines.compile import (
+        PIPELINE_VERSION_PARAM,
+        compile_recipe,
+        pipeline_digest,
+        pipeline_version,
+        source_commit,
+    )
 
     commit = source_commit()
-    version = pipeline_version(commit)
     client = client or make_client(host)
     with tempfile.TemporaryDirectory(prefix="vlpipe-submit-") as tmp:
         files = compile_recipe(recipe, tmp, commit=commit)
         if pipeline not in files:
             raise ValueError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(files)}")
         package = str(files[pipeline])
+        version = pipeline_version(commit, pipeline_digest(package))
         name = registry_name(pipeline, recipe)
         description = f"{pipeline} of recipe {recipe.name} ({recipe.preset}). {recipe.description}".strip()
         pipeline_id = client.get_pipeline_id(name)
@@ -117,7 +124,7 @@ def submit_recipe(
         job_name=f"{name}-{version}",
         pipeline_id=pipeline_id,
         version_id=version_id,
-        params=dict(arguments or {}),
+        params={PIPELINE_VERSION_PARAM: version, **(arguments or {})},
         service_account=recipe.cluster.service_account,
     )
     log.info("started run %s of %s version %s", run.run_id, name, version)

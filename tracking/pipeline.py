@@ -17,7 +17,18 @@ log = logging.getLogger(__name__)
 JOB_ID_TAG = "kfp.pipeline_job_id"
 JOB_NAME_TAG = "kfp.pipeline_job_name"
 PIPELINE_TAG = "vlpipe.pipeline"
+VERSION_TAG = "vlpipe.pipeline_version"
+DIGEST_TAG = "vlpipe.pipeline_digest"
 _FINAL_STATES = {"SUCCEEDED": "FINISHED", "FAILED": "FAILED", "CANCELLED": "KILLED", "CANCELED": "KILLED"}
+
+
+def version_tags(pipeline_version: str) -> dict[str, str]:
+    """The parent run's tags for a pipeline version `<package>+<commit12>.<digest12>` (none for "")."""
+    if not pipeline_version:
+        return {}
+    local = pipeline_version.partition("+")[2]
+    digest = local.rpartition(".")[2] if "." in local else ""
+    return {VERSION_TAG: pipeline_version, **({DIGEST_TAG: digest} if digest else {})}
 
 
 def start_parent_run(
@@ -28,6 +39,7 @@ def start_parent_run(
     parent_run_id: str = "",
     job_id: str = "",
     job_name: str = "",
+    pipeline_version: str = "",
 ) -> str:
     """Open the pipeline's parent run, or adopt the given one; returns its id.
 
@@ -39,6 +51,8 @@ def start_parent_run(
         recipe: the recipe name (tag `recipe`).
         parent_run_id: an existing run to adopt (set by `vlpipe run --local`); empty to create one.
         job_id, job_name: the Kubeflow job's id and name (tags; the exit handler finds the run by the id).
+        pipeline_version: the compiled pipeline's version (tags `vlpipe.pipeline_version` and, its digest part,
+            `vlpipe.pipeline_digest`).
 
     Raises:
         mlflow.exceptions.MlflowException: when `parent_run_id` does not exist or the server is unreachable.
@@ -49,6 +63,7 @@ def start_parent_run(
         tags[JOB_ID_TAG] = job_id
     if job_name:
         tags[JOB_NAME_TAG] = job_name
+    tags.update(version_tags(pipeline_version))
     if parent_run_id:
         mlflow_client.get_run(parent_run_id)  # fails clearly for a wrong id
         for key, value in tags.items():

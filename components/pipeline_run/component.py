@@ -8,7 +8,13 @@ from vlpipe.components.release import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def start_pipeline_run(
-    tracking: str, pipeline: str, recipe: str, parent_run_id: str, job_id: str, job_name: str
+    tracking: str,
+    pipeline: str,
+    recipe: str,
+    parent_run_id: str,
+    job_id: str,
+    job_name: str,
+    pipeline_version: str = "",
 ) -> str:
     """Open (or adopt) the pipeline's MLflow parent run; returns its id for every later step.
 
@@ -18,6 +24,7 @@ def start_pipeline_run(
         recipe: the recipe's name.
         parent_run_id: a run to adopt (local runs), or empty.
         job_id, job_name: the Kubeflow job's id and name.
+        pipeline_version: the pipeline's version (`<package>+<commit12>.<digest12>`), when the submitter set it.
     """
     from vlpipe.components.pipeline_run.task import start_run_task
 
@@ -28,6 +35,7 @@ def start_pipeline_run(
         parent_run_id=parent_run_id,
         job_id=job_id,
         job_name=job_name,
+        pipeline_version=pipeline_version,
     )
 
 

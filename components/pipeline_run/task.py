@@ -8,7 +8,14 @@ from vlpipe.tracking.pipeline import finish_parent_run, start_parent_run
 
 
 def start_run_task(
-    tracking_json: str, *, pipeline: str, recipe: str, parent_run_id: str, job_id: str, job_name: str
+    tracking_json: str,
+    *,
+    pipeline: str,
+    recipe: str,
+    parent_run_id: str,
+    job_id: str,
+    job_name: str,
+    pipeline_version: str = "",
 ) -> str:
     """Open (or adopt) the parent run; returns its id. See `vlpipe.tracking.pipeline.start_parent_run`."""
     return start_parent_run(
@@ -18,6 +25,7 @@ def start_run_task(
         parent_run_id=parent_run_id,
         job_id=job_id,
         job_name=job_name,
+        pipeline_version=pipeline_version,
     )
 
 

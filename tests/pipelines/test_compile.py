@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from tests.pipelines.ir import artifact_edges, body_tasks, constant, load_ir, parameter_edges, sub_dag_tasks
 from vlpipe.components.release import IMAGE, VERSION
 from vlpipe.pipelines.cli import app
-from vlpipe.pipelines.compile import compile_recipe, pipeline_version
+from vlpipe.pipelines.compile import compile_recipe, pipeline_digest, pipeline_version
 from vlpipe.pipelines.config import list_recipes, load_recipe
 from vlpipe.pipelines.dag import PIPELINES
 
@@ -77,12 +77,12 @@ def compiled(tmp_path_factory) -> dict[str, dict[str, Path]]:
 
 
 def test_every_pipeline_of_every_recipe_compiles_to_a_versioned_file(compiled):
-    version = f"{VERSION}+{COMMIT[:12]}"
-    assert pipeline_version(COMMIT) == version
+    code = f"{VERSION}+{COMMIT[:12]}"
+    assert pipeline_version(COMMIT) == code
     for files in compiled.values():
         assert set(files) == set(PIPELINES)
-        for name, path in files.items():
-            assert path.name == f"{name}-{version}.yaml"
+        for name, path in files.items():  # <pipeline>-<package>+<commit12>.<digest of the file>.yaml
+            assert path.name == f"{name}-{code}.{pipeline_digest(path)}.yaml"
             spec, _ = load_ir(path)
             assert spec["pipelineInfo"]["name"] == name
 
@@ -168,7 +168,7 @@ def test_promote_deploy_sub_pipeline_takes_a_model_name_and_version(compiled):
     assert set(tasks) == {"start-pipeline-run", "promote-model"}  # tiny: deployment disabled
     assert constant(tasks["promote-model"], "model_uri") == uri
     inputs = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(inputs) == {"model_name", "model_version", "parent_run_id"}
+    assert set(inputs) == {"model_name", "model_version", "parent_run_id", "pipeline_version"}
     assert (
         inputs["model_name"]["defaultValue"] == "vlpipe-tiny"
         and "defaultValue" not in inputs["model_version"]
@@ -195,7 +195,11 @@ def test_sub_pipelines_have_the_expected_tasks_and_edges(compiled):
         ("prepare-data", "mpo"),
         ("sft", "mpo"),
     }
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"checkpoint_uri", "parent_run_id"}
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {
+        "checkpoint_uri",
+        "parent_run_id",
+        "pipeline_version",
+    }
 
     spec, _ = load_ir(compiled["tiny"]["evaluate"])
     tasks = body_tasks(spec)
@@ -205,7 +209,12 @@ def test_sub_pipelines_have_the_expected_tasks_and_edges(compiled):
         ("importer", "evaluate"),
         ("importer-2", "evaluate"),
     }
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"policy_uri", "prm_uri", "parent_run_id"}
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {
+        "policy_uri",
+        "prm_uri",
+        "parent_run_id",
+        "pipeline_version",
+    }
 
 
 def test_steps_receive_the_recipe_settings_and_run_on_the_release_image(compiled):
@@ -288,10 +297,12 @@ def test_compile_command_writes_one_file_per_pipeline(tmp_path, monkeypatch):
     monkeypatch.setenv("VLPIPE_GIT_COMMIT", COMMIT)
     result = CliRunner().invoke(app, ["compile", "--recipe", "tiny", "--out", str(tmp_path / "one")])
     assert result.exit_code == 0, result.output
-    version = f"{VERSION}+{COMMIT[:12]}"
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(
-        f"{n}-{version}.yaml" for n in PIPELINES
+    code = f"{VERSION}+{COMMIT[:12]}"
+    written = sorted((tmp_path / "one").iterdir())
+    assert sorted(p.name for p in written) == sorted(
+        f"{p.name.split('-0.1.0+')[0]}-{code}.{pipeline_digest(p)}.yaml" for p in written
     )
+    assert sorted(p.name.split(f"-{code}")[0] for p in written) == sorted(PIPELINES)
     result = CliRunner().invoke(app, ["compile", "--recipe", "nope", "--out", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "shipped recipes" in result.output
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vlpipe.components.release import VERSION
 from vlpipe.pipelines.config import PipelineConfig, recipe_path
 
 pytestmark = pytest.mark.slow
@@ -80,6 +81,10 @@ def test_the_recipe_runs_end_to_end_with_one_parent_and_a_child_run_per_step(rec
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.run_id for r in parents] == [summary["parent"]["run_id"]]
+    version = summary["pipeline_version"]  # <package>+<commit12>.<digest of the compiled pipeline>
+    assert version.startswith(f"{VERSION}+c0ffeec0ffee.") and len(version.rpartition(".")[2]) == 12
+    assert parents[0].data.tags["vlpipe.pipeline_version"] == version
+    assert parents[0].data.tags["vlpipe.pipeline_digest"] == version.rpartition(".")[2]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["parent"]["run_id"]]
     assert sorted(r.data.tags["stage"] for r in children) == sorted(STEPS)
     for stage in ("pretrain", "sft", "prm"):

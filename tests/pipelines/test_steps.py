@@ -175,3 +175,14 @@ def test_prm_data_wiring_reads_relative_paths_from_the_data_root():
         wire_prm_data_config(
             {"source": "r.jsonl", "temperature": 0}, policy="/p", output="/o", data_root="/d"
         )
+
+
+def test_the_parent_run_records_the_pipeline_version_and_digest():
+    from vlpipe.tracking.pipeline import version_tags
+
+    assert version_tags("0.1.0+0123456789ab.fedcba987654") == {
+        "vlpipe.pipeline_version": "0.1.0+0123456789ab.fedcba987654",
+        "vlpipe.pipeline_digest": "fedcba987654",
+    }
+    assert version_tags("0.1.0+0123456789ab") == {"vlpipe.pipeline_version": "0.1.0+0123456789ab"}
+    assert version_tags("") == {}

@@ -64,22 +64,33 @@ def _commit(monkeypatch):
     monkeypatch.setenv("VLPIPE_GIT_COMMIT", COMMIT)
 
 
+def _version(recipe, pipeline: str = "internvl3-recipe") -> str:
+    """What the pipeline's version must be: package + commit + the digest of its compiled file."""
+    import tempfile
+
+    from vlpipe.pipelines.compile import compile_recipe, pipeline_digest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        digest = pipeline_digest(compile_recipe(recipe, tmp, commit=COMMIT)[pipeline])
+    return f"{VERSION}+{COMMIT[:12]}.{digest}"
+
+
 def test_first_submission_uploads_the_pipeline_and_its_version_then_runs():
     client = FakeClient()
     result = submit_recipe(load_recipe("internvl3-8b"), host="http://kfp.example", client=client)
-    version = f"{VERSION}+{COMMIT[:12]}"
+    version = _version(load_recipe("internvl3-8b"))
     assert result.pipeline_name == "internvl3-recipe-internvl3-8b" and result.version_name == version
     assert result.uploaded and result.run_id == "run-1" and result.experiment == "internvl3-8b"
     assert client.calls[0] == ("upload_pipeline", "internvl3-recipe-internvl3-8b", "internvl3-recipe")
     assert client.calls[1] == ("upload_pipeline_version", version, "pipeline-1")
     run = client.calls[-1][1]
     assert run["pipeline_id"] == "pipeline-1" and run["version_id"] == result.version_id
-    assert run["experiment_id"] == "experiment-1" and run["params"] == {}
+    assert run["experiment_id"] == "experiment-1" and run["params"] == {"pipeline_version": version}
     assert run["service_account"] == "vlpipe-pipeline-runner"  # the RBAC of infra/k8s/base/rbac.yaml
 
 
 def test_resubmitting_the_same_commit_reuses_the_version():
-    version = f"{VERSION}+{COMMIT[:12]}"
+    version = _version(load_recipe("tiny"), "sft-mpo")
     client = FakeClient(pipelines={"sft-mpo-tiny": "pipeline-7"}, versions={version: "version-7"})
     result = submit_recipe(
         load_recipe("tiny"),
@@ -92,7 +103,10 @@ def test_resubmitting_the_same_commit_reuses_the_version():
     assert not result.uploaded and result.version_id == "version-7"
     assert not [c for c in client.calls if c[0].startswith("upload")]
     assert ("create_experiment", "mine") in client.calls
-    assert client.calls[-1][1]["params"] == {"checkpoint_uri": "s3://models/pretrained"}
+    assert client.calls[-1][1]["params"] == {
+        "pipeline_version": version,
+        "checkpoint_uri": "s3://models/pretrained",
+    }
     assert client.calls[-1][1]["service_account"] is None  # no cluster settings: Kubeflow's default
 
 
@@ -102,6 +116,24 @@ def test_a_new_commit_adds_a_version_to_the_existing_pipeline():
     )
     result = submit_recipe(load_recipe("tiny"), host="http://kfp.example", client=client)
     assert result.uploaded and result.pipeline_id == "pipeline-3" and result.version_id != "v-old"
+
+
+def test_a_changed_setting_uploads_a_new_version_and_an_identical_submit_reuses_it():
+    client = FakeClient()
+    first = submit_recipe(load_recipe("tiny"), host="http://kfp.example", client=client)
+    again = submit_recipe(load_recipe("tiny"), host="http://kfp.example", client=client)
+    changed = submit_recipe(
+        load_recipe("tiny", ["stages.sft.config.trainer.optimizer.lr=1e-4"]),
+        host="http://kfp.example",
+        client=client,
+    )
+    assert first.uploaded and not again.uploaded and changed.uploaded
+    assert again.version_name == first.version_name and again.version_id == first.version_id
+    assert changed.version_name != first.version_name and changed.pipeline_id == first.pipeline_id
+    code = f"{VERSION}+{COMMIT[:12]}."
+    assert first.version_name.startswith(code) and changed.version_name.startswith(code)
+    uploads = [c for c in client.calls if c[0] == "upload_pipeline_version"]
+    assert [c[1] for c in uploads] == [first.version_name, changed.version_name]
 
 
 def test_submit_command_takes_credentials_only_from_the_environment(monkeypatch):
