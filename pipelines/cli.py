@@ -216,6 +216,9 @@ def submit(
     ),
     param: list[str] = typer.Option([], help="Pipeline parameter NAME=VALUE (repeatable)."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Run every task again (no reuse of cached results)."
+    ),
 ) -> None:
     """Upload the pipeline (or a new version of it) and start a run on Kubeflow Pipelines."""
     from vlpipe.pipelines.submit import submit_recipe
@@ -226,6 +229,7 @@ def submit(
         pipeline=pipeline,
         experiment=experiment,
         arguments=_parameters(param),
+        cache=not no_cache,
     )
     console.print(
         f"{'uploaded' if result.uploaded else 'reused'} {result.pipeline_name} version "
@@ -244,6 +248,9 @@ def run(
     param: list[str] = typer.Option([], help="Pipeline parameter NAME=VALUE (repeatable)."),
     summary_json: Path = typer.Option(None, "--summary-json", help="Also write the summary as JSON here."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Run every task again (no reuse of cached results)."
+    ),
 ) -> None:
     """Run a pipeline locally with kfp.local (subprocesses, no containers) and print its summary."""
     if not local_run:
@@ -254,7 +261,7 @@ def run(
 
     config = _recipe(recipe, set_)
     try:
-        result = run_local(config, pipeline=pipeline, arguments=_parameters(param))
+        result = run_local(config, pipeline=pipeline, arguments=_parameters(param), cache=not no_cache)
     except RuntimeError as exc:
         console.print(f"[red]pipeline failed:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(1) from exc

@@ -65,13 +65,23 @@ class _Builder:
     def __init__(self, recipe: PipelineConfig, commit: str) -> None:
         self.recipe = recipe
         self.commit = commit
+        self.started: Any = None  # the pipeline's start-pipeline-run task (cacheable tasks run after it)
 
     # -- Kubernetes settings --------------------------------------------------------------------------------
-    def configure(self, task: Any, resources: Resources | None = None, *, work_volume: bool = False) -> Any:
-        """Caching off, environment, secrets, resources, GPU scheduling, retries and the work volume."""
+    def configure(
+        self, task: Any, resources: Resources | None = None, *, work_volume: bool = False, cache: bool = False
+    ) -> Any:
+        """Caching, environment, secrets, resources, GPU scheduling, retries and the work volume.
+
+        A cacheable task (`cache=True`: its outputs depend only on its inputs) runs after the start task, which
+        opens the MLflow parent run it finds through its output URI; the tasks with side effects (the parent
+        run, register, promote, deploy) always run.
+        """
         cluster = self.recipe.cluster
         resources = resources or cluster.default_resources
-        task.set_caching_options(False)
+        task.set_caching_options(cache)
+        if cache:
+            task.after(self.started)
         task.set_env_variable("VLPIPE_GIT_COMMIT", self.commit)
         if cluster.tracking_uri:
             task.set_env_variable("MLFLOW_TRACKING_URI", cluster.tracking_uri)
@@ -122,28 +132,23 @@ class _Builder:
             job_id=JOB_ID,
             job_name=JOB_NAME,
         )
-        return self.configure(task)
+        self.started = self.configure(task)
+        return self.started
 
-    def prepare_data(self, parent: Any) -> Any:
-        task = STAGES["data"].load_component()(
-            config=_json(self.recipe.prepare_data_config()), parent_run_id=parent
-        )
-        return self.configure(task)
+    def prepare_data(self) -> Any:
+        task = STAGES["data"].load_component()(config=_json(self.recipe.prepare_data_config()))
+        return self.configure(task, cache=True)
 
-    def init_model(self, parent: Any, data: Any) -> Any:
-        task = STAGES["init"].load_component()(
-            config=_json(self.recipe.init_model_config()), parent_run_id=parent, data=data
-        )
-        return self.configure(task)
+    def init_model(self, data: Any) -> Any:
+        task = STAGES["init"].load_component()(config=_json(self.recipe.init_model_config()), data=data)
+        return self.configure(task, cache=True)
 
-    def mix(self, parent: Any, data: Any, model: Any, stages: tuple[str, ...]) -> Any:
+    def mix(self, data: Any, model: Any, stages: tuple[str, ...]) -> Any:
         config = _json(self.recipe.mix_config(stages))
         mix_data = STAGES["mix"].load_component()
-        return self.configure(mix_data(config=config, parent_run_id=parent, data=data, model=model))
+        return self.configure(mix_data(config=config, data=data, model=model), cache=True)
 
-    def stage(
-        self, stage: str, parent: Any, *, init: Any, data: Any, mixture: Any = None, steps: Any = None
-    ) -> Any:
+    def stage(self, stage: str, *, init: Any, data: Any, mixture: Any = None, steps: Any = None) -> Any:
         step = self.recipe.stage_step(stage)
         accepted = STAGES[stage].inputs
         inputs = {"mixture": mixture} if "mixture" in accepted else {}
@@ -152,49 +157,45 @@ class _Builder:
         task = STAGES[stage].load_component()(
             config=_json(self.recipe.stage_settings(stage)),
             preset=self.recipe.preset,
-            parent_run_id=parent,
-            run_key=JOB_ID,
             work_root=self.work_root,
             world_size=step.resources.world_size,
             init_model=init,
             data=data,
             **inputs,
         )
-        return self.configure(task, step.resources, work_volume=True)
+        return self.configure(task, step.resources, work_volume=True, cache=True)
 
-    def prm_data(self, parent: Any, *, policy: Any, data: Any) -> Any:
+    def prm_data(self, *, policy: Any, data: Any) -> Any:
         settings, step = self.recipe.prm_data_settings()
         task = STAGES["prm-data"].load_component()(
             config=_json(settings),
             step=_json(step),
             preset=self.recipe.preset,
-            parent_run_id=parent,
             policy=policy,
             data=data,
         )
-        return self.configure(task, self.recipe.prm_data.resources)
+        return self.configure(task, self.recipe.prm_data.resources, cache=True)
 
-    def prm(self, parent: Any, *, sft_model: Any, policy: Any, data: Any) -> Any:
+    def prm(self, *, sft_model: Any, policy: Any, data: Any) -> Any:
         """The PRM: from the SFT checkpoint (or the `critic` stage's, more SFT from it) on the prepared step
         labels, or on the policy's own solutions when the recipe has `prm_data`."""
         base = sft_model
         if self.recipe.critic is not None:
-            base = self.stage("critic", parent, init=sft_model, data=data).outputs["model"]
+            base = self.stage("critic", init=sft_model, data=data).outputs["model"]
         steps = None
         if self.recipe.prm_data is not None:
-            steps = self.prm_data(parent, policy=policy, data=data).outputs["steps"]
-        return self.stage("prm", parent, init=base, data=data, steps=steps)
+            steps = self.prm_data(policy=policy, data=data).outputs["steps"]
+        return self.stage("prm", init=base, data=data, steps=steps)
 
-    def evaluate(self, parent: Any, *, policy: Any, prm_model: Any, data: Any) -> Any:
+    def evaluate(self, *, policy: Any, prm_model: Any, data: Any) -> Any:
         task = STAGES["eval"].load_component()(
             config=_json(self.recipe.eval_settings()),
             preset=self.recipe.preset,
-            parent_run_id=parent,
             policy=policy,
             prm=prm_model,
             data=data,
         )
-        return self.configure(task, self.recipe.eval.resources)
+        return self.configure(task, self.recipe.eval.resources, cache=True)
 
     def register(self, parent: Any, *, policy: Any, prm_model: Any, mixture: Any, results: Any) -> Any:
         task = STAGES["register"].load_component()(
@@ -264,15 +265,15 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
     )
     def internvl3_recipe(parent_run_id: str = "", pipeline_version: str = ""):
         with dsl.ExitHandler(b.finish(parent_run_id), name="recipe"):
-            parent = b.start(RECIPE_PIPELINE, parent_run_id, pipeline_version).output
-            data = b.prepare_data(parent).outputs["data"]
-            init = b.init_model(parent, data).outputs["model"]
-            mixture = b.mix(parent, data, init, ("pretrain", "sft")).outputs["mixture"]
-            pretrained = b.stage("pretrain", parent, init=init, data=data, mixture=mixture).outputs["model"]
-            sft_model = b.stage("sft", parent, init=pretrained, data=data, mixture=mixture).outputs["model"]
-            policy = b.stage("mpo", parent, init=sft_model, data=data).outputs["model"]
-            prm = b.prm(parent, sft_model=sft_model, policy=policy, data=data).outputs["model"]
-            results = b.evaluate(parent, policy=policy, prm_model=prm, data=data).outputs["results"]
+            parent = b.start(RECIPE_PIPELINE, parent_run_id, pipeline_version).outputs["Output"]
+            data = b.prepare_data().outputs["data"]
+            init = b.init_model(data).outputs["model"]
+            mixture = b.mix(data, init, ("pretrain", "sft")).outputs["mixture"]
+            pretrained = b.stage("pretrain", init=init, data=data, mixture=mixture).outputs["model"]
+            sft_model = b.stage("sft", init=pretrained, data=data, mixture=mixture).outputs["model"]
+            policy = b.stage("mpo", init=sft_model, data=data).outputs["model"]
+            prm = b.prm(sft_model=sft_model, policy=policy, data=data).outputs["model"]
+            results = b.evaluate(policy=policy, prm_model=prm, data=data).outputs["results"]
             registered = b.register(parent, policy=policy, prm_model=prm, mixture=mixture, results=results)
             b.promote_and_deploy(parent, registered.outputs["Output"])
 
@@ -283,12 +284,12 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
     )
     def sft_mpo(checkpoint_uri: str, parent_run_id: str = "", pipeline_version: str = ""):
         with dsl.ExitHandler(b.finish(parent_run_id), name="sft-mpo"):
-            parent = b.start(SFT_MPO_PIPELINE, parent_run_id, pipeline_version).output
-            data = b.prepare_data(parent).outputs["data"]
+            b.start(SFT_MPO_PIPELINE, parent_run_id, pipeline_version)
+            data = b.prepare_data().outputs["data"]
             start_model = b.checkpoint(checkpoint_uri).output
-            mixture = b.mix(parent, data, start_model, ("sft",)).outputs["mixture"]
-            sft_model = b.stage("sft", parent, init=start_model, data=data, mixture=mixture).outputs["model"]
-            b.stage("mpo", parent, init=sft_model, data=data)
+            mixture = b.mix(data, start_model, ("sft",)).outputs["mixture"]
+            sft_model = b.stage("sft", init=start_model, data=data, mixture=mixture).outputs["model"]
+            b.stage("mpo", init=sft_model, data=data)
 
     @dsl.pipeline(
         name=EVALUATE_PIPELINE,
@@ -297,11 +298,11 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
     )
     def evaluate_pipeline(policy_uri: str, prm_uri: str, parent_run_id: str = "", pipeline_version: str = ""):
         with dsl.ExitHandler(b.finish(parent_run_id), name="evaluate"):
-            parent = b.start(EVALUATE_PIPELINE, parent_run_id, pipeline_version).output
-            data = b.prepare_data(parent).outputs["data"]
+            b.start(EVALUATE_PIPELINE, parent_run_id, pipeline_version)
+            data = b.prepare_data().outputs["data"]
             policy = b.checkpoint(policy_uri).output
             prm = b.checkpoint(prm_uri).output
-            b.evaluate(parent, policy=policy, prm_model=prm, data=data)
+            b.evaluate(policy=policy, prm_model=prm, data=data)
 
     @dsl.pipeline(
         name=PROMOTE_DEPLOY_PIPELINE,
@@ -315,7 +316,7 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
         pipeline_version: str = "",
     ):
         with dsl.ExitHandler(b.finish(parent_run_id), name="promote-deploy"):
-            parent = b.start(PROMOTE_DEPLOY_PIPELINE, parent_run_id, pipeline_version).output
+            parent = b.start(PROMOTE_DEPLOY_PIPELINE, parent_run_id, pipeline_version).outputs["Output"]
             b.promote_and_deploy(parent, f"models:/{model_name}/{model_version}")
 
     return {

@@ -23,7 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def run_local(
-    recipe: PipelineConfig, *, pipeline: str = "internvl3-recipe", arguments: dict[str, str] | None = None
+    recipe: PipelineConfig,
+    *,
+    pipeline: str = "internvl3-recipe",
+    arguments: dict[str, str] | None = None,
+    cache: bool = True,
 ) -> dict[str, Any]:
     """Run one of the recipe's pipelines with `kfp.local` and return its summary (from MLflow).
 
@@ -32,6 +36,8 @@ def run_local(
         pipeline: which pipeline (`vlpipe.pipelines.dag.PIPELINES`).
         arguments: the pipeline's parameters (`checkpoint_uri` for sft-mpo; `policy_uri`, `prm_uri` for
             evaluate; `model_version` and optionally `model_name` for promote-deploy).
+        cache: reuse the outputs of tasks that already ran with the same inputs (kfp.local's cache under
+            `<VLPIPE_HOME>/kfp-cache`); False runs every task again.
 
     Returns:
         `vlpipe.pipelines.summary.collect_summary`'s result plus `seconds` and `tracking_uri`.
@@ -87,7 +93,13 @@ def run_local(
     log.info("MLflow parent run %s in experiment %s (%s)", parent_run_id, recipe.tracking.experiment, uri)
 
     root = home / "pipeline-root"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(root),
+        raise_on_error=True,
+        enable_caching=cache,
+        cache_root=str(home / "kfp-cache"),
+    )
     started = time.perf_counter()
     try:
         with warnings.catch_warnings():

@@ -68,6 +68,7 @@ def submit_recipe(
     experiment: str | None = None,
     arguments: dict[str, str] | None = None,
     client: Any = None,
+    cache: bool = True,
 ) -> Submission:
     """Upload the pipeline (or a new version of it) and start a run.
 
@@ -78,6 +79,8 @@ def submit_recipe(
         experiment: the Kubeflow experiment; default the recipe's MLflow experiment name.
         arguments: the pipeline's parameters.
         client: a `kfp.Client`-like object (default `make_client(host)`).
+        cache: let Kubeflow reuse the outputs of cacheable tasks that ran with the same inputs; False runs
+            every task again.
 
     Raises:
         ValueError: an unknown pipeline.
@@ -126,6 +129,7 @@ def submit_recipe(
         version_id=version_id,
         params={PIPELINE_VERSION_PARAM: version, **(arguments or {})},
         service_account=recipe.cluster.service_account,
+        **({} if cache else {"enable_caching": False}),
     )
     log.info("started run %s of %s version %s", run.run_id, name, version)
     return Submission(

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlpipe.components.stages import STAGES
+from vlpipe.tracking.pipeline import REUSED_TAG
 
 STAGE_ORDER = tuple(STAGES)
 """The summary's stage order: the stage table's."""
@@ -36,7 +37,8 @@ def collect_summary(parent_run_id: str, tracking_uri: str) -> dict[str, Any]:
         tracking_uri: the MLflow store.
 
     Returns:
-        `parent` (id, status, experiment), `stages` (name → run id, status, selected metrics, first loss),
+        `parent` (id, status, experiment), `stages` (name → run id, status, selected metrics, first loss, and
+        `reused_from`, the earlier parent run, for a stage whose task came from the cache),
         `eval` (n, overall and per-benchmark items, pass@1, Best-of-N, majority, oracle), `registered`
         (name, version, aliases, model URI), `promotion` (decision, reasons, champion before and after, the
         champion's aliases now) and `deployment` (status, InferenceService), each when the run has the step.
@@ -48,9 +50,18 @@ def collect_summary(parent_run_id: str, tracking_uri: str) -> dict[str, Any]:
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
     )
+    # Stages whose task came from the cache ran in an earlier pipeline run: the register task tagged them here.
+    reused = {
+        key.removeprefix(REUSED_TAG): run_id
+        for key, run_id in parent.data.tags.items()
+        if key.startswith(REUSED_TAG)
+    }
+    reused_runs = [client.get_run(run_id) for run_id in reused.values()]
     stages: dict[str, Any] = {}
-    for run in children:
+    for run in [*children, *reused_runs]:
         name = run.data.tags.get("stage", run.info.run_name)
+        if name in stages:
+            continue
         metrics = run.data.metrics
         wanted = _STAGE_METRICS.get(name, ())
         entry = {
@@ -59,6 +70,8 @@ def collect_summary(parent_run_id: str, tracking_uri: str) -> dict[str, Any]:
             "metrics": {k: metrics[k] for k in wanted if k in metrics},
             "preset": run.data.tags.get("preset"),
         }
+        if run.data.tags.get("mlflow.parentRunId") != parent_run_id:
+            entry["reused_from"] = run.data.tags.get("mlflow.parentRunId")
         if "loss" in metrics:
             entry["metrics"]["loss_first"] = _first_loss(client, run.info.run_id)
             entry["metrics"]["loss_last"] = metrics["loss"]
@@ -192,7 +205,8 @@ def print_summary(
             line = promotion_line(summary["promotion"])
         if name == "deploy" and "deployment" in summary:
             line = f"{summary['deployment']['status']}: {summary['deployment']['isvc']}"
-        stages.add_row(name, stage["status"], line, stage["run_id"][:12])
+        status = f"reused ({stage['reused_from'][:12]})" if stage.get("reused_from") else stage["status"]
+        stages.add_row(name, status, line, stage["run_id"][:12])
     console.print(stages)
     if "eval" in summary:
         n = summary["eval"]["n"]

@@ -12,8 +12,6 @@ from vlpipe.components.release import IMAGE
 def critic(
     config: str,
     preset: str,
-    parent_run_id: str,
-    run_key: str,
     work_root: str,
     world_size: int,
     init_model: Input[Model],
@@ -26,8 +24,6 @@ def critic(
     Args:
         config: the recipe's `critic.config` (an `SFTStageConfig` without the pipeline's paths) as JSON.
         preset: the recipe's preset (the starting checkpoint must be one).
-        parent_run_id: the pipeline's MLflow run.
-        run_key: the pipeline job's id (names the resumable work directory).
         work_root: the work volume's mount path ("" locally: under VLPIPE_HOME).
         world_size: training processes (GPUs) on the node.
     """
@@ -37,8 +33,6 @@ def critic(
         "critic",
         config,
         preset=preset,
-        parent_run_id=parent_run_id,
-        run_key=run_key,
         work_root=work_root,
         world_size=world_size,
         init_model=init_model,

@@ -14,7 +14,6 @@ from vlpipe.components.release import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def prepare_data(
     config: str,
-    parent_run_id: str,
     data: Output[Dataset],
     metrics: Output[Metrics],
     report: Output[Markdown],
@@ -23,17 +22,15 @@ def prepare_data(
 
     Args:
         config: `vlpipe.components.data.config.PrepareDataConfig` as JSON.
-        parent_run_id: the pipeline's MLflow run.
     """
     from vlpipe.components.data.prepare import prepare_data_task
 
-    prepare_data_task(config, parent_run_id=parent_run_id, dataset=data, metrics=metrics, report=report)
+    prepare_data_task(config, dataset=data, metrics=metrics, report=report)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def init_model(
     config: str,
-    parent_run_id: str,
     data: Input[Dataset],
     model: Output[Model],
     metrics: Output[Metrics],
@@ -42,17 +39,15 @@ def init_model(
 
     Args:
         config: `vlpipe.components.data.config.InitModelConfig` as JSON.
-        parent_run_id: the pipeline's MLflow run.
     """
     from vlpipe.components.data.init_model import init_model_task
 
-    init_model_task(config, parent_run_id=parent_run_id, dataset=data, model=model, metrics=metrics)
+    init_model_task(config, dataset=data, model=model, metrics=metrics)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def mix_data(
     config: str,
-    parent_run_id: str,
     data: Input[Dataset],
     model: Input[Model],
     mixture: Output[Dataset],
@@ -63,13 +58,11 @@ def mix_data(
 
     Args:
         config: `vlpipe.components.data.config.MixConfig` as JSON.
-        parent_run_id: the pipeline's MLflow run.
     """
     from vlpipe.components.data.mix import mix_data_task
 
     mix_data_task(
         config,
-        parent_run_id=parent_run_id,
         dataset=data,
         model=model,
         mixture=mixture,

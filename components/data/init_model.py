@@ -77,16 +77,22 @@ def init_model(
     return {**facts, "mlflow_run_id": run_id}
 
 
-def init_model_task(config_json: str, *, parent_run_id: str, dataset: Any, model: Any, metrics: Any) -> None:
+def init_model_task(
+    config_json: str, *, parent_run_id: str | None = None, dataset: Any, model: Any, metrics: Any
+) -> None:
     """The component's entrypoint: validate `config_json`, write the checkpoint into the `Model` artifact.
 
     Args:
         config_json: `InitModelConfig` as JSON.
-        parent_run_id: the pipeline's MLflow run.
+        parent_run_id: the pipeline's MLflow run; None (in a pipeline): found through model's URI
+            (`vlpipe.tracking.pipeline.find_parent_run`), so the task takes no per-run input and can be cached.
         dataset: the `prepare-data` output (its texts train a random init's tokenizer).
         model: output `Model` artifact.
         metrics: output `Metrics` artifact.
     """
+    from vlpipe.components.pipeline_run.task import pipeline_parent, write_metrics_file
+
+    parent_run_id = pipeline_parent(parent_run_id, model, (dataset,))
     from vlpipe.components.pipeline_run.model_store import checkpoint_output
 
     config = InitModelConfig.model_validate_json(config_json)
@@ -97,3 +103,4 @@ def init_model_task(config_json: str, *, parent_run_id: str, dataset: Any, model
         {"preset": config.preset, "stage": "init", "lineage": {"init": facts["mlflow_run_id"]}}
     )
     metrics.log_metric("vocab_size", hf_config["text_config"]["vocab_size"])
+    write_metrics_file(metrics)  # an artifact with a file: a cache entry of this task stays valid

@@ -131,19 +131,30 @@ def mixture_markdown(manifests: dict[str, Any]) -> str:
 
 
 def mix_data_task(
-    config_json: str, *, parent_run_id: str, dataset: Any, model: Any, mixture: Any, metrics: Any, report: Any
+    config_json: str,
+    *,
+    parent_run_id: str | None = None,
+    dataset: Any,
+    model: Any,
+    mixture: Any,
+    metrics: Any,
+    report: Any,
 ) -> None:
     """The component's entrypoint: validate `config_json`, run the step, fill the output artifacts.
 
     Args:
         config_json: `MixConfig` as JSON.
-        parent_run_id: the pipeline's MLflow run.
+        parent_run_id: the pipeline's MLflow run; None (in a pipeline): found through mixture's URI
+            (`vlpipe.tracking.pipeline.find_parent_run`), so the task takes no per-run input and can be cached.
         dataset: the `prepare-data` output.
         model: the starting checkpoint (its tokenizer counts tokens).
         mixture: output `Dataset` artifact: manifests, quarantine reports and `mixture.json`.
         metrics: output `Metrics` artifact.
         report: output `Markdown` artifact (the mixture tables).
     """
+    from vlpipe.components.pipeline_run.task import pipeline_parent, write_metrics_file
+
+    parent_run_id = pipeline_parent(parent_run_id, mixture, (dataset, model))
     from vlpipe.components.pipeline_run.model_store import checkpoint_path
 
     config = MixConfig.model_validate_json(config_json)
@@ -157,9 +168,12 @@ def mix_data_task(
     mixture.metadata.update(
         {f"{stage}_manifest_sha256": m["manifest_sha256"] for stage, m in manifests.items()}
     )
+    written = json.loads((Path(mixture.path) / MIXTURE_FILE).read_text())
+    mixture.metadata["mlflow_run_id"] = written["mlflow_run_id"]
     for stage, m in manifests.items():
         metrics.log_metric(f"{stage}_target_language_share", m["target_language_share"])
         metrics.log_metric(f"{stage}_achieved_language_share", m["achieved_language_share"])
         metrics.log_metric(f"{stage}_quarantined", m["quarantine"]["total"])
+    write_metrics_file(metrics)  # an artifact with a file: a cache entry of this task stays valid
     Path(report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(report.path).write_text(mixture_markdown(manifests))

@@ -178,17 +178,21 @@ def dataset_summary_markdown(info: dict[str, Any]) -> str:
 
 
 def prepare_data_task(
-    config_json: str, *, parent_run_id: str, dataset: Any, metrics: Any, report: Any
+    config_json: str, *, parent_run_id: str | None = None, dataset: Any, metrics: Any, report: Any
 ) -> None:
     """The component's entrypoint: validate `config_json`, run the step, fill the output artifacts.
 
     Args:
         config_json: `PrepareDataConfig` as JSON.
-        parent_run_id: the pipeline's MLflow run.
+        parent_run_id: the pipeline's MLflow run; None (in a pipeline): found through dataset's URI
+            (`vlpipe.tracking.pipeline.find_parent_run`), so the task takes no per-run input and can be cached.
         dataset: output `Dataset` artifact (the data, or a pointer to it, plus `dataset.json`).
         metrics: output `Metrics` artifact.
         report: output `Markdown` artifact (the dataset table).
     """
+    from vlpipe.components.pipeline_run.task import pipeline_parent, write_metrics_file
+
+    parent_run_id = pipeline_parent(parent_run_id, dataset)
     config = PrepareDataConfig.model_validate_json(config_json)
     info = prepare_data(config, out_dir=dataset.path, parent_run_id=parent_run_id)
     dataset.metadata.update(
@@ -197,5 +201,6 @@ def prepare_data_task(
     metrics.log_metric("datasets", len(info["datasets"]))
     metrics.log_metric("records", sum(d["records"] for d in info["datasets"].values()))
     metrics.log_metric("quarantined", info["quarantine"]["total"])
+    write_metrics_file(metrics)  # an artifact with a file: a cache entry of this task stays valid
     Path(report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(report.path).write_text(dataset_summary_markdown(info))

@@ -11,7 +11,6 @@ from vlpipe.components.release import IMAGE
 def evaluate(
     config: str,
     preset: str,
-    parent_run_id: str,
     policy: Input[Model],
     prm: Input[Model],
     data: Input[Dataset],
@@ -25,14 +24,12 @@ def evaluate(
     Args:
         config: the evaluation settings (an `EvalConfig` without policy, prm and output_dir) as JSON.
         preset: the recipe's preset (policy and PRM must be ones).
-        parent_run_id: the pipeline's MLflow run.
     """
     from vlpipe.components.evaluate.task import run_eval_task
 
     run_eval_task(
         config,
         preset=preset,
-        parent_run_id=parent_run_id,
         policy=policy,
         prm=prm,
         data=data,

@@ -100,7 +100,7 @@ def run_eval_task(
     config_json: str,
     *,
     preset: str,
-    parent_run_id: str,
+    parent_run_id: str | None = None,
     policy: Any,
     prm: Any,
     data: Any,
@@ -114,7 +114,8 @@ def run_eval_task(
     Args:
         config_json: the recipe's evaluation settings (an `EvalConfig` without the pipeline's keys) as JSON.
         preset: the recipe's preset (policy and PRM must be ones).
-        parent_run_id: the pipeline's MLflow run.
+        parent_run_id: the pipeline's MLflow run; None (in a pipeline): found through results's URI
+            (`vlpipe.tracking.pipeline.find_parent_run`), so the task takes no per-run input and can be cached.
         policy, prm: input `Model` artifacts.
         data: the `prepare-data` output (root of relative benchmark paths).
         results: output `Dataset` artifact: `metrics.json`, `items.jsonl`, plots.
@@ -125,6 +126,9 @@ def run_eval_task(
     Returns:
         The evaluation metrics (`run_evaluation`'s result).
     """
+    from vlpipe.components.pipeline_run.task import pipeline_parent, write_metrics_file
+
+    parent_run_id = pipeline_parent(parent_run_id, results, (policy, prm, data))
     from vlpipe.components.data.prepare import load_dataset_info
     from vlpipe.components.evaluate.stage import run_evaluation
     from vlpipe.components.pipeline_run.model_store import checkpoint_path
@@ -155,6 +159,7 @@ def run_eval_task(
     for key in ("items", "pass_at_1", "best_of_n", "majority", "oracle", "sample_accuracy"):
         if overall.get(key) is not None:
             metrics.log_metric(key, float(overall[key]))
+    write_metrics_file(metrics)  # an artifact with a file: a cache entry of this task stays valid
     for path, text in (
         (table.path, metrics_markdown(result)),
         (report.path, metrics_html(result, Path(results.path) / "best_of_k.png")),

@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations` here: kfp reads the parameter annotations as types.
 from kfp import dsl
+from kfp.dsl import Artifact, Output
 
 from vlpipe.components.release import IMAGE
 
@@ -14,6 +15,7 @@ def start_pipeline_run(
     parent_run_id: str,
     job_id: str,
     job_name: str,
+    run: Output[Artifact],
     pipeline_version: str = "",
 ) -> str:
     """Open (or adopt) the pipeline's MLflow parent run; returns its id for every later step.
@@ -24,6 +26,8 @@ def start_pipeline_run(
         recipe: the recipe's name.
         parent_run_id: a run to adopt (local runs), or empty.
         job_id, job_name: the Kubeflow job's id and name.
+        run: where the run's parent run id is written; its URI names the run's artifact root, by which the
+            cacheable tasks (which take no per-run input) find the parent run.
         pipeline_version: the pipeline's version (`<package>+<commit12>.<digest12>`), when the submitter set it.
     """
     from vlpipe.components.pipeline_run.task import start_run_task
@@ -36,6 +40,7 @@ def start_pipeline_run(
         job_id=job_id,
         job_name=job_name,
         pipeline_version=pipeline_version,
+        run=run,
     )
 
 

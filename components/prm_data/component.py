@@ -13,7 +13,6 @@ def sample_prm_data(
     config: str,
     step: str,
     preset: str,
-    parent_run_id: str,
     policy: Input[Model],
     data: Input[Dataset],
     steps: Output[Dataset],
@@ -25,7 +24,6 @@ def sample_prm_data(
         config: the recipe's `prm_data.config` (a `PRMSampleConfig` without policy and output) as JSON.
         step: the recipe name and tracking settings as JSON.
         preset: the recipe's preset (the policy must be one).
-        parent_run_id: the pipeline's MLflow run.
     """
     from vlpipe.components.prm_data.task import run_prm_data_task
 
@@ -33,7 +31,6 @@ def sample_prm_data(
         config,
         step,
         preset=preset,
-        parent_run_id=parent_run_id,
         policy=policy,
         data=data,
         steps=steps,

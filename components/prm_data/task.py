@@ -77,7 +77,7 @@ def run_prm_data_task(
     step_json: str,
     *,
     preset: str,
-    parent_run_id: str,
+    parent_run_id: str | None = None,
     policy: Any,
     data: Any,
     steps: Any,
@@ -89,7 +89,8 @@ def run_prm_data_task(
         config_json: the recipe's `prm_data.config` (a `PRMSampleConfig` without policy and output) as JSON.
         step_json: the recipe name and tracking settings (`TaskConfig`) as JSON.
         preset: the recipe's preset (the policy must be one).
-        parent_run_id: the pipeline's MLflow run.
+        parent_run_id: the pipeline's MLflow run; None (in a pipeline): found through steps's URI
+            (`vlpipe.tracking.pipeline.find_parent_run`), so the task takes no per-run input and can be cached.
         policy: input `Model` artifact (the policy whose solutions the PRM will judge).
         data: the `prepare-data` output (root of relative paths).
         steps: output `Dataset` artifact: the step-labelled JSONL (the `prm` stage's data); its metadata holds
@@ -99,6 +100,9 @@ def run_prm_data_task(
     Returns:
         The counts of `sample_prm_data`, with `mlflow_run_id`.
     """
+    from vlpipe.components.pipeline_run.task import pipeline_parent, write_metrics_file
+
+    parent_run_id = pipeline_parent(parent_run_id, steps, (policy, data))
     from vlpipe.components.data.prepare import load_dataset_info
     from vlpipe.components.pipeline_run.model_store import checkpoint_path
     from vlpipe.components.prm_data.stage import sample_prm_data
@@ -139,4 +143,5 @@ def run_prm_data_task(
                 "items_per_second"):  # fmt: skip
         if isinstance(counts.get(key), int | float):
             metrics.log_metric(key, float(counts[key]))
+    write_metrics_file(metrics)  # an artifact with a file: a cache entry of this task stays valid
     return {**counts, "mlflow_run_id": run_id}

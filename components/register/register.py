@@ -2,7 +2,8 @@
 
 validate settings → child MLflow run → log the policy checkpoint as a pyfunc model and register a new version
 (`vlpipe.serving.pyfunc.log_checkpoint_model`) → lineage tags on the version (pipeline run and Kubeflow job, every
-stage's run, data manifests, PRM, evaluation results, git commit) → alias (`challenger`).
+stage's run, data manifests, PRM, evaluation results, git commit) → alias (`challenger`). Stage results that a
+cached task reused from an earlier pipeline run are tagged on the parent run (`vlpipe.reused.<stage>`).
 
 Promotion (`challenger` → `champion`) and deployment are later steps that take this step's model URI.
 """
@@ -10,13 +11,16 @@ Promotion (`challenger` → `champion`) and deployment are later steps that take
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from vlpipe.components.register.config import RegisterConfig
-from vlpipe.tracking.pipeline import JOB_ID_TAG
+from vlpipe.tracking.pipeline import JOB_ID_TAG, record_reused
 from vlpipe.tracking.runs import child_run
+
+log = logging.getLogger(__name__)
 
 
 def lineage_tags(
@@ -147,6 +151,7 @@ def register_task(
         card: output `Markdown` artifact (the model card).
     """
     from vlpipe.components.pipeline_run.model_store import checkpoint_path
+    from vlpipe.components.pipeline_run.task import input_runs
     from vlpipe.components.training.task import check_preset
 
     config = RegisterConfig.model_validate_json(config_json)
@@ -161,6 +166,11 @@ def register_task(
         mixture_meta=dict(mixture.metadata),
         eval_metrics=eval_metrics,
     )
+    stage_runs = [value for key, value in tags.items() if key.startswith("run.")]
+    stage_runs += input_runs(policy, prm, mixture)
+    reused = record_reused(parent_run_id, stage_runs) if parent_run_id else {}
+    if reused:
+        log.info("results reused from earlier pipeline runs (cached tasks): %s", reused)
     result = register_model(config, policy_dir=policy_dir, tags=tags, parent_run_id=parent_run_id)
     Path(card.path).parent.mkdir(parents=True, exist_ok=True)
     Path(card.path).write_text(register_markdown(result, tags))

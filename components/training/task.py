@@ -148,8 +148,8 @@ def run_training_task(
     config_json: str,
     *,
     preset: str,
-    parent_run_id: str,
-    run_key: str,
+    parent_run_id: str | None = None,
+    run_key: str | None = None,
     work_root: str,
     world_size: int,
     init_model: Any,
@@ -165,8 +165,9 @@ def run_training_task(
         stage: pretrain, sft, mpo or prm.
         config_json: the stage settings (recipe settings + tracking) as JSON.
         preset: the recipe's preset; the starting checkpoint must be one.
-        parent_run_id: the pipeline's MLflow run.
-        run_key: the pipeline job's id (names the work directory, so a retried step resumes).
+        parent_run_id: the pipeline's MLflow run; None (in a pipeline): found through `model`'s URI
+            (`vlpipe.tracking.pipeline.find_parent_run`), so the task takes no per-run input and can be cached.
+        run_key: names the work directory, so a retried task resumes; default the parent run's id.
         work_root: the work volume's mount path ("" locally).
         world_size: processes (GPUs) on this node.
         init_model: input `Model` artifact (the starting checkpoint).
@@ -186,7 +187,11 @@ def run_training_task(
     """
     from vlpipe.components.data.prepare import load_dataset_info
     from vlpipe.components.pipeline_run.model_store import checkpoint_path, publish_checkpoint
+    from vlpipe.components.pipeline_run.task import pipeline_parent, write_metrics_file
     from vlpipe.components.stages import STAGES
+
+    parent_run_id = pipeline_parent(parent_run_id, model, (init_model, data, mixture, steps))
+    run_key = run_key or parent_run_id
 
     info = load_dataset_info(data.path)
     work_dir = stage_work_dir(work_root, run_key, stage)
@@ -238,4 +243,5 @@ def run_training_task(
     for key in ("steps", "loss_first", "loss_last", "reward_shift", "quarantined"):
         if isinstance(summary.get(key), int | float):
             metrics.log_metric(key, float(summary[key]))
+    write_metrics_file(metrics)  # an artifact with a file: a cache entry of this task stays valid
     return summary

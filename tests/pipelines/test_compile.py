@@ -104,11 +104,23 @@ def test_recipe_dag_has_the_expected_tasks_and_edges(compiled):
     steps = STEPS | {"sample-prm-data", "critic"}
     assert set(tasks) == steps | {"start-pipeline-run"}
     assert artifact_edges(tasks) == (RECIPE_EDGES - {("sft", "prm")}) | ON_POLICY_EDGES | CRITIC_EDGES
-    # Every step nests its MLflow run under the parent run the first step opens; promote takes the
+    # Every step nests its MLflow run under the parent run the first task opens. The cacheable steps take no
+    # per-run input (they run after the start task and find the parent run through their output URI); the
+    # steps with side effects take the parent run id and never come from the cache. Promote takes the
     # registered version (`models:/<name>/<version>`). The tiny recipe deploys nothing (no cluster).
-    assert parameter_edges(tasks) == {("start-pipeline-run", step) for step in steps} | {
+    side_effects = {"register-model", "promote-model"}
+    assert parameter_edges(tasks) == {("start-pipeline-run", step) for step in side_effects} | {
         ("register-model", "promote-model")
     }
+    for step in steps - side_effects:
+        assert "start-pipeline-run" in tasks[step]["dependentTasks"], step
+        assert tasks[step]["cachingOptions"] == {"enableCache": True}, step
+        assert not any(
+            "parent_run_id" in name or "run_key" in name
+            for name in tasks[step]["inputs"].get("parameters", {})
+        )
+    for step in side_effects | {"start-pipeline-run"}:
+        assert tasks[step].get("cachingOptions", {}) == {}, step  # caching off
     sampling = json.loads(constant(tasks["sample-prm-data"], "config"))
     assert sampling == load_recipe("tiny").prm_data.config
     assert json.loads(constant(tasks["sample-prm-data"], "step"))["recipe"] == "tiny"
@@ -223,15 +235,19 @@ def test_steps_receive_the_recipe_settings_and_run_on_the_release_image(compiled
     sft = json.loads(constant(tasks["sft"], "config"))
     assert sft["trainer"]["max_steps"] == load_recipe("tiny").stage_config("sft").trainer.max_steps
     assert sft["tracking"]["experiment"] == "vlpipe-tiny" and "init" not in sft
-    assert constant(tasks["sft"], "run_key") == "{{$.pipeline_job_uuid}}"
+    # No per-run value (the job uuid) identifies a cacheable task's work: its work directory is named by the
+    # MLflow parent run it finds at run time.
+    assert "{{$.pipeline_job_uuid}}" not in json.dumps(tasks["sft"])
     for executor in spec["deploymentSpec"]["executors"].values():
         if "container" in executor:
             assert executor["container"]["image"] == IMAGE
             env = {e["name"]: e["value"] for e in executor["container"].get("env", [])}
             assert env["VLPIPE_GIT_COMMIT"] == COMMIT
-    for task in tasks.values():
-        if "cachingOptions" in task:
-            assert not task["cachingOptions"].get("enableCache", False)
+    cached = {name for name, task in tasks.items() if task.get("cachingOptions", {}).get("enableCache")}
+    assert cached == (STEPS | {"sample-prm-data", "critic"}) - {
+        "register-model",
+        "promote-model",
+    }  # no side effects
 
 
 def test_gpu_toleration_secret_volume_and_env_settings_are_in_the_ir(compiled):

@@ -218,3 +218,32 @@ def test_a_retried_training_step_publishes_the_completed_checkpoint_without_trai
     assert (tmp_path / "retried-model" / "model.safetensors").read_bytes() == (
         run_dir / "mpo" / "model" / "model.safetensors"
     ).read_bytes()
+
+
+def test_a_rerun_reuses_the_finished_steps_and_still_registers_and_promotes(recipe_run):
+    """Every cacheable task (data → evaluation) comes from kfp.local's cache; the tasks with side effects run."""
+    from vlpipe.pipelines.local import run_local
+
+    first = recipe_run
+    again = run_local(_short_tiny())
+    assert again["parent"]["status"] == "FINISHED"
+    assert again["parent"]["run_id"] != first["parent"]["run_id"]
+    reused = {name for name, stage in again["stages"].items() if stage.get("reused_from")}
+    trained = {"init", "mix", "pretrain", "sft", "mpo", "critic", "prm-data", "prm", "eval"}
+    assert trained <= reused
+    for name in trained:  # the very runs of the first pipeline run, shown with their metrics
+        assert again["stages"][name]["run_id"] == first["stages"][name]["run_id"]
+        assert again["stages"][name]["reused_from"] == first["parent"]["run_id"]
+    assert again["stages"]["sft"]["metrics"] == first["stages"]["sft"]["metrics"]
+    assert again["eval"]["overall"] == first["eval"]["overall"]
+    for name in ("register", "promote"):  # side effects: they run again, under the new parent
+        assert "reused_from" not in again["stages"][name] and again["stages"][name]["status"] == "FINISHED"
+    assert int(again["registered"]["version"]) > int(first["registered"]["version"])
+    # A changed setting invalidates the stage it changes and everything downstream, not what is upstream.
+    changed = _short_tiny().model_dump(mode="json")
+    changed["stages"]["mpo"]["config"]["trainer"]["optimizer"]["lr"] = 1e-3
+    third = run_local(PipelineConfig.model_validate(changed))
+    assert third["stages"]["sft"]["run_id"] == first["stages"]["sft"]["run_id"]
+    assert "reused_from" not in third["stages"]["mpo"]
+    assert third["stages"]["mpo"]["run_id"] != first["stages"]["mpo"]["run_id"]
+    assert "reused_from" not in third["stages"]["eval"]
