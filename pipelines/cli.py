@@ -262,6 +262,9 @@ def run(
     config = _recipe(recipe, set_)
     try:
         result = run_local(config, pipeline=pipeline, arguments=_parameters(param), cache=not no_cache)
+    except ValueError as exc:  # an unknown pipeline or parameter, or a value of the wrong type
+        console.print(f"[red]invalid --param:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(2) from exc
     except RuntimeError as exc:
         console.print(f"[red]pipeline failed:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(1) from exc

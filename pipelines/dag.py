@@ -30,6 +30,7 @@ Each task's component comes from the stage table (`vlpipe.components.stages.STAG
 """
 
 # No `from __future__ import annotations` here: kfp reads the pipeline parameters' annotations as types.
+import inspect
 import json
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,7 @@ from kfp import dsl, kubernetes
 from vlpipe.components.pipeline_run.component import finish_pipeline_run, start_pipeline_run
 from vlpipe.components.stages import STAGES
 from vlpipe.pipelines.config import PipelineConfig, Resources
+from vlpipe.pipelines.parameters import recipe_parameters
 
 RECIPE_PIPELINE = "internvl3-recipe"
 SFT_MPO_PIPELINE = "sft-mpo"
@@ -66,6 +68,11 @@ class _Builder:
         self.recipe = recipe
         self.commit = commit
         self.started: Any = None  # the pipeline's start-pipeline-run task (cacheable tasks run after it)
+        self.inputs: dict[tuple[str, str], Any] = {}  # (stage, task input) → the pipeline parameter's channel
+
+    def parameter_inputs(self, stage: str) -> dict[str, Any]:
+        """The task inputs of `stage` that the pipeline's parameters feed."""
+        return {name: channel for (task, name), channel in self.inputs.items() if task == stage}
 
     # -- Kubernetes settings --------------------------------------------------------------------------------
     def configure(
@@ -131,12 +138,15 @@ class _Builder:
             parent_run_id=parent_run_id,
             job_id=JOB_ID,
             job_name=JOB_NAME,
+            **self.parameter_inputs("start"),
         )
         self.started = self.configure(task)
         return self.started
 
     def prepare_data(self) -> Any:
-        task = STAGES["data"].load_component()(config=_json(self.recipe.prepare_data_config()))
+        task = STAGES["data"].load_component()(
+            config=_json(self.recipe.prepare_data_config()), **self.parameter_inputs("data")
+        )
         return self.configure(task, cache=True)
 
     def init_model(self, data: Any) -> Any:
@@ -162,6 +172,7 @@ class _Builder:
             init_model=init,
             data=data,
             **inputs,
+            **self.parameter_inputs(stage),
         )
         return self.configure(task, step.resources, work_volume=True, cache=True)
 
@@ -194,6 +205,7 @@ class _Builder:
             policy=policy,
             prm=prm_model,
             data=data,
+            **self.parameter_inputs("eval"),
         )
         return self.configure(task, self.recipe.eval.resources, cache=True)
 
@@ -211,7 +223,10 @@ class _Builder:
 
     def promote(self, parent: Any, model_uri: Any) -> Any:
         task = STAGES["promote"].load_component()(
-            config=_json(self.recipe.promote_config()), parent_run_id=parent, model_uri=model_uri
+            config=_json(self.recipe.promote_config()),
+            parent_run_id=parent,
+            model_uri=model_uri,
+            **self.parameter_inputs("promote"),
         )
         return self.configure(task)
 
@@ -242,8 +257,49 @@ def _description(recipe: PipelineConfig, what: str, version: str) -> str:
     return f"{what} — recipe {recipe.name} ({recipe.preset}), vlpipe {version}. {recipe.description}".strip()
 
 
+_FIXED_HELP = {
+    "parent_run_id": "an MLflow run to adopt as the pipeline's parent run (set by `vlpipe run --local`)",
+    "pipeline_version": "the compiled pipeline's version (set by `vlpipe submit` and `vlpipe run --local`)",
+    "checkpoint_uri": "the checkpoint to start SFT from (local path or s3://)",
+    "policy_uri": "the policy checkpoint to evaluate",
+    "prm_uri": "the PRM checkpoint that scores the policy's answers",
+    "model_version": "the registered version to promote",
+    "model_name": "the registered model",
+}
+_REQUIRED = inspect.Parameter.empty
+
+
+def _with_parameters(
+    b: _Builder, body: Callable, fixed: list[tuple[str, Any]], tasks: set[str], doc: str
+) -> Callable:
+    """A pipeline function whose signature is `fixed` ((name, default) string inputs) plus the recipe's pipeline
+    parameters for `tasks` (`vlpipe.pipelines.parameters`), which kfp turns into the pipeline's typed inputs with
+    the recipe's values as defaults. `body` receives the fixed inputs; the parameters go to their tasks'
+    inputs through the builder."""
+    params = recipe_parameters(b.recipe, tasks)
+    names = [name for name, _ in fixed] + [p.name for p in params]
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    signature = [inspect.Parameter(name, kind, default=default, annotation=str) for name, default in fixed]
+    signature += [inspect.Parameter(p.name, kind, default=p.default, annotation=p.type) for p in params]
+
+    def pipeline(*args: Any) -> None:  # kfp calls a pipeline function with one channel per input, in order
+        values = dict(zip(names, args, strict=True))
+        b.inputs = {(p.task, p.input): values[p.name] for p in params}
+        body(**{name: values[name] for name, _ in fixed})
+
+    pipeline.__signature__ = inspect.Signature(signature)  # type: ignore[attr-defined]
+    pipeline.__name__ = body.__name__
+    lines = [f"    {name}: {_FIXED_HELP[name]}." for name, _ in fixed]
+    lines += [f"    {p.name}: {p.key} (default: the recipe's value)." for p in params]
+    pipeline.__doc__ = f"{doc}\n\nArgs:\n" + "\n".join(lines)
+    return pipeline
+
+
 def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dict[str, Callable]:
     """The recipe's pipelines (`PIPELINES` → `@dsl.pipeline` function), ready to compile or run locally.
+
+    Each pipeline's inputs are its own (a checkpoint URI, ...), `parent_run_id`, `pipeline_version` and the
+    recipe's pipeline parameters (`vlpipe.pipelines.parameters`: learning rates, steps, N, gate tolerances, ...).
 
     Args:
         recipe: the validated recipe (compiled into every step's settings).
@@ -253,17 +309,9 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
     b = _Builder(recipe, commit)
     root = recipe.cluster.pipeline_root
     serve = " → deploy" if recipe.deploy.enabled else ""
+    run_inputs = [("parent_run_id", ""), ("pipeline_version", "")]
 
-    @dsl.pipeline(
-        name=RECIPE_PIPELINE,
-        description=_description(
-            recipe,
-            f"The InternVL3 recipe: data → pretrain → SFT → MPO, PRM → eval → register → promote{serve}",
-            version,
-        ),
-        pipeline_root=root,
-    )
-    def internvl3_recipe(parent_run_id: str = "", pipeline_version: str = ""):
+    def internvl3_recipe(parent_run_id: str, pipeline_version: str) -> None:
         with dsl.ExitHandler(b.finish(parent_run_id), name="recipe"):
             parent = b.start(RECIPE_PIPELINE, parent_run_id, pipeline_version).outputs["Output"]
             data = b.prepare_data().outputs["data"]
@@ -277,12 +325,7 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
             registered = b.register(parent, policy=policy, prm_model=prm, mixture=mixture, results=results)
             b.promote_and_deploy(parent, registered.outputs["Output"])
 
-    @dsl.pipeline(
-        name=SFT_MPO_PIPELINE,
-        description=_description(recipe, "SFT then MPO from a given checkpoint", version),
-        pipeline_root=root,
-    )
-    def sft_mpo(checkpoint_uri: str, parent_run_id: str = "", pipeline_version: str = ""):
+    def sft_mpo(checkpoint_uri: str, parent_run_id: str, pipeline_version: str) -> None:
         with dsl.ExitHandler(b.finish(parent_run_id), name="sft-mpo"):
             b.start(SFT_MPO_PIPELINE, parent_run_id, pipeline_version)
             data = b.prepare_data().outputs["data"]
@@ -291,12 +334,7 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
             sft_model = b.stage("sft", init=start_model, data=data, mixture=mixture).outputs["model"]
             b.stage("mpo", init=sft_model, data=data)
 
-    @dsl.pipeline(
-        name=EVALUATE_PIPELINE,
-        description=_description(recipe, "Best-of-N evaluation of a given policy with a given PRM", version),
-        pipeline_root=root,
-    )
-    def evaluate_pipeline(policy_uri: str, prm_uri: str, parent_run_id: str = "", pipeline_version: str = ""):
+    def evaluate_pipeline(policy_uri: str, prm_uri: str, parent_run_id: str, pipeline_version: str) -> None:
         with dsl.ExitHandler(b.finish(parent_run_id), name="evaluate"):
             b.start(EVALUATE_PIPELINE, parent_run_id, pipeline_version)
             data = b.prepare_data().outputs["data"]
@@ -304,24 +342,73 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
             prm = b.checkpoint(prm_uri).output
             b.evaluate(policy=policy, prm_model=prm, data=data)
 
-    @dsl.pipeline(
-        name=PROMOTE_DEPLOY_PIPELINE,
-        description=_description(recipe, f"Gated promotion of a registered model version{serve}", version),
-        pipeline_root=root,
-    )
     def promote_deploy(
-        model_version: str,
-        model_name: str = recipe.registry.model_name,
-        parent_run_id: str = "",
-        pipeline_version: str = "",
-    ):
+        model_version: str, model_name: str, parent_run_id: str, pipeline_version: str
+    ) -> None:
         with dsl.ExitHandler(b.finish(parent_run_id), name="promote-deploy"):
             parent = b.start(PROMOTE_DEPLOY_PIPELINE, parent_run_id, pipeline_version).outputs["Output"]
             b.promote_and_deploy(parent, f"models:/{model_name}/{model_version}")
 
-    return {
-        RECIPE_PIPELINE: internvl3_recipe,
-        SFT_MPO_PIPELINE: sft_mpo,
-        EVALUATE_PIPELINE: evaluate_pipeline,
-        PROMOTE_DEPLOY_PIPELINE: promote_deploy,
+    everything = {"start", *STAGES}
+    specs = {
+        RECIPE_PIPELINE: (
+            internvl3_recipe,
+            run_inputs,
+            everything,
+            f"The InternVL3 recipe: data → pretrain → SFT → MPO, PRM → eval → register → promote{serve}",
+        ),
+        SFT_MPO_PIPELINE: (
+            sft_mpo,
+            [("checkpoint_uri", _REQUIRED), *run_inputs],
+            {"start", "data", "mix", "sft", "mpo"},
+            "SFT then MPO from a given checkpoint",
+        ),
+        EVALUATE_PIPELINE: (
+            evaluate_pipeline,
+            [("policy_uri", _REQUIRED), ("prm_uri", _REQUIRED), *run_inputs],
+            {"start", "data", "eval"},
+            "Best-of-N evaluation of a given policy with a given PRM",
+        ),
+        PROMOTE_DEPLOY_PIPELINE: (
+            promote_deploy,
+            [("model_version", _REQUIRED), ("model_name", recipe.registry.model_name), *run_inputs],
+            {"start", "promote", "deploy"},
+            f"Gated promotion of a registered model version{serve}",
+        ),
     }
+    pipelines = {}
+    for name, (body, fixed, tasks, what) in specs.items():
+        description = _description(recipe, what, version)
+        func = _with_parameters(b, body, fixed, tasks, description)
+        pipelines[name] = dsl.pipeline(name=name, description=description, pipeline_root=root)(func)
+    return pipelines
+
+
+def typed_arguments(pipeline: Any, arguments: dict[str, str]) -> dict[str, Any]:
+    """`--param NAME=VALUE` strings as the pipeline's input types (Float, Integer, Boolean, String).
+
+    Raises:
+        ValueError: an unknown parameter (naming the pipeline's) or a value that is not of its type.
+    """
+    inputs = pipeline.component_spec.inputs or {}
+    typed: dict[str, Any] = {}
+    for name, value in arguments.items():
+        if name not in inputs:
+            raise ValueError(
+                f"{pipeline.name} has no parameter {name!r}; its parameters: {', '.join(inputs)}"
+            )
+        kind = inputs[name].type
+        try:
+            if kind == "Float":
+                typed[name] = float(value)
+            elif kind == "Integer":
+                typed[name] = int(value)
+            elif kind == "Boolean":
+                if value.lower() not in ("true", "false"):
+                    raise ValueError("expected true or false")
+                typed[name] = value.lower() == "true"
+            else:
+                typed[name] = value
+        except ValueError as exc:
+            raise ValueError(f"parameter {name}={value!r}: not a {kind} ({exc})") from exc
+    return typed

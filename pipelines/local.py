@@ -55,7 +55,7 @@ def run_local(
         pipeline_version,
         source_commit,
     )
-    from vlpipe.pipelines.dag import build_pipelines
+    from vlpipe.pipelines.dag import build_pipelines, typed_arguments
     from vlpipe.pipelines.summary import collect_summary
     from vlpipe.tracking.pipeline import PIPELINE_TAG, version_tags
     from vlpipe.tracking.runs import base_tags, ensure_experiment, tracking_uri
@@ -71,6 +71,7 @@ def run_local(
     pipelines = build_pipelines(recipe, commit=commit, version=pipeline_version(commit))
     if pipeline not in pipelines:
         raise ValueError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(pipelines)}")
+    arguments = typed_arguments(pipelines[pipeline], arguments or {})
     with tempfile.TemporaryDirectory(prefix="vlpipe-version-") as tmp:  # the version a submit would give it
         version = pipeline_version(
             commit, pipeline_digest(compile_recipe(recipe, tmp, commit=commit)[pipeline])
@@ -79,7 +80,7 @@ def run_local(
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    experiment_id = ensure_experiment(recipe.tracking.experiment)
+    experiment_id = ensure_experiment(arguments.get("mlflow_experiment", recipe.tracking.experiment))
     tags = {
         **base_tags(recipe.name),
         **recipe.tracking.tags,
@@ -90,7 +91,7 @@ def run_local(
     parent_run_id = client.create_run(
         experiment_id, run_name=f"{pipeline}-{recipe.name}", tags=tags
     ).info.run_id
-    log.info("MLflow parent run %s in experiment %s (%s)", parent_run_id, recipe.tracking.experiment, uri)
+    log.info("MLflow parent run %s in experiment %s (%s)", parent_run_id, experiment_id, uri)
 
     root = home / "pipeline-root"
     local.init(
@@ -106,7 +107,7 @@ def run_local(
             # kfp warns that the vlpipe image name does not look like a Python image; the subprocess runs in
             # this environment, where vlpipe is installed.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-            arguments = {PIPELINE_VERSION_PARAM: version, **(arguments or {})}
+            arguments = {PIPELINE_VERSION_PARAM: version, **arguments}
             pipelines[pipeline](parent_run_id=parent_run_id, **arguments)
     finally:
         status = client.get_run(parent_run_id).info.status

@@ -92,8 +92,13 @@ def submit_recipe(
         pipeline_version,
         source_commit,
     )
+    from vlpipe.pipelines.dag import build_pipelines, typed_arguments
 
     commit = source_commit()
+    pipelines = build_pipelines(recipe, commit=commit, version=pipeline_version(commit))
+    if pipeline not in pipelines:
+        raise ValueError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(pipelines)}")
+    typed = typed_arguments(pipelines[pipeline], arguments or {})  # before anything is uploaded
     client = client or make_client(host)
     with tempfile.TemporaryDirectory(prefix="vlpipe-submit-") as tmp:
         files = compile_recipe(recipe, tmp, commit=commit)
@@ -127,7 +132,7 @@ def submit_recipe(
         job_name=f"{name}-{version}",
         pipeline_id=pipeline_id,
         version_id=version_id,
-        params={PIPELINE_VERSION_PARAM: version, **(arguments or {})},
+        params={PIPELINE_VERSION_PARAM: version, **typed},
         service_account=recipe.cluster.service_account,
         **({} if cache else {"enable_caching": False}),
     )

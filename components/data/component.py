@@ -17,15 +17,17 @@ def prepare_data(
     data: Output[Dataset],
     metrics: Output[Metrics],
     report: Output[Markdown],
+    data_root: str = "",
 ):
     """Write the demo dataset (demo recipes) and validate the meta files, annotations and data files.
 
     Args:
         config: `vlpipe.components.data.config.PrepareDataConfig` as JSON.
+        data_root: the pipeline parameter `data_root` ("": the recipe's `data.root`).
     """
     from vlpipe.components.data.prepare import prepare_data_task
 
-    prepare_data_task(config, dataset=data, metrics=metrics, report=report)
+    prepare_data_task(config, dataset=data, metrics=metrics, report=report, data_root=data_root)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)

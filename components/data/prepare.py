@@ -178,7 +178,13 @@ def dataset_summary_markdown(info: dict[str, Any]) -> str:
 
 
 def prepare_data_task(
-    config_json: str, *, parent_run_id: str | None = None, dataset: Any, metrics: Any, report: Any
+    config_json: str,
+    *,
+    parent_run_id: str | None = None,
+    dataset: Any,
+    metrics: Any,
+    report: Any,
+    data_root: str = "",
 ) -> None:
     """The component's entrypoint: validate `config_json`, run the step, fill the output artifacts.
 
@@ -189,11 +195,18 @@ def prepare_data_task(
         dataset: output `Dataset` artifact (the data, or a pointer to it, plus `dataset.json`).
         metrics: output `Metrics` artifact.
         report: output `Markdown` artifact (the dataset table).
+        data_root: the pipeline parameter `data_root` ("": the recipe's `data.root`).
     """
     from vlpipe.components.pipeline_run.task import pipeline_parent, write_metrics_file
 
     parent_run_id = pipeline_parent(parent_run_id, dataset)
-    config = PrepareDataConfig.model_validate_json(config_json)
+    settings = json.loads(config_json)
+    if data_root:
+        settings["data"]["root"] = data_root
+    try:
+        config = PrepareDataConfig.model_validate(settings)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError: name the UI's parameter too
+        raise ValueError(f"prepare-data: invalid data settings with data_root={data_root!r}: {exc}") from exc
     info = prepare_data(config, out_dir=dataset.path, parent_run_id=parent_run_id)
     dataset.metadata.update(
         {"source": info["source"], "root": info["root"], "mlflow_run_id": info["mlflow_run_id"]}

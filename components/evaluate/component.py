@@ -18,12 +18,15 @@ def evaluate(
     metrics: Output[Metrics],
     table: Output[Markdown],
     report: Output[HTML],
+    n: int = -1,
+    temperature: float = -1.0,
 ):
     """Greedy pass@1 and Best-of-N answers of the policy on the benchmarks, every step scored by the PRM.
 
     Args:
         config: the evaluation settings (an `EvalConfig` without policy, prm and output_dir) as JSON.
         preset: the recipe's preset (policy and PRM must be ones).
+        n, temperature: the pipeline parameters `eval_n`, `eval_temperature` (-1: the recipe's value).
     """
     from vlpipe.components.evaluate.task import run_eval_task
 
@@ -37,4 +40,6 @@ def evaluate(
         metrics=metrics,
         table=table,
         report=report,
+        n=n,
+        temperature=temperature,
     )

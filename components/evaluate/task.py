@@ -108,6 +108,8 @@ def run_eval_task(
     metrics: Any,
     table: Any,
     report: Any,
+    n: int = -1,
+    temperature: float = -1.0,
 ) -> dict[str, Any]:
     """The `evaluate` component's entrypoint.
 
@@ -122,6 +124,7 @@ def run_eval_task(
         metrics: output `Metrics` artifact (overall pass@1, Best-of-N, majority, oracle).
         table: output `Markdown` artifact (the evaluation table).
         report: output `HTML` artifact (table + Best-of-k plot).
+        n, temperature: the pipeline parameters `eval_n`, `eval_temperature` (-1: the recipe's value).
 
     Returns:
         The evaluation metrics (`run_evaluation`'s result).
@@ -136,14 +139,22 @@ def run_eval_task(
 
     info = load_dataset_info(data.path)
     policy_dir, prm_dir = checkpoint_path(policy.path), checkpoint_path(prm.path)
-    config = wire_eval_config(
-        json.loads(config_json),
-        policy=policy_dir,
-        prm=prm_dir,
-        output_dir=results.path,
-        data_root=info["root"],
-        parent_run_id=parent_run_id,
-    )
+    settings = json.loads(config_json)
+    given = {name: value for name, value in (("n", n), ("temperature", temperature)) if value != -1}
+    try:
+        config = wire_eval_config(
+            {**settings, **given},
+            policy=policy_dir,
+            prm=prm_dir,
+            output_dir=results.path,
+            data_root=info["root"],
+            parent_run_id=parent_run_id,
+        )
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError: name the UI's parameters too
+        named = {f"eval_{k}": v for k, v in given.items()}
+        raise ValueError(
+            f"eval: invalid settings{f' with the pipeline parameters {named}' if named else ''}: {exc}"
+        ) from exc
     check_preset(policy_dir, preset)
     check_preset(prm_dir, preset)
     result = run_evaluation(config)

@@ -17,6 +17,9 @@ def mpo(
     data: Input[Dataset],
     model: Output[Model],
     metrics: Output[Metrics],
+    lr: float = -1.0,
+    max_steps: int = -1,
+    global_batch_size: int = -1,
 ):
     """Mixed preference optimisation (DPO + BCO + LM) against the frozen starting policy.
 
@@ -25,6 +28,7 @@ def mpo(
         preset: the recipe's preset (the starting checkpoint must be one).
         work_root: the work volume's mount path ("" locally: under VLPIPE_HOME).
         world_size: training processes (GPUs) on the node.
+        lr, max_steps, global_batch_size: the pipeline parameters of this stage (-1: the recipe's value).
     """
     from vlpipe.components.training.task import run_training_task
 
@@ -38,4 +42,7 @@ def mpo(
         data=data,
         model=model,
         metrics=metrics,
+        lr=lr,
+        max_steps=max_steps,
+        global_batch_size=global_batch_size,
     )

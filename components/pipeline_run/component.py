@@ -17,6 +17,7 @@ def start_pipeline_run(
     job_name: str,
     run: Output[Artifact],
     pipeline_version: str = "",
+    experiment: str = "",
 ) -> str:
     """Open (or adopt) the pipeline's MLflow parent run; returns its id for every later step.
 
@@ -29,6 +30,7 @@ def start_pipeline_run(
         run: where the run's parent run id is written; its URI names the run's artifact root, by which the
             cacheable tasks (which take no per-run input) find the parent run.
         pipeline_version: the pipeline's version (`<package>+<commit12>.<digest12>`), when the submitter set it.
+        experiment: the pipeline parameter `mlflow_experiment` ("": the recipe's `tracking.experiment`).
     """
     from vlpipe.components.pipeline_run.task import start_run_task
 
@@ -41,6 +43,7 @@ def start_pipeline_run(
         job_name=job_name,
         pipeline_version=pipeline_version,
         run=run,
+        experiment=experiment,
     )
 
 

@@ -21,14 +21,18 @@ def start_run_task(
     job_name: str,
     pipeline_version: str = "",
     run: Any = None,
+    experiment: str = "",
 ) -> str:
     """Open (or adopt) the parent run; returns its id. See `vlpipe.tracking.pipeline.start_parent_run`.
 
     `run` (an output artifact) gets the parent run id; the run's artifact root (from its URI) is tagged on the
     parent run, so that cacheable tasks find it (`vlpipe.tracking.pipeline.find_parent_run`).
     """
+    tracking = json.loads(tracking_json)
+    if experiment:
+        tracking["experiment"] = experiment
     run_id = start_parent_run(
-        TrackingSettings.model_validate_json(tracking_json),
+        TrackingSettings.model_validate(tracking),
         pipeline=pipeline,
         recipe=recipe,
         parent_run_id=parent_run_id,

@@ -18,6 +18,9 @@ def prm(
     model: Output[Model],
     metrics: Output[Metrics],
     steps: Input[Dataset] = None,
+    lr: float = -1.0,
+    max_steps: int = -1,
+    global_batch_size: int = -1,
 ):
     """Process reward model training on step-labelled solutions (VisualPRM format).
 
@@ -26,6 +29,7 @@ def prm(
         preset: the recipe's preset (the starting checkpoint must be one).
         work_root: the work volume's mount path ("" locally: under VLPIPE_HOME).
         world_size: training processes (GPUs) on the node.
+        lr, max_steps, global_batch_size: the pipeline parameters of this stage (-1: the recipe's value).
         steps: the `sample-prm-data` output (on-policy solutions); without it, the prepared `prm/train.jsonl`.
     """
     from vlpipe.components.training.task import run_training_task
@@ -40,5 +44,8 @@ def prm(
         data=data,
         model=model,
         metrics=metrics,
+        lr=lr,
+        max_steps=max_steps,
+        global_batch_size=global_batch_size,
         steps=steps,
     )

@@ -149,7 +149,14 @@ def promote_version(config: PromoteConfig, *, model_uri: str, parent_run_id: str
     return result
 
 
-def promote_task(config_json: str, *, parent_run_id: str, model_uri: str, report: Any) -> str:
+def promote_task(
+    config_json: str,
+    *,
+    parent_run_id: str,
+    model_uri: str,
+    report: Any,
+    tolerances: dict[str, float] | None = None,
+) -> str:
     """The component's entrypoint; returns the decision (`promoted`, `rejected` or `already_champion`).
 
     Args:
@@ -157,10 +164,21 @@ def promote_task(config_json: str, *, parent_run_id: str, model_uri: str, report
         parent_run_id: the pipeline's MLflow run.
         model_uri: the registered version, `models:/<name>/<version>` (the register step's output).
         report: output `Markdown` artifact (decision, metrics compared, reasons).
+        tolerances: gate metric → tolerance from the pipeline parameters `gate_<metric>_tolerance` (-1, or a
+            metric without a gate: the recipe's gates as they are).
     """
     from pathlib import Path
 
-    config = PromoteConfig.model_validate_json(config_json)
+    settings = json.loads(config_json)
+    given = {metric: value for metric, value in (tolerances or {}).items() if value != -1}
+    for gate in settings.get("promotion", {}).get("gates", []):
+        if gate["metric"] in given:
+            gate["tolerance"] = given[gate["metric"]]
+    try:
+        config = PromoteConfig.model_validate(settings)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError: name the UI's parameters too
+        named = {f"gate_{metric}_tolerance": value for metric, value in given.items()}
+        raise ValueError(f"promote: invalid gates with the pipeline parameters {named}: {exc}") from exc
     result = promote_version(config, model_uri=model_uri, parent_run_id=parent_run_id)
     Path(report.path).parent.mkdir(parents=True, exist_ok=True)
     Path(report.path).write_text(promotion_markdown(result))

@@ -18,6 +18,9 @@ def sft(
     mixture: Input[Dataset],
     model: Output[Model],
     metrics: Output[Metrics],
+    lr: float = -1.0,
+    max_steps: int = -1,
+    global_batch_size: int = -1,
 ):
     """Supervised fine-tuning on the SFT mixture (packing, square averaging, JPEG augmentation).
 
@@ -26,6 +29,7 @@ def sft(
         preset: the recipe's preset (the starting checkpoint must be one).
         work_root: the work volume's mount path ("" locally: under VLPIPE_HOME).
         world_size: training processes (GPUs) on the node.
+        lr, max_steps, global_batch_size: the pipeline parameters of this stage (-1: the recipe's value).
     """
     from vlpipe.components.training.task import run_training_task
 
@@ -39,5 +43,8 @@ def sft(
         data=data,
         model=model,
         metrics=metrics,
+        lr=lr,
+        max_steps=max_steps,
+        global_batch_size=global_batch_size,
         mixture=mixture,
     )

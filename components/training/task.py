@@ -85,6 +85,34 @@ def wire_stage_config(
     return parse_stage_config(cfg, trained)
 
 
+def wire_task_config(
+    stage: str, settings: dict[str, Any], *, parameters: dict[str, Any], **wiring: Any
+) -> Any:
+    """`wire_stage_config` of the settings with the values the task's pipeline parameters passed: `lr`,
+    `max_steps` (a step count replaces the epochs; 0: the recipe's epochs, else one, decide) and
+    `global_batch_size`; -1 keeps the recipe's value.
+
+    Raises:
+        ValueError: an invalid setting, naming the key and the pipeline parameters `<stage>_<name>` given.
+    """
+    given = {name: value for name, value in parameters.items() if value != -1}
+    trainer = dict(settings.get("trainer", {}))
+    if "lr" in given:
+        trainer["optimizer"] = {**trainer.get("optimizer", {}), "lr": given["lr"]}
+    if given.get("max_steps"):  # a step count replaces the epochs
+        trainer.update(max_steps=given["max_steps"], epochs=None)
+    elif "max_steps" in given:  # 0: the epochs decide (the recipe's, else one pass)
+        trainer.update(max_steps=None, epochs=trainer.get("epochs") or 1)
+    if "global_batch_size" in given:
+        trainer["global_batch_size"] = given["global_batch_size"]
+    try:
+        return wire_stage_config(stage, {**settings, "trainer": trainer}, **wiring)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        named = {f"{stage}_{name}": value for name, value in given.items()}
+        with_params = f" with the pipeline parameters {named}" if named else ""
+        raise ValueError(f"{stage}: invalid settings{with_params}: {exc}") from exc
+
+
 def stage_work_dir(work_root: str, run_key: str, stage: str) -> str:
     """`<work root>/<run key>/<stage>`; an empty work root means `<VLPIPE_HOME>/work` (local runs)."""
     from vlpipe.model.storage import vlpipe_home
@@ -158,6 +186,9 @@ def run_training_task(
     metrics: Any,
     mixture: Any | None = None,
     steps: Any | None = None,
+    lr: float = -1.0,
+    max_steps: int = -1,
+    global_batch_size: int = -1,
 ) -> dict[str, Any]:
     """The training components' entrypoint.
 
@@ -178,6 +209,8 @@ def run_training_task(
             mixture whose manifest the mix step recorded.
         steps: input `Dataset` artifact of the `sample-prm-data` step (prm): the on-policy step-labelled
             JSONL to train on instead of the prepared one; its images are under its metadata's `image_root`.
+        lr, max_steps, global_batch_size: the pipeline parameters `<stage>_lr`, ... (-1: the recipe's value;
+            `max_steps` 0: the recipe's epochs decide), validated with the stage's config class.
 
     Returns:
         The stage's summary.
@@ -205,9 +238,10 @@ def run_training_task(
         image_root = steps.metadata.get(IMAGE_ROOT_KEY)
         if image_root and not settings.get("data", {}).get("image_root"):
             settings["data"] = {**settings.get("data", {}), "image_root": image_root}
-    config = wire_stage_config(
+    config = wire_task_config(
         stage,
         settings,
+        parameters={"lr": lr, "max_steps": max_steps, "global_batch_size": global_batch_size},
         init=init_dir,
         output=str(Path(work_dir) / FINAL_CHECKPOINT),
         work_dir=work_dir,

@@ -247,3 +247,20 @@ def test_a_rerun_reuses_the_finished_steps_and_still_registers_and_promotes(reci
     assert "reused_from" not in third["stages"]["mpo"]
     assert third["stages"]["mpo"]["run_id"] != first["stages"]["mpo"]["run_id"]
     assert "reused_from" not in third["stages"]["eval"]
+
+
+def test_a_pipeline_parameter_changes_what_a_stage_trains_with_and_mlflow_records_it(recipe_run):
+    from mlflow import MlflowClient
+
+    from vlpipe.pipelines.local import run_local
+
+    summary = run_local(_short_tiny(), arguments={"mpo_lr": "0.0005", "eval_n": "3"})
+    assert summary["stages"]["sft"]["run_id"] == recipe_run["stages"]["sft"]["run_id"]  # upstream: cached
+    client = MlflowClient(summary["tracking_uri"])
+    mpo = client.get_run(summary["stages"]["mpo"]["run_id"])
+    assert "reused_from" not in summary["stages"]["mpo"]
+    assert float(mpo.data.params["trainer.optimizer.lr"]) == 0.0005  # the value actually used
+    assert summary["eval"]["n"] == 3
+    # A value the stage's config class refuses fails the task before any work (the parent run is FAILED).
+    with pytest.raises(RuntimeError):
+        run_local(_short_tiny(), arguments={"mpo_lr": "-0.5"})
