@@ -87,6 +87,16 @@ def test_every_pipeline_of_every_recipe_compiles_to_a_versioned_file(compiled):
             assert spec["pipelineInfo"]["name"] == name
 
 
+# The tiny recipe's pipeline parameters (`vlpipe.pipelines.parameters`) of each sub-pipeline: its stages' ones.
+PARAMETERS_OF = {
+    "sft-mpo": {
+        "mlflow_experiment",
+        *(f"{s}_{k}" for s in ("sft", "mpo") for k in ("lr", "max_steps", "global_batch_size")),
+    },
+    "evaluate": {"mlflow_experiment", "eval_n", "eval_temperature"},
+    "promote-deploy": {"mlflow_experiment", "gate_best_of_n_tolerance", "gate_pass_at_1_tolerance"},
+}
+
 # With a `prm_data` section the PRM trains on the MPO policy's own solutions.
 ON_POLICY_EDGES = {
     ("prepare-data", "sample-prm-data"),
@@ -180,7 +190,13 @@ def test_promote_deploy_sub_pipeline_takes_a_model_name_and_version(compiled):
     assert set(tasks) == {"start-pipeline-run", "promote-model"}  # tiny: deployment disabled
     assert constant(tasks["promote-model"], "model_uri") == uri
     inputs = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(inputs) == {"model_name", "model_version", "parent_run_id", "pipeline_version"}
+    assert set(inputs) == {
+        "model_name",
+        "model_version",
+        "parent_run_id",
+        "pipeline_version",
+        *PARAMETERS_OF["promote-deploy"],
+    }
     assert (
         inputs["model_name"]["defaultValue"] == "vlpipe-tiny"
         and "defaultValue" not in inputs["model_version"]
@@ -211,6 +227,7 @@ def test_sub_pipelines_have_the_expected_tasks_and_edges(compiled):
         "checkpoint_uri",
         "parent_run_id",
         "pipeline_version",
+        *PARAMETERS_OF["sft-mpo"],
     }
 
     spec, _ = load_ir(compiled["tiny"]["evaluate"])
@@ -226,6 +243,7 @@ def test_sub_pipelines_have_the_expected_tasks_and_edges(compiled):
         "prm_uri",
         "parent_run_id",
         "pipeline_version",
+        *PARAMETERS_OF["evaluate"],
     }
 
 
