@@ -170,7 +170,9 @@ def mix_data_task(
     )
     written = json.loads((Path(mixture.path) / MIXTURE_FILE).read_text())
     mixture.metadata["mlflow_run_id"] = written["mlflow_run_id"]
-    mixture.metadata["lineage"] = {"data": str(dataset.metadata.get("mlflow_run_id", ""))}  # for reuse records
+    mixture.metadata["lineage"] = {
+        "data": str(dataset.metadata.get("mlflow_run_id", ""))
+    }  # for reuse records
     for stage, m in manifests.items():
         metrics.log_metric(f"{stage}_target_language_share", m["target_language_share"])
         metrics.log_metric(f"{stage}_achieved_language_share", m["achieved_language_share"])
