@@ -14,6 +14,7 @@ import hashlib
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from vlpipe.components.release import VERSION
 from vlpipe.pipelines.config import PipelineConfig
@@ -62,8 +63,6 @@ def compile_recipe(
     Returns:
         Pipeline name → written file (`<pipeline>-<version>.yaml`; see `pipeline_version`).
     """
-    from kfp import compiler
-
     from vlpipe.pipelines.dag import build_pipelines
 
     commit = commit or source_commit()
@@ -71,16 +70,23 @@ def compile_recipe(
         log.warning(
             "no source commit (not a git checkout and VLPIPE_GIT_COMMIT unset); version says 'unknown'"
         )
+    pipelines = build_pipelines(recipe, commit=commit, version=pipeline_version(commit))
+    return {
+        name: compile_pipeline(name, pipeline, out_dir, commit=commit) for name, pipeline in pipelines.items()
+    }
+
+
+def compile_pipeline(name: str, pipeline: Any, out_dir: str | Path, *, commit: str) -> Path:
+    """Write one built pipeline (`vlpipe.pipelines.dag.build_pipelines`) as `<name>-<version>.yaml` in `out_dir`."""
+    from kfp import compiler
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for name, pipeline in build_pipelines(recipe, commit=commit, version=pipeline_version(commit)).items():
-        # Compile beside the target and rename, so a reader never sees a half-written file.
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".tmp-", suffix=".yaml", delete=False) as tmp:
-            tmp_path = Path(tmp.name)
-        compiler.Compiler().compile(pipeline_func=pipeline, package_path=str(tmp_path))
-        tmp_path.chmod(0o644)
-        path = out / f"{name}-{pipeline_version(commit, pipeline_digest(tmp_path))}.yaml"
-        tmp_path.replace(path)
-        written[name] = path
-    return written
+    # Compile beside the target and rename, so a reader never sees a half-written file.
+    with tempfile.NamedTemporaryFile(dir=out, prefix=".tmp-", suffix=".yaml", delete=False) as tmp:
+        tmp_path = Path(tmp.name)
+    compiler.Compiler().compile(pipeline_func=pipeline, package_path=str(tmp_path))
+    tmp_path.chmod(0o644)
+    path = out / f"{name}-{pipeline_version(commit, pipeline_digest(tmp_path))}.yaml"
+    tmp_path.replace(path)
+    return path

@@ -50,7 +50,7 @@ def run_local(
     from vlpipe.model.storage import vlpipe_home
     from vlpipe.pipelines.compile import (
         PIPELINE_VERSION_PARAM,
-        compile_recipe,
+        compile_pipeline,
         pipeline_digest,
         pipeline_version,
         source_commit,
@@ -73,9 +73,8 @@ def run_local(
         raise ValueError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(pipelines)}")
     arguments = typed_arguments(pipelines[pipeline], arguments or {})
     with tempfile.TemporaryDirectory(prefix="vlpipe-version-") as tmp:  # the version a submit would give it
-        version = pipeline_version(
-            commit, pipeline_digest(compile_recipe(recipe, tmp, commit=commit)[pipeline])
-        )
+        compiled = compile_pipeline(pipeline, pipelines[pipeline], tmp, commit=commit)
+        version = pipeline_version(commit, pipeline_digest(compiled))
 
     from mlflow import MlflowClient
 

@@ -11,7 +11,8 @@ Kubeflow UI, with the recipe's values as defaults.
 
 A task validates the effective value with its stage's own config class before work starts, so a bad value typed
 into the UI fails the task at once, naming the parameter and the key; the MLflow run records the value used.
-`<stage>_max_steps` 0 means the recipe's epochs decide the steps. Torch- and kfp-free.
+`<stage>_max_steps` 0 means the recipe's epochs decide the steps. A task input the pipeline does not feed keeps its
+component default (-1, or "" for strings): the compiled recipe's value. Torch- and kfp-free.
 """
 
 from __future__ import annotations
@@ -20,10 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlpipe.pipelines.config import PipelineConfig
-
-UNSET = {float: -1.0, int: -1, str: ""}
-"""A task input's default (written as a literal in each component) when its pipeline does not pass the
-parameter: the task keeps the compiled recipe's value."""
 
 
 @dataclass(frozen=True)

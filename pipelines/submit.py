@@ -87,7 +87,7 @@ def submit_recipe(
     """
     from vlpipe.pipelines.compile import (
         PIPELINE_VERSION_PARAM,
-        compile_recipe,
+        compile_pipeline,
         pipeline_digest,
         pipeline_version,
         source_commit,
@@ -101,10 +101,7 @@ def submit_recipe(
     typed = typed_arguments(pipelines[pipeline], arguments or {})  # before anything is uploaded
     client = client or make_client(host)
     with tempfile.TemporaryDirectory(prefix="vlpipe-submit-") as tmp:
-        files = compile_recipe(recipe, tmp, commit=commit)
-        if pipeline not in files:
-            raise ValueError(f"unknown pipeline {pipeline!r}; choose one of {', '.join(files)}")
-        package = str(files[pipeline])
+        package = str(compile_pipeline(pipeline, pipelines[pipeline], tmp, commit=commit))
         version = pipeline_version(commit, pipeline_digest(package))
         name = registry_name(pipeline, recipe)
         description = f"{pipeline} of recipe {recipe.name} ({recipe.preset}). {recipe.description}".strip()

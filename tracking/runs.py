@@ -215,23 +215,11 @@ class Run:
             for begin in range(0, len(items), 500):
                 client().log_batch(self.run_id, metrics=items[begin : begin + 500])
 
-    def set_tags(self, tags: dict[str, str]) -> None:
-        if self.active:
-            import mlflow
-
-            mlflow.set_tags(tags)
-
     def log_dict(self, data: dict[str, Any] | list[Any], artifact_file: str) -> None:
         if self.active:
             import mlflow
 
             mlflow.log_dict(data, artifact_file)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        if self.active:
-            import mlflow
-
-            mlflow.log_text(text, artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.active:

@@ -19,8 +19,8 @@ def start_run_task(
     parent_run_id: str,
     job_id: str,
     job_name: str,
+    run: Any,
     pipeline_version: str = "",
-    run: Any = None,
     experiment: str = "",
 ) -> str:
     """Open (or adopt) the parent run; returns its id. See `vlpipe.tracking.pipeline.start_parent_run`.
@@ -39,12 +39,11 @@ def start_run_task(
         job_id=job_id,
         job_name=job_name,
         pipeline_version=pipeline_version,
-        root=run_root(run.uri) if run is not None else "",
+        root=run_root(run.uri),
     )
-    if run is not None:
-        Path(run.path).parent.mkdir(parents=True, exist_ok=True)
-        Path(run.path).write_text(json.dumps({"mlflow_parent_run_id": run_id}) + "\n")
-        run.metadata["mlflow_parent_run_id"] = run_id
+    Path(run.path).parent.mkdir(parents=True, exist_ok=True)
+    Path(run.path).write_text(json.dumps({"mlflow_parent_run_id": run_id}) + "\n")
+    run.metadata["mlflow_parent_run_id"] = run_id
     return run_id
 
 
