@@ -51,11 +51,65 @@ class EncodedSample:
 
 
 def image_list(record: dict) -> list[str]:
-    """The record's image paths as a list ([] for pure text)."""
+    """The record's image paths as a list ([] for pure text).
+
+    Raises:
+        SampleError: `malformed` when "image" is neither a path nor a list of paths.
+    """
     image = record.get("image")
     if image is None:
         return []
-    return [image] if isinstance(image, str) else list(image)
+    if isinstance(image, str):
+        return [image]
+    if isinstance(image, list) and all(isinstance(i, str) and i for i in image):
+        return list(image)
+    raise SampleError(
+        str(record.get("id", "<no id>")),
+        "malformed",
+        f'key "image" must be a path or a list of paths, got {_describe(image)}',
+    )
+
+
+def _describe(value: object) -> str:
+    """A short, safe description of a wrong value for an error message (type and a clipped repr)."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def check_record(record: object, sample_id: str) -> dict:
+    """Check a conversation record's shape before anything uses it.
+
+    Returns:
+        the record (a dict).
+
+    Raises:
+        SampleError: `malformed`, naming the key that is wrong and what it must be.
+    """
+    if not isinstance(record, dict):
+        raise SampleError(sample_id, "malformed", f"a record must be a JSON object, got {_describe(record)}")
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise SampleError(sample_id, "malformed", 'key "conversations" must be a non-empty list of turns')
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise SampleError(sample_id, "malformed", f"conversations[{i}] must be an object with from/value")
+        role, value = turn.get("from"), turn.get("value")
+        if not isinstance(role, str) or role not in _ROLES:
+            raise SampleError(
+                sample_id,
+                "malformed",
+                f"conversations[{i}].from must be one of {sorted(_ROLES)}, got {_describe(role)}",
+            )
+        if not isinstance(value, str):
+            raise SampleError(
+                sample_id, "malformed", f"conversations[{i}].value must be a string, got {_describe(value)}"
+            )
+    if "id" in record and not isinstance(record["id"], str | int):
+        raise SampleError(
+            sample_id, "malformed", f'key "id" must be a string or integer, got {_describe(record["id"])}'
+        )
+    image_list({**record, "id": sample_id})
+    return record
 
 
 def normalise_turns(record: dict, sample_id: str) -> list[tuple[str, str]]:
@@ -71,10 +125,10 @@ def normalise_turns(record: dict, sample_id: str) -> list[tuple[str, str]]:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise SampleError(sample_id, "malformed", f'turn {i} needs "from" and "value" keys')
-        role = _ROLES.get(turn["from"])
+        role = _ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise SampleError(
-                sample_id, "malformed", f"turn {i} has unknown role {turn['from']!r}; use human/gpt"
+                sample_id, "malformed", f"turn {i} has unknown role {_describe(turn['from'])}; use human/gpt"
             )
         if not isinstance(turn["value"], str):
             raise SampleError(sample_id, "malformed", f"turn {i} value must be a string")

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vlpipe.model.errors import SampleError
+from vlpipe.model.files import DEFAULT_LIMITS, NotRegularFileError, open_regular, read_bounded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -191,28 +192,55 @@ def decode_image(data: bytes, *, source: str, max_pixels: int = DEFAULT_MAX_PIXE
             return probe.convert("RGB")
     except SampleError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise SampleError(
+            source, "image_too_large", f"image is above the decoder's pixel limit ({exc}); downscale it"
+        ) from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise SampleError(
             source, "corrupt_image", f"cannot decode image ({exc}); re-export or remove it"
         ) from exc
 
 
 def load_image(
-    uri: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, storage_options: dict | None = None
+    uri: str,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_LIMITS.max_file_bytes,
+    storage_options: dict | None = None,
 ) -> Image.Image:
-    """Read and decode an image from a local path or `s3://` URL.
+    """Read and decode an image from a local path or `s3://` URL: a regular file of at most `max_bytes`.
+
+    Paths taken from data must be checked first (`vlpipe.model.files.DatasetRoots.resolve`).
 
     Raises:
-        SampleError: `missing_image` when it does not exist, or as `decode_image`.
+        SampleError: `missing_image`, `not_a_file`, `file_too_large`, or as `decode_image`.
     """
-    from vlpipe.model.storage import filesystem
+    data = read_bounded(uri, max_bytes=max_bytes, source=uri, storage_options=storage_options)
+    return decode_image(data, source=uri, max_pixels=max_pixels)
 
-    fs, path = filesystem(uri, storage_options)
+
+def image_size(uri: str, *, source: str, storage_options: dict | None = None) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding the pixels.
+
+    Raises:
+        SampleError: `missing_image`, `not_a_file` or `corrupt_image`; never PIL's decompression-bomb error
+            (the size is what the caller checks).
+    """
     try:
-        with fs.open(path, "rb") as f:
-            data = f.read()
+        with open_regular(uri, storage_options=storage_options) as f, Image.open(f) as probe:
+            return probe.size
     except FileNotFoundError as exc:
         raise SampleError(
-            uri, "missing_image", "image file not found; check the dataset root and path"
+            source, "missing_image", f"{uri} not found; check the dataset root and path"
         ) from exc
-    return decode_image(data, source=uri, max_pixels=max_pixels)
+    except NotRegularFileError as exc:
+        raise SampleError(source, "not_a_file", str(exc)) from exc
+    except Image.DecompressionBombError as exc:
+        raise SampleError(
+            source, "image_too_large", f"image is above the decoder's pixel limit ({exc}); downscale it"
+        ) from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise SampleError(
+            source, "corrupt_image", f"cannot read image header ({type(exc).__name__})"
+        ) from exc

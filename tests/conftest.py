@@ -94,4 +94,10 @@ def s3_server(monkeypatch):
         yield endpoint
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+        # Threaded moto servers share one in-process backend: reset it, or buckets leak into the next test.
+        import urllib.request
+
+        urllib.request.urlopen(
+            urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10
+        )
         server.stop()

@@ -41,8 +41,11 @@ from typing import Literal
 from vlpipe.components.evaluate.config import BenchmarkSpec
 from vlpipe.model.data.demo import extract_answer
 from vlpipe.model.errors import SampleError
+from vlpipe.model.files import DEFAULT_LIMITS, DatasetRoots, read_bounded
 from vlpipe.model.image import decode_image
-from vlpipe.model.storage import filesystem, join
+
+# VLMEvalKit TSVs carry their images inline (MMBench_DEV_EN is ~300 MB); a file above this is refused unread.
+MAX_BENCHMARK_BYTES = 4 * 1024**3
 
 ItemKind = Literal["demo", "choice", "free"]
 IMAGE_PLACEHOLDER = "<image>"
@@ -214,13 +217,24 @@ def _raise_if_empty(loaded: LoadedBenchmark) -> LoadedBenchmark:
     return loaded
 
 
-def _read_bytes(uri: str, what: str) -> bytes:
-    fs, path = filesystem(uri)
+def _read_text(spec: BenchmarkSpec, encoding: str) -> str:
+    """The whole benchmark file as text: a regular file of at most MAX_BENCHMARK_BYTES, valid `encoding`."""
     try:
-        with fs.open(path, "rb") as f:
-            return f.read()
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{what} {uri} does not exist; check the benchmark path") from exc
+        data = read_bounded(
+            spec.path, max_bytes=MAX_BENCHMARK_BYTES, source=spec.name, missing_reason="missing"
+        )
+    except SampleError as exc:
+        if exc.reason == "missing":
+            raise FileNotFoundError(
+                f"benchmark file {spec.path} does not exist; check the benchmark path"
+            ) from exc
+        raise BenchmarkError(f"benchmark {spec.name!r}: {exc.detail}") from exc
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise BenchmarkError(
+            f"benchmark {spec.name!r}: {spec.path} is not valid UTF-8 (byte {exc.start}); re-encode it as UTF-8"
+        ) from exc
 
 
 def _demo_image_root(spec: BenchmarkSpec) -> str:
@@ -246,7 +260,7 @@ def load_demo(spec: BenchmarkSpec) -> LoadedBenchmark:
         BenchmarkError: no usable row.
     """
     loaded = LoadedBenchmark(spec)
-    text = _read_bytes(spec.path, "benchmark file").decode("utf-8")
+    text = _read_text(spec, "utf-8")
     root = _demo_image_root(spec)
     for number, line in _demo_rows(text):
         if spec.limit is not None and len(loaded.items) >= spec.limit:
@@ -276,12 +290,11 @@ def load_demo(spec: BenchmarkSpec) -> LoadedBenchmark:
         image_field = record.get("image")
         paths = [] if image_field is None else [image_field] if isinstance(image_field, str) else image_field
         try:
+            if not isinstance(paths, list):
+                raise SampleError(item_id, "malformed", 'key "image" must be a path or a list of paths')
             for rel in paths:
-                uri = join(root, rel)
-                try:
-                    data = _read_bytes(uri, "image")
-                except FileNotFoundError as exc:
-                    raise SampleError(item_id, "missing_image", f"{uri} not found; check image_root") from exc
+                uri = DatasetRoots(root).resolve(rel, item_id)
+                data = read_bounded(uri, max_bytes=DEFAULT_LIMITS.max_file_bytes, source=item_id)
                 _check_image(data, uri)
                 images.append(data)
         except SampleError as exc:
@@ -361,7 +374,7 @@ def load_tsv(spec: BenchmarkSpec) -> LoadedBenchmark:
         BenchmarkError: a required column is missing, or no usable row.
     """
     loaded = LoadedBenchmark(spec)
-    text = _read_bytes(spec.path, "benchmark file").decode("utf-8-sig")
+    text = _read_text(spec, "utf-8-sig")
     columns, rows = _tsv_rows(text, spec.path)
     option_columns = [c for c in OPTION_LETTERS if c in columns]
     has_images = "image" in columns

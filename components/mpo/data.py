@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from vlpipe.components.training.config import PairDataConfig
 from vlpipe.components.training.records import RecordFile, default_image_root, read_records
 from vlpipe.model.conversation import ConversationEncoder, EncodedSample
+from vlpipe.model.files import DatasetRoots
 from vlpipe.model.image import ImageProcessingConfig, load_image, process_image
-from vlpipe.model.storage import join
 
 DATASET = "mpo_pairs"
 
@@ -68,7 +68,8 @@ class PairEncoder:
         sample_id = f"{DATASET}:{self.records.lines[index]}"
         pixels, tiles, prompt = None, [], record["question"]
         if record.get("image"):
-            image = load_image(join(self.image_root, record["image"]), max_pixels=self.image_cfg.max_pixels)
+            location = DatasetRoots(self.image_root).resolve(record["image"], sample_id)
+            image = load_image(location, max_pixels=self.image_cfg.max_pixels)
             pixels = process_image(image, self.image_cfg)
             tiles = [pixels.shape[0]]
             if "<image>" not in prompt:

@@ -181,10 +181,11 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
     from vlpipe.model.conversation import ConversationEncoder
     from vlpipe.model.data.reasoning import extract_answer
     from vlpipe.model.errors import SampleError
+    from vlpipe.model.files import DatasetRoots
     from vlpipe.model.generate import generate
     from vlpipe.model.image import load_image
     from vlpipe.model.prompt import generation_prompt
-    from vlpipe.model.storage import filesystem, join
+    from vlpipe.model.storage import filesystem
     from vlpipe.model.tokenizer import IM_END
     from vlpipe.objectives.prm import split_steps
 
@@ -216,7 +217,8 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
             batch, prompts = [], []
             for record in records[start : start + config.batch_items]:
                 try:
-                    image = load_image(join(root, record["image"]), max_pixels=policy.image_cfg.max_pixels)
+                    location = DatasetRoots(root).resolve(record["image"], str(record.get("id")))
+                    image = load_image(location, max_pixels=policy.image_cfg.max_pixels)
                     turns = [("human", "<image>\n" + record["question"])]
                     prompt = generation_prompt(
                         encoder, policy, turns, [image], sample_id=str(record.get("id"))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vlpipe.model.data.meta import Quarantine
-from vlpipe.model.storage import filesystem, is_remote, join
+from vlpipe.model.files import DEFAULT_LIMITS, JsonlReader, NotRegularFileError, ReadLimits
+from vlpipe.model.storage import is_remote, join
 
 
 def default_image_root(jsonl_uri: str) -> str:
@@ -40,12 +39,23 @@ class RecordFile:
         }
 
 
+def _validate(validate: Callable[[dict], str | None], value: object) -> str | None:
+    if not isinstance(value, dict):
+        return "each line must be a JSON object"
+    try:
+        return validate(value)
+    except (TypeError, AttributeError, KeyError) as exc:
+        # A validator written for the right types meeting a wrong one: still this record's fault.
+        return f"a key has the wrong type ({type(exc).__name__}: {str(exc)[:120]})"
+
+
 def read_records(
     uri: str,
     name: str,
     validate: Callable[[dict], str | None],
     max_bad_fraction: float,
     storage_options: dict | None = None,
+    limits: ReadLimits = DEFAULT_LIMITS,
 ) -> RecordFile:
     """Read a JSONL file; lines that are not JSON objects or that `validate` rejects go to the quarantine.
 
@@ -55,36 +65,34 @@ def read_records(
         validate: returns None for a good record, else the reason (e.g. "missing key 'chosen'").
         max_bad_fraction: raise when more than this share of lines is bad.
         storage_options: fsspec options.
+        limits: the per-line byte limit (longer lines are quarantined as `line_too_long`, never held whole).
 
     Raises:
         FileNotFoundError: when the file does not exist.
         ValueError: when the file has no good record, or too many bad ones (the message gives the counts).
     """
-    fs, path = filesystem(uri, storage_options)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{name}: {uri} does not exist")
-    with fs.open(path, "rb") as f:
-        raw = f.read()
-    text = raw.decode("utf-8", errors="replace")
-    out = RecordFile(uri, [], [], sha256=hashlib.sha256(raw).hexdigest())
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        out.total_lines += 1
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            out.quarantine.add(name, number, "malformed_json", str(exc))
-            continue
-        reason = validate(record) if isinstance(record, dict) else "each line must be a JSON object"
-        if reason:
-            out.quarantine.add(name, number, "invalid_record", reason)
-            continue
-        out.records.append(record)
-        out.lines.append(number)
+    reader = JsonlReader(uri, name, limits, storage_options)
+    out = RecordFile(uri, [], [])
+    try:
+        for line in reader:
+            if line.error is not None:
+                out.quarantine.add(name, line.number, line.error.reason, line.error.detail)
+                continue
+            reason = _validate(validate, line.value)
+            if reason:
+                out.quarantine.add(name, line.number, "invalid_record", reason)
+                continue
+            out.records.append(line.value)
+            out.lines.append(line.number)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{name}: {uri} does not exist") from exc
+    except NotRegularFileError as exc:
+        raise ValueError(f"{name}: {exc}; point at a JSONL file") from exc
+    out.total_lines, out.sha256 = reader.lines, reader.sha256
     if not out.records:
         raise ValueError(
-            f"{name}: {uri} has no usable record ({out.total_lines} lines, {len(out.quarantine)} bad)"
+            f"{name}: {uri} has no usable record ({out.total_lines} lines, {len(out.quarantine)} bad: "
+            f"{out.quarantine.summary() or 'the file is empty'})"
         )
     out.quarantine.check(out.total_lines, max_bad_fraction)
     return out

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vlpipe.model.data.mixing import MixtureConfig
+from vlpipe.model.files import ReadLimits
 
 LabelMode = Literal["sft", "pretrain"]
 """Which tokens carry the loss: assistant replies ("sft") or every text token ("pretrain")."""
@@ -25,6 +26,10 @@ class DataConfig(BaseModel):
         default=True, description="JPEG augmentation where the dataset's data_augment is on."
     )
     v2pe_training: bool = Field(default=True, description="Draw V2PE δ per image (else δ = 1).")
+    limits: ReadLimits = Field(
+        default=ReadLimits(),
+        description="Read limits per image file and per JSONL line (hostile-data bounds).",
+    )
 
 
 class PackingConfig(BaseModel):

@@ -13,7 +13,6 @@ import random
 from collections.abc import Iterator
 
 import torch
-from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from vlpipe.model.conversation import ConversationEncoder, EncodedSample, image_list
@@ -21,8 +20,7 @@ from vlpipe.model.data.config import DataConfig
 from vlpipe.model.data.meta import Dataset, MetaFile, Quarantine, load_meta, read_dataset
 from vlpipe.model.data.mixing import MixedStream, MixItem, MixtureStats
 from vlpipe.model.errors import SampleError
-from vlpipe.model.image import ImageProcessingConfig, load_image, num_tiles, process_image
-from vlpipe.model.storage import filesystem
+from vlpipe.model.image import ImageProcessingConfig, image_size, load_image, num_tiles, process_image
 
 log = logging.getLogger(__name__)
 # Skips are only judged against max_bad_fraction once this many samples were seen (one bad sample out of
@@ -60,7 +58,7 @@ class MixtureLoader:
         self.meta: MetaFile = load_meta(config.meta, storage_options=storage_options)
         self.quarantine = Quarantine()
         self.datasets: list[Dataset] = [
-            read_dataset(name, spec, self.quarantine, storage_options=storage_options)
+            read_dataset(name, spec, self.quarantine, storage_options=storage_options, limits=config.limits)
             for name, spec in self.meta.datasets.items()
         ]
         self.by_name = {d.name: d for d in self.datasets}
@@ -72,7 +70,8 @@ class MixtureLoader:
         lines = sum(len(d.lines) for d in self.datasets) + self._read_skips
         self.quarantine.check(lines, config.mixture.max_bad_fraction)
         self.processed = 0  # stream items tried, good or bad
-        self.bad_items = 0
+        self.bad_items = 0  # stream items that were bad (a record drawn twice counts twice)
+        self._bad_records: set[tuple[str, int]] = set()
 
     # -- per-sample work ------------------------------------------------------------------------------------
     def _image_cfg(self, dataset: Dataset) -> ImageProcessingConfig:
@@ -82,16 +81,21 @@ class MixtureLoader:
         return self.image_cfg.model_copy(update={"max_tiles": max_tiles})
 
     def _estimate_tokens(self, dataset: Dataset, record: dict) -> int:
-        """Token count of a record from image headers only (no decoding); bad records count as 0."""
+        """Token count of a record from image headers only (no decoding); bad records count as 0.
+
+        Paths are checked against the dataset's roots first: a path outside them is never opened here, and
+        the record is quarantined with its reason when the mixer draws it.
+        """
         cfg = self._image_cfg(dataset)
         tiles = []
+        source = str(record.get("id"))
         try:
             for rel in image_list(record):
-                fs, path = filesystem(dataset.image_uri(rel), self.storage_options)
-                with fs.open(path, "rb") as f, Image.open(f) as probe:
-                    tiles.append(num_tiles(probe.width, probe.height, cfg))
+                uri = dataset.image_uri(rel, source)
+                width, height = image_size(uri, source=source, storage_options=self.storage_options)
+                tiles.append(num_tiles(width, height, cfg))
             return len(self.encoder.encode(record, tiles))
-        except (SampleError, OSError, ValueError):
+        except SampleError:
             return 0
 
     def encode(self, item: MixItem) -> EncodedSample:
@@ -105,14 +109,17 @@ class MixtureLoader:
         rng = random.Random(f"vlpipe-sample:{self.config.mixture.seed}:{item.index}")
         cfg = self._image_cfg(dataset)
         augment = self.config.augment and dataset.spec.data_augment
+        sample_id = f"{dataset.name}:{dataset.lines[item.record_index]}"
         tiles = []
         for rel in image_list(record):
             image = load_image(
-                dataset.image_uri(rel), max_pixels=cfg.max_pixels, storage_options=self.storage_options
+                dataset.image_uri(rel, sample_id),
+                max_pixels=cfg.max_pixels,
+                max_bytes=self.config.limits.max_file_bytes,
+                storage_options=self.storage_options,
             )
             tiles.append(process_image(image, cfg, augment=augment, rng=rng))
         deltas = self.encoder.training_deltas(len(tiles), rng) if self.config.v2pe_training else 1.0
-        sample_id = f"{dataset.name}:{dataset.lines[item.record_index]}"
         pixels = None
         if tiles:
             pixels = torch.cat(tiles)
@@ -127,8 +134,12 @@ class MixtureLoader:
             try:
                 sample = self.encode(item)
             except SampleError as exc:
-                dataset = self.by_name[item.dataset]
-                self.quarantine.add(item.dataset, dataset.lines[item.record_index], exc.reason, exc.detail)
+                line = self.by_name[item.dataset].lines[item.record_index]
+                # A bad record drawn again (next epoch, repeat_time > 1) is one quarantine entry, not one per
+                # visit; the bad fraction below still weighs every visit.
+                if (item.dataset, line) not in self._bad_records:
+                    self._bad_records.add((item.dataset, line))
+                    self.quarantine.add(item.dataset, line, exc.reason, exc.detail)
                 self.bad_items += 1
                 if self.processed >= MIN_SEEN_FOR_BAD_FRACTION:
                     self.quarantine.check(
@@ -164,3 +175,4 @@ class MixtureLoader:
         self.stats = MixtureStats(dict(state["samples"]), dict(state["tokens"]))
         self.processed, self.bad_items = int(state["processed"]), int(state["bad_items"])
         self.quarantine.entries = self.quarantine.entries[: self._read_skips] + list(state["quarantine"])
+        self._bad_records = {(e["dataset"], e["line"]) for e in state["quarantine"]}

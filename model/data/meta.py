@@ -9,12 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vlpipe.model.storage import filesystem, join
+from vlpipe.model.conversation import check_record
+from vlpipe.model.errors import SampleError
+from vlpipe.model.files import (
+    DEFAULT_LIMITS,
+    DatasetRoots,
+    JsonlReader,
+    NotRegularFileError,
+    ReadLimits,
+    open_regular,
+)
+from vlpipe.model.storage import is_remote
+
+MAX_META_BYTES = 16 * 1024 * 1024
 
 
 class DatasetSpec(BaseModel):
@@ -22,7 +36,15 @@ class DatasetSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    root: str = Field(default="", description="Image root (local path or s3:// URL); empty for pure text.")
+    root: str | None = Field(
+        default="",
+        description="Image root (local path or s3:// URL); null or empty: the annotation file's directory.",
+    )
+    allowed_roots: tuple[str, ...] = Field(
+        default=(),
+        description="Further directories (or s3:// prefixes) record paths may resolve into (absolute paths, "
+        "symlinks); everything else outside the root is quarantined as outside_root.",
+    )
     annotation: str = Field(min_length=1, description="JSONL annotation file (local path or s3:// URL).")
     repeat_time: float = Field(default=1.0, gt=0, description="Times per epoch; fractional takes a subset.")
     length: int | None = Field(default=None, ge=0, description="Number of lines, checked when read.")
@@ -51,15 +73,19 @@ def load_meta(uri: str, *, storage_options: dict | None = None) -> MetaFile:
         MetaError: naming the dataset and key that is wrong, or the file when it is not a JSON object.
         FileNotFoundError: when the file does not exist.
     """
-    fs, path = filesystem(uri, storage_options)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"meta file {uri} does not exist")
-    with fs.open(path, "rb") as f:
-        raw = f.read()
     try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise MetaError(f"{uri}: not valid JSON ({exc})") from exc
+        with open_regular(uri, storage_options=storage_options) as f:
+            raw = f.read(MAX_META_BYTES + 1)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"meta file {uri} does not exist") from exc
+    except NotRegularFileError as exc:
+        raise MetaError(f"meta file {exc}; point at a JSON file") from exc
+    if len(raw) > MAX_META_BYTES:
+        raise MetaError(f"{uri}: larger than {MAX_META_BYTES} bytes; a meta file lists datasets, not records")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MetaError(f"{uri}: not valid JSON in UTF-8 ({exc})") from exc
     if not isinstance(data, dict) or not data:
         raise MetaError(f"{uri}: expected a non-empty JSON object mapping dataset names to specs")
     datasets = {}
@@ -115,8 +141,20 @@ class Quarantine:
         if seen and bad / seen > max_bad_fraction:
             raise ValueError(
                 f"{bad} of {seen} samples were bad ({bad / seen:.1%} > "
-                f"max_bad_fraction {max_bad_fraction:.1%}): {self.counts}. Fix the data or raise max_bad_fraction."
+                f"max_bad_fraction {max_bad_fraction:.1%}): {self.summary()}. "
+                "Fix the data or raise max_bad_fraction."
             )
+
+    def summary(self, top: int = 3) -> str:
+        """The most frequent reasons with their counts and one example each (file line and detail)."""
+        counts = Counter(f"{e['dataset']}/{e['reason']}" for e in self.entries)
+        parts = []
+        for key, n in counts.most_common(top):
+            first = next(e for e in self.entries if f"{e['dataset']}/{e['reason']}" == key)
+            parts.append(f"{key} x{n} (e.g. line {first['line']}: {first['detail'][:160]})")
+        if len(counts) > top:
+            parts.append(f"and {len(counts) - top} more reasons")
+        return "; ".join(parts)
 
 
 @dataclass
@@ -133,46 +171,66 @@ class Dataset:
     def is_multimodal(self) -> bool:
         return any("image" in r for r in self.records)
 
-    def image_uri(self, relative: str) -> str:
-        return join(self.spec.root, relative) if self.spec.root else relative
+    @property
+    def roots(self) -> DatasetRoots:
+        """Where this dataset's records may point (its root, else the annotation's directory, + allowed)."""
+        return DatasetRoots(self.spec.root or annotation_dir(self.spec.annotation), self.spec.allowed_roots)
+
+    def image_uri(self, relative: object, source: str | None = None) -> str:
+        """The checked location of a record's image.
+
+        Raises:
+            SampleError: `outside_root` or `malformed` (see `DatasetRoots.resolve`).
+        """
+        return self.roots.resolve(relative, source or self.name)
+
+
+def annotation_dir(annotation: str) -> str:
+    """The directory of an annotation file (local path or URL)."""
+    if is_remote(annotation):
+        return posixpath.dirname(annotation.rstrip("/"))
+    return os.path.dirname(os.path.abspath(annotation))
 
 
 def read_dataset(
-    name: str, spec: DatasetSpec, quarantine: Quarantine, *, storage_options: dict | None = None
+    name: str,
+    spec: DatasetSpec,
+    quarantine: Quarantine,
+    *,
+    storage_options: dict | None = None,
+    limits: ReadLimits = DEFAULT_LIMITS,
 ) -> Dataset:
-    """Read a dataset's JSONL annotation; malformed lines go to `quarantine` (reason `malformed_json`).
+    """Read a dataset's JSONL annotation, streaming; each bad line goes to `quarantine` with its reason.
+
+    Reasons: `malformed_json`, `bad_encoding` (invalid UTF-8), `line_too_long` (above `limits.max_line_bytes`;
+    skipped without being held in memory) and `malformed` (not a conversation record; the key is named).
 
     Raises:
         FileNotFoundError: when the annotation file does not exist (a meta file error, not bad data).
-        MetaError: when `length` is given and differs from the number of non-empty lines.
+        MetaError: when the annotation is not a regular file, or `length` is given and differs from the
+            number of non-empty lines.
     """
-    fs, path = filesystem(spec.annotation, storage_options)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"dataset {name!r}: annotation {spec.annotation} does not exist")
-    with fs.open(path, "rb") as f:
-        raw = f.read()
+    reader = JsonlReader(spec.annotation, name, limits, storage_options)
     records, lines = [], []
-    n_lines = 0
-    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        n_lines += 1
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            quarantine.add(name, number, "malformed_json", str(exc))
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-            quarantine.add(
-                name, number, "malformed", 'each line must be an object with a "conversations" list'
-            )
-            continue
-        record.setdefault("id", f"{name}:{number}")
-        records.append(record)
-        lines.append(number)
-    if spec.length is not None and spec.length != n_lines:
+    try:
+        for line in reader:
+            try:
+                if line.error is not None:
+                    raise line.error
+                record = check_record(line.value, f"{name}:{line.number}")
+            except SampleError as exc:
+                quarantine.add(name, line.number, exc.reason, exc.detail)
+                continue
+            record.setdefault("id", f"{name}:{line.number}")
+            records.append(record)
+            lines.append(line.number)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"dataset {name!r}: annotation {spec.annotation} does not exist") from exc
+    except NotRegularFileError as exc:
+        raise MetaError(f"dataset {name!r}: annotation {exc}; point at a JSONL file") from exc
+    if spec.length is not None and spec.length != reader.lines:
         raise MetaError(
-            f"dataset {name!r}: meta says length {spec.length} but {spec.annotation} has {n_lines} lines; "
+            f"dataset {name!r}: meta says length {spec.length} but {spec.annotation} has {reader.lines} lines; "
             "fix the key 'length'"
         )
-    return Dataset(name, spec, records, lines, hashlib.sha256(raw).hexdigest())
+    return Dataset(name, spec, records, lines, reader.sha256)
