@@ -21,13 +21,17 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from vlpipe.model.errors import SampleError
+from vlpipe.model.record import ROLES as _ROLES
+from vlpipe.model.record import describe as _describe
+from vlpipe.model.record import image_list
+
+__all__ = ["ConversationEncoder", "EncodedSample", "image_list", "normalise_turns"]
 from vlpipe.model.tokenizer import IM_END, IM_START, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from vlpipe.model.v2pe import TRAINING_DELTAS, sample_deltas, v2pe_position_ids
 
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 LabelMode = Literal["sft", "pretrain"]
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 @dataclass
@@ -48,68 +52,6 @@ class EncodedSample:
     def num_supervised(self) -> int:
         """Number of tokens that carry loss."""
         return int((self.labels != IGNORE_INDEX).sum())
-
-
-def image_list(record: dict) -> list[str]:
-    """The record's image paths as a list ([] for pure text).
-
-    Raises:
-        SampleError: `malformed` when "image" is neither a path nor a list of paths.
-    """
-    image = record.get("image")
-    if image is None:
-        return []
-    if isinstance(image, str):
-        return [image]
-    if isinstance(image, list) and all(isinstance(i, str) and i for i in image):
-        return list(image)
-    raise SampleError(
-        str(record.get("id", "<no id>")),
-        "malformed",
-        f'key "image" must be a path or a list of paths, got {_describe(image)}',
-    )
-
-
-def _describe(value: object) -> str:
-    """A short, safe description of a wrong value for an error message (type and a clipped repr)."""
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
-
-
-def check_record(record: object, sample_id: str) -> dict:
-    """Check a conversation record's shape before anything uses it.
-
-    Returns:
-        the record (a dict).
-
-    Raises:
-        SampleError: `malformed`, naming the key that is wrong and what it must be.
-    """
-    if not isinstance(record, dict):
-        raise SampleError(sample_id, "malformed", f"a record must be a JSON object, got {_describe(record)}")
-    turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise SampleError(sample_id, "malformed", 'key "conversations" must be a non-empty list of turns')
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise SampleError(sample_id, "malformed", f"conversations[{i}] must be an object with from/value")
-        role, value = turn.get("from"), turn.get("value")
-        if not isinstance(role, str) or role not in _ROLES:
-            raise SampleError(
-                sample_id,
-                "malformed",
-                f"conversations[{i}].from must be one of {sorted(_ROLES)}, got {_describe(role)}",
-            )
-        if not isinstance(value, str):
-            raise SampleError(
-                sample_id, "malformed", f"conversations[{i}].value must be a string, got {_describe(value)}"
-            )
-    if "id" in record and not isinstance(record["id"], str | int):
-        raise SampleError(
-            sample_id, "malformed", f'key "id" must be a string or integer, got {_describe(record["id"])}'
-        )
-    image_list({**record, "id": sample_id})
-    return record
 
 
 def normalise_turns(record: dict, sample_id: str) -> list[tuple[str, str]]:

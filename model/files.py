@@ -42,6 +42,9 @@ class ReadLimits(BaseModel):
     max_file_bytes: int = Field(
         default=64 * MiB, gt=0, description="Largest image file read; larger files are `file_too_large`."
     )
+    max_video_bytes: int = Field(
+        default=1024 * MiB, gt=0, description="Largest video file read; larger files are `file_too_large`."
+    )
     max_line_bytes: int = Field(
         default=8 * MiB, gt=0, description="Longest JSONL line parsed; longer lines are `line_too_long`."
     )
@@ -173,6 +176,16 @@ def read_bounded(
     return data
 
 
+def check_size(f, max_bytes: int, location: str, source: str) -> None:
+    """Refuse an open file (from `open_regular`) larger than `max_bytes` before reading it.
+
+    Raises:
+        SampleError: `file_too_large`.
+    """
+    size = os.fstat(f.fileno()).st_size if hasattr(f, "fileno") and not is_remote(location) else f.size
+    _check_size(int(size or 0), max_bytes, location, source)
+
+
 def _check_size(size: int, max_bytes: int, path: str, source: str) -> None:
     if size > max_bytes:
         raise SampleError(
@@ -267,21 +280,9 @@ class JsonlReader:
 
     def _parse(self, number: int, raw: bytes) -> JsonlLine:
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return JsonlLine(
-                number,
-                error=self._error(
-                    number, "bad_encoding", f"invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8"
-                ),
-            )
-        try:
-            return JsonlLine(number, value=json.loads(text, parse_constant=_refuse_constant))
-        except (json.JSONDecodeError, ValueError, RecursionError) as exc:
-            detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-            return JsonlLine(
-                number, error=self._error(number, "malformed_json", f"not valid JSON ({detail})")
-            )
+            return JsonlLine(number, value=parse_json_line(raw, f"{self.name}:{number}"))
+        except SampleError as exc:
+            return JsonlLine(number, error=exc)
 
 
 def _bounded_lines(f, cap: int, digest) -> Iterator[tuple[int, bytes | None, int]]:
@@ -316,6 +317,28 @@ def _bounded_lines(f, cap: int, digest) -> Iterator[tuple[int, bytes | None, int
 
 def _too_long(size: int, cap: int) -> str:
     return f"line has {size} bytes, above max_line_bytes {cap}; split the record or raise max_line_bytes"
+
+
+def parse_json_line(raw: bytes, sample_id: str) -> object:
+    """One JSONL line → its value.
+
+    Raises:
+        SampleError: `bad_encoding` (invalid UTF-8, never replaced) or `malformed_json` (including NaN/Infinity).
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SampleError(
+            sample_id, "bad_encoding", f"invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8"
+        ) from exc
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise SampleError(
+            sample_id, "malformed_json", f"not valid JSON ({exc.msg} at column {exc.colno})"
+        ) from exc
+    except (ValueError, RecursionError) as exc:
+        raise SampleError(sample_id, "malformed_json", f"not valid JSON ({str(exc)[:100]})") from exc
 
 
 def _refuse_constant(name: str) -> float:

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vlpipe.model.errors import SampleError
-from vlpipe.model.files import DEFAULT_LIMITS, NotRegularFileError, open_regular, read_bounded
+from vlpipe.model.files import DEFAULT_LIMITS, NotRegularFileError, check_size, open_regular, read_bounded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -160,6 +160,21 @@ def process_image(
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
 
+def per_image_config(
+    cfg: ImageProcessingConfig, num_images: int, rule: str = "divide"
+) -> ImageProcessingConfig:
+    """The tiling settings for each image of a record with `num_images` images.
+
+    `divide` (InternVL's rule, the default) gives each image `max(1, max_tiles // num_images)` tiles, so a
+    multi-image record costs about as many visual tokens as a single-image one; `full` gives every image
+    `max_tiles`.
+    """
+    if rule == "full" or num_images <= 1:
+        return cfg
+    budget = max(1, cfg.max_tiles // num_images)
+    return cfg.model_copy(update={"max_tiles": budget, "min_tiles": min(cfg.min_tiles, budget)})
+
+
 def num_tiles(width: int, height: int, cfg: ImageProcessingConfig) -> int:
     """How many tiles `process_image` makes for an image of this size (without decoding it)."""
     cols, rows = tile_grid(width, height, cfg.tile_size, cfg.min_tiles, cfg.max_tiles)
@@ -220,20 +235,30 @@ def load_image(
     return decode_image(data, source=uri, max_pixels=max_pixels)
 
 
-def image_size(uri: str, *, source: str, storage_options: dict | None = None) -> tuple[int, int]:
+def image_size(
+    uri: str,
+    *,
+    source: str,
+    max_bytes: int = DEFAULT_LIMITS.max_file_bytes,
+    storage_options: dict | None = None,
+) -> tuple[int, int]:
     """(width, height) of an image file from its header, without decoding the pixels.
 
     Raises:
-        SampleError: `missing_image`, `not_a_file` or `corrupt_image`; never PIL's decompression-bomb error
-            (the size is what the caller checks).
+        SampleError: `missing_image`, `not_a_file`, `file_too_large` (as `load_image` would) or
+            `corrupt_image`; a decompression bomb is `image_too_large`.
     """
     try:
-        with open_regular(uri, storage_options=storage_options) as f, Image.open(f) as probe:
-            return probe.size
+        with open_regular(uri, storage_options=storage_options) as f:
+            check_size(f, max_bytes, uri, source)
+            with Image.open(f) as probe:
+                return probe.size
     except FileNotFoundError as exc:
         raise SampleError(
             source, "missing_image", f"{uri} not found; check the dataset root and path"
         ) from exc
+    except SampleError:
+        raise
     except NotRegularFileError as exc:
         raise SampleError(source, "not_a_file", str(exc)) from exc
     except Image.DecompressionBombError as exc:

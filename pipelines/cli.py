@@ -124,6 +124,86 @@ def data_demo(
     console.print_json(summary.model_dump_json())
 
 
+@data_app.command("check")
+def data_check(
+    source: str = typer.Argument(..., help="A meta JSON (or a single JSONL), local or s3://."),
+    mode: str = typer.Option(..., help="pretrain, sft (conversations), mpo (pairs) or prm (step records)."),
+    checkpoint: str = typer.Option(None, help="Checkpoint directory whose tokenizer and tiling to use."),
+    preset: str = typer.Option(None, help="Or a preset (stand-in tokenizer: approximate token counts)."),
+    limit: int = typer.Option(None, help="Read at most this many records per dataset."),
+    image_root: str = typer.Option(None, help="For a single JSONL: the directory its image paths are under."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the report to this JSON file."),
+    samples: bool = typer.Option(False, help="Add one row per record (dataset, line, id, tokens, tiles)."),
+    max_bad_fraction: float = typer.Option(0.05, help="Exit non-zero when more than this share is bad."),
+) -> None:
+    """Read every record as training would and report counts, reasons and distributions."""
+    from vlpipe.components.data.check import check_conversations, check_records, vocabulary_from
+
+    if mode not in ("pretrain", "sft", "mpo", "prm"):
+        console.print(f"[red]error:[/red] --mode must be pretrain, sft, mpo or prm, not {mode!r}")
+        raise typer.Exit(2)
+    try:
+        if mode in ("mpo", "prm"):
+            report = check_records(source, mode, limit=limit)
+        else:
+            vocab = vocabulary_from(checkpoint, preset)
+            report = check_conversations(
+                source, mode, vocab, limit=limit, samples=samples, image_root=image_root, progress=True
+            )
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    _print_data_report(report)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2))
+        console.print(f"wrote {json_out}")
+    if report["bad_fraction"] > max_bad_fraction:
+        console.print(
+            f"[red]{report['bad_fraction']:.1%} of the records are bad, above --max-bad-fraction "
+            f"{max_bad_fraction:.1%}[/red]"
+        )
+        raise typer.Exit(1)
+
+
+def _print_data_report(report: dict) -> None:
+    table = Table(title=f"{report['source']} ({report['mode']})")
+    for column in (
+        "dataset",
+        "records",
+        "usable",
+        "quarantined",
+        "tokens p50/p95/max",
+        "tiles/image p50/max",
+    ):
+        table.add_column(column, justify="left" if column == "dataset" else "right", no_wrap=True)
+    for name, d in report.get("datasets", {}).items():
+        tokens, tiles = d.get("tokens", {}), d.get("tiles_per_image", {})
+        table.add_row(
+            name,
+            str(d["records"]),
+            str(d["usable"]),
+            str(d["quarantined"]),
+            f"{tokens.get('p50', '-')}/{tokens.get('p95', '-')}/{tokens.get('max', '-')}",
+            f"{tiles.get('p50', '-')}/{tiles.get('max', '-')}",
+        )
+    console.print(table)
+    for name, d in report.get("datasets", {}).items():
+        for reason, slot in d.get("reasons", {}).items():
+            first = slot["examples"][0]
+            console.print(
+                f"  {name}/{reason}: {slot['count']} (e.g. line {first['line']}: {first['detail']})"
+            )
+    if "mixture" in report:
+        mix = report["mixture"]
+        console.print(
+            f"mixture: ~{mix['estimated_epoch_tokens']} tokens per epoch, language share {mix['language_share']}"
+            f" (language:multimodal {mix['language_to_multimodal']})"
+        )
+    if "error" in report:
+        console.print(f"[red]{report['error']}[/red]")
+
+
 @app.command("train", context_settings={"allow_extra_args": False})
 def train(
     stage: str = typer.Argument(..., help="A training stage of the stage table: pretrain, sft, mpo or prm."),

@@ -27,7 +27,7 @@ def conversation_texts(meta_uri: str) -> Iterator[str]:
 
     meta = load_meta(meta_uri)
     for name, spec in meta.datasets.items():
-        for record in read_dataset(name, spec, Quarantine()).records:
+        for record in read_dataset(name, spec, Quarantine()).scan(Quarantine()):
             for turn in record["conversations"]:
                 value = str(turn.get("value", ""))
                 yield value.replace("<image>\n", "").replace("<image>", "")

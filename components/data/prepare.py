@@ -65,10 +65,12 @@ def validate_files(files: dict[str, str]) -> dict[str, Any]:
             if name in datasets:
                 continue
             dataset = read_dataset(name, spec, quarantine)
+            usable = sum(1 for _ in dataset.scan(quarantine))  # every record parsed and checked once, here
+            dataset.close()
             datasets[name] = {
                 "annotation": spec.annotation,
                 "sha256": dataset.sha256,
-                "records": len(dataset.records),
+                "records": usable,
                 "modality": "multimodal" if dataset.is_multimodal else "language",
                 "meta": meta_name,
             }

@@ -92,6 +92,7 @@ class BenchmarkItem:
         answer: the reference answer in canonical form (see the module docstring).
         kind: which extraction rule applies.
         images: encoded image bytes, in order (empty for a text-only item).
+        frames: the images are a video's sampled frames (one tile each, `Frame{i}: <image>` lines).
         options: (letter, text) pairs of a multiple-choice item.
         raw_answer: the reference as written in the file.
     """
@@ -102,12 +103,19 @@ class BenchmarkItem:
     answer: str
     kind: ItemKind
     images: tuple[bytes, ...] = ()
+    frames: bool = False
     options: tuple[tuple[str, str], ...] = ()
     raw_answer: str = ""
 
     @property
     def prompt_text(self) -> str:
-        """The user turn: one `<image>` placeholder line per image, then the question."""
+        """The user turn: one `<image>` placeholder line per image (`Frame{i}: <image>` per video frame), then
+        the question."""
+        if self.frames:
+            return (
+                "".join(f"Frame{i + 1}: {IMAGE_PLACEHOLDER}\n" for i in range(len(self.images)))
+                + self.question
+            )
         return f"{IMAGE_PLACEHOLDER}\n" * len(self.images) + self.question
 
     def extract(self, text: str) -> str | None:
@@ -237,6 +245,35 @@ def _read_text(spec: BenchmarkSpec, encoding: str) -> str:
         ) from exc
 
 
+def _video_frames(spec: BenchmarkSpec, root: str, video: object, item_id: str) -> list[bytes]:
+    """The evaluation frames of a row's video (segment middles, `spec.video_frames` of them) as PNG bytes.
+
+    Raises:
+        SampleError: as `vlpipe.model.video.read_video_frames`, or `outside_root`.
+    """
+    import random
+
+    from vlpipe.model.image import DEFAULT_MAX_PIXELS
+    from vlpipe.model.video import read_video_frames
+
+    roots = DatasetRoots(root)
+    frames = read_video_frames(
+        roots.resolve(video, item_id),
+        sample_id=item_id,
+        num_frames=spec.video_frames,
+        sampling="middle",
+        rng=random.Random(0),  # unused by "middle": evaluation frames are deterministic
+        root_check=lambda location: roots.resolve(location, item_id),
+        max_pixels=DEFAULT_MAX_PIXELS,
+    )
+    out = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        frame.save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
 def _demo_image_root(spec: BenchmarkSpec) -> str:
     if spec.image_root is not None:
         return spec.image_root
@@ -289,7 +326,11 @@ def load_demo(spec: BenchmarkSpec) -> LoadedBenchmark:
         images: list[bytes] = []
         image_field = record.get("image")
         paths = [] if image_field is None else [image_field] if isinstance(image_field, str) else image_field
+        video = record.get("video")
         try:
+            if video is not None:
+                images = _video_frames(spec, root, video, item_id)
+                paths = []
             if not isinstance(paths, list):
                 raise SampleError(item_id, "malformed", 'key "image" must be a path or a list of paths')
             for rel in paths:
@@ -308,6 +349,7 @@ def load_demo(spec: BenchmarkSpec) -> LoadedBenchmark:
                 answer=str(answer).strip(),
                 kind="demo",
                 images=tuple(images),
+                frames=video is not None,
                 raw_answer=str(answer),
             )
         )

@@ -44,6 +44,7 @@ class BenchmarkSpec(BaseModel):
     format: BenchmarkFormat
     image_root: str | None = None
     limit: int | None = Field(default=None, gt=0)
+    video_frames: int = Field(default=8, ge=1, le=64, description="Frames sampled from a row's video.")
 
     @model_validator(mode="after")
     def _check(self) -> Self:

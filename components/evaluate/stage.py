@@ -106,11 +106,13 @@ def prepare_item(
         decode_image(data, source=f"{item.benchmark}:{item.item_id} image {i}")
         for i, data in enumerate(item.images)
     ]
-    prompt = generation_prompt(encoder, policy, [("human", item.prompt_text)], images, sample_id=item.item_id)
+    prompt = generation_prompt(
+        encoder, policy, [("human", item.prompt_text)], images, sample_id=item.item_id, frames=item.frames
+    )
     if prm is policy:
         prm_tiles, prm_pixels = prompt.num_tiles, prompt.pixel_values
     else:
-        prm_tiles, prm_pixels = image_pixels(images, prm.image_cfg)
+        prm_tiles, prm_pixels = image_pixels(images, prm.image_cfg, frames=item.frames)
     return PreparedItem(item, prompt, prm_tiles, prm_pixels)
 
 

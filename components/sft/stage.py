@@ -250,10 +250,10 @@ def _to_device(inputs: dict[str, Any], device: torch.device, dtype: torch.dtype)
 def _units_per_epoch(loader: MixtureLoader, cfg: Any) -> float:
     """Samples (no packing) or estimated packed rows per epoch of the mixture."""
     stream = loader.stream
-    samples = sum(len(d.records) * d.spec.repeat_time for d in loader.datasets)
+    samples = sum(len(d) * d.spec.repeat_time for d in loader.datasets)
     if cfg.packing is None:
         return samples
-    tokens = sum(len(d.records) * d.spec.repeat_time * stream.mean_tokens[d.name] for d in loader.datasets)
+    tokens = sum(len(d) * d.spec.repeat_time * stream.mean_tokens[d.name] for d in loader.datasets)
     # Greedy packing fills ~95-99% of a row (measured by `make bench`); assume 95%.
     return tokens / (cfg.packing.max_tokens * 0.95)
 

@@ -26,6 +26,10 @@ class DataConfig(BaseModel):
         default=True, description="JPEG augmentation where the dataset's data_augment is on."
     )
     v2pe_training: bool = Field(default=True, description="Draw V2PE δ per image (else δ = 1).")
+    multi_image_tiles: Literal["divide", "full"] = Field(
+        default="divide",
+        description="Tiles per image of a k-image record: max(1, max_tiles // k) (InternVL) or max_tiles each.",
+    )
     limits: ReadLimits = Field(
         default=ReadLimits(),
         description="Read limits per image file and per JSONL line (hostile-data bounds).",

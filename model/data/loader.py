@@ -20,7 +20,16 @@ from vlpipe.model.data.config import DataConfig
 from vlpipe.model.data.meta import Dataset, MetaFile, Quarantine, load_meta, read_dataset
 from vlpipe.model.data.mixing import MixedStream, MixItem, MixtureStats
 from vlpipe.model.errors import SampleError
-from vlpipe.model.image import ImageProcessingConfig, image_size, load_image, num_tiles, process_image
+from vlpipe.model.image import (
+    ImageProcessingConfig,
+    image_size,
+    load_image,
+    num_tiles,
+    per_image_config,
+    process_image,
+)
+from vlpipe.model.record import video_of
+from vlpipe.model.video import frame_count, frame_tile_config, mean_frames, read_video_frames, video_record
 
 log = logging.getLogger(__name__)
 # Skips are only judged against max_bad_fraction once this many samples were seen (one bad sample out of
@@ -67,7 +76,7 @@ class MixtureLoader:
         )
         self.stats = MixtureStats.empty(self.stream.names)
         self._read_skips = len(self.quarantine)
-        lines = sum(len(d.lines) for d in self.datasets) + self._read_skips
+        lines = sum(len(d) for d in self.datasets) + self._read_skips
         self.quarantine.check(lines, config.mixture.max_bad_fraction)
         self.processed = 0  # stream items tried, good or bad
         self.bad_items = 0  # stream items that were bad (a record drawn twice counts twice)
@@ -75,12 +84,15 @@ class MixtureLoader:
 
     # -- per-sample work ------------------------------------------------------------------------------------
     def _image_cfg(self, dataset: Dataset) -> ImageProcessingConfig:
-        if dataset.spec.max_dynamic_patch is None:
-            return self.image_cfg
-        max_tiles = max(self.image_cfg.min_tiles, dataset.spec.max_dynamic_patch)
-        return self.image_cfg.model_copy(update={"max_tiles": max_tiles})
+        """The checkpoint's tiling with the meta file's per-dataset `min/max_dynamic_patch`."""
+        spec, cfg = dataset.spec, self.image_cfg
+        max_tiles = cfg.max_tiles if spec.max_dynamic_patch is None else spec.max_dynamic_patch
+        min_tiles = cfg.min_tiles if spec.min_dynamic_patch is None else spec.min_dynamic_patch
+        if (max_tiles, min_tiles) == (cfg.max_tiles, cfg.min_tiles):
+            return cfg
+        return cfg.model_copy(update={"max_tiles": max(min_tiles, max_tiles), "min_tiles": min_tiles})
 
-    def _estimate_tokens(self, dataset: Dataset, record: dict) -> int:
+    def _estimate_tokens(self, dataset: Dataset, i: int) -> int:
         """Token count of a record from image headers only (no decoding); bad records count as 0.
 
         Paths are checked against the dataset's roots first: a path outside them is never opened here, and
@@ -88,11 +100,23 @@ class MixtureLoader:
         """
         cfg = self._image_cfg(dataset)
         tiles = []
-        source = str(record.get("id"))
+        source = dataset.sample_id(i)
         try:
-            for rel in image_list(record):
+            record = dataset.record(i)
+            if video_of(record):
+                spec = dataset.spec
+                frames = mean_frames(spec.min_num_frame, spec.max_num_frame, spec.sampling_method)
+                return len(self.encoder.encode(video_record(record, frames, source), [1] * frames))
+            paths = image_list(record)
+            cfg = per_image_config(cfg, len(paths), self.config.multi_image_tiles)
+            for rel in paths:
                 uri = dataset.image_uri(rel, source)
-                width, height = image_size(uri, source=source, storage_options=self.storage_options)
+                width, height = image_size(
+                    uri,
+                    source=source,
+                    max_bytes=self.config.limits.max_file_bytes,
+                    storage_options=self.storage_options,
+                )
                 tiles.append(num_tiles(width, height, cfg))
             return len(self.encoder.encode(record, tiles))
         except SampleError:
@@ -105,13 +129,19 @@ class MixtureLoader:
             SampleError: for a bad sample (the caller quarantines it).
         """
         dataset = self.by_name[item.dataset]
-        record = dataset.records[item.record_index]
+        record = dataset.record(item.record_index)
         rng = random.Random(f"vlpipe-sample:{self.config.mixture.seed}:{item.index}")
         cfg = self._image_cfg(dataset)
         augment = self.config.augment and dataset.spec.data_augment
-        sample_id = f"{dataset.name}:{dataset.lines[item.record_index]}"
-        tiles = []
-        for rel in image_list(record):
+        sample_id = dataset.sample_id(item.record_index)
+        if video_of(record):
+            record, tiles = self._video(dataset, record, sample_id, cfg, augment, rng)
+            paths = []
+        else:
+            paths = image_list(record)
+            cfg = per_image_config(cfg, len(paths), self.config.multi_image_tiles)
+            tiles = []
+        for rel in paths:
             image = load_image(
                 dataset.image_uri(rel, sample_id),
                 max_pixels=cfg.max_pixels,
@@ -127,6 +157,32 @@ class MixtureLoader:
             record, [t.shape[0] for t in tiles], sample_id=sample_id, pixel_values=pixels, v2pe_deltas=deltas
         )
 
+    def _video(
+        self,
+        dataset: Dataset,
+        record: dict,
+        sample_id: str,
+        cfg: ImageProcessingConfig,
+        augment: bool,
+        rng: random.Random,
+    ) -> tuple[dict, list[torch.Tensor]]:
+        """A video record's sampled frames (one tile each) and the record with its `Frame{i}: <image>` lines."""
+        spec = dataset.spec
+        frames = read_video_frames(
+            dataset.image_uri(record["video"], sample_id),
+            sample_id=sample_id,
+            num_frames=frame_count(spec.min_num_frame, spec.max_num_frame, "rand", rng),
+            sampling=spec.sampling_method,
+            rng=rng,
+            root_check=lambda location: dataset.image_uri(location, sample_id),
+            max_bytes=self.config.limits.max_video_bytes,
+            max_pixels=cfg.max_pixels,
+            storage_options=self.storage_options,
+        )
+        frame_cfg = frame_tile_config(cfg)
+        tiles = [process_image(frame, frame_cfg, augment=augment, rng=rng) for frame in frames]
+        return video_record(record, len(frames), sample_id), tiles
+
     def __iter__(self) -> Iterator[EncodedSample]:
         """Endless stream of good samples; bad ones go to the quarantine."""
         for item in self.stream:
@@ -134,7 +190,7 @@ class MixtureLoader:
             try:
                 sample = self.encode(item)
             except SampleError as exc:
-                line = self.by_name[item.dataset].lines[item.record_index]
+                line = int(self.by_name[item.dataset].lines[item.record_index])
                 # A bad record drawn again (next epoch, repeat_time > 1) is one quarantine entry, not one per
                 # visit; the bad fraction below still weighs every visit.
                 if (item.dataset, line) not in self._bad_records:

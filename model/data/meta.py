@@ -11,21 +11,26 @@ import hashlib
 import json
 import os
 import posixpath
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vlpipe.model.conversation import check_record
+from vlpipe.model.data.index import AnnotationIndex, annotation_index
 from vlpipe.model.errors import SampleError
 from vlpipe.model.files import (
     DEFAULT_LIMITS,
     DatasetRoots,
-    JsonlReader,
     NotRegularFileError,
     ReadLimits,
     open_regular,
+    parse_json_line,
 )
+from vlpipe.model.record import check_record
 from vlpipe.model.storage import is_remote
 
 MAX_META_BYTES = 16 * 1024 * 1024
@@ -50,6 +55,27 @@ class DatasetSpec(BaseModel):
     length: int | None = Field(default=None, ge=0, description="Number of lines, checked when read.")
     data_augment: bool = False
     max_dynamic_patch: int | None = Field(default=None, ge=1, description="Per-dataset max_tiles override.")
+    min_dynamic_patch: int | None = Field(default=None, ge=1, description="Per-dataset min_tiles override.")
+    min_num_frame: int = Field(default=8, ge=1, description="Fewest frames sampled from a video (training).")
+    max_num_frame: int = Field(default=32, ge=1, description="Most frames sampled from a video (all frames "
+                               "in evaluation).")  # fmt: skip
+    sampling_method: Literal["rand", "middle"] = Field(
+        default="rand", description="Frame sampling in training: a random frame per segment, or its middle."
+    )
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> DatasetSpec:
+        if self.min_num_frame > self.max_num_frame:
+            raise ValueError(
+                f"min_num_frame ({self.min_num_frame}) exceeds max_num_frame ({self.max_num_frame})"
+            )
+        if (
+            self.min_dynamic_patch
+            and self.max_dynamic_patch
+            and self.min_dynamic_patch > self.max_dynamic_patch
+        ):
+            raise ValueError("min_dynamic_patch exceeds max_dynamic_patch")
+        return self
 
 
 class MetaFile(BaseModel):
@@ -159,17 +185,35 @@ class Quarantine:
 
 @dataclass
 class Dataset:
-    """A dataset's valid records, in file order, with its spec and content hash."""
+    """A dataset of a meta file, opened through its annotation index: records are read and parsed on demand.
+
+    Memory per record is the index's 16 bytes, whatever the record holds. `record(i)` reads line `i` of the
+    index (a ranged read on `s3://`), checks it and returns it, or raises the `SampleError` that quarantines it.
+    """
 
     name: str
     spec: DatasetSpec
-    records: list[dict]
-    lines: list[int]  # 1-based line number of each record in the annotation file
-    sha256: str
+    index: AnnotationIndex
+    storage_options: dict | None = None
+    _handle: object = field(default=None, repr=False)
+    _handle_pid: int = field(default=-1, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def sha256(self) -> str:
+        return self.index.sha256
+
+    @property
+    def lines(self) -> np.ndarray:
+        """1-based line number of each record in the annotation file."""
+        return self.index.numbers
 
     @property
     def is_multimodal(self) -> bool:
-        return any("image" in r for r in self.records)
+        return self.index.multimodal
 
     @property
     def roots(self) -> DatasetRoots:
@@ -183,6 +227,43 @@ class Dataset:
             SampleError: `outside_root` or `malformed` (see `DatasetRoots.resolve`).
         """
         return self.roots.resolve(relative, source or self.name)
+
+    def sample_id(self, i: int) -> str:
+        return f"{self.name}:{int(self.index.numbers[i])}"
+
+    def raw(self, i: int) -> bytes:
+        """The bytes of record `i` (one line, without its newline)."""
+        offset, length = int(self.index.offsets[i]), int(self.index.lengths[i])
+        with self._lock:
+            if self._handle is None or self._handle_pid != os.getpid():  # a forked worker opens its own
+                self._handle = open_regular(self.spec.annotation, storage_options=self.storage_options)
+                self._handle_pid = os.getpid()
+            self._handle.seek(offset)
+            return self._handle.read(length)
+
+    def record(self, i: int) -> dict:
+        """Record `i`, parsed and checked.
+
+        Raises:
+            SampleError: `bad_encoding`, `malformed_json` or `malformed` (naming the key).
+        """
+        sid = self.sample_id(i)
+        record = check_record(parse_json_line(self.raw(i), sid), sid)
+        record.setdefault("id", sid)
+        return record
+
+    def scan(self, quarantine: Quarantine) -> Iterator[dict]:
+        """Every good record in file order; each bad one goes to `quarantine` (a full check of the file)."""
+        for i in range(len(self)):
+            try:
+                yield self.record(i)
+            except SampleError as exc:
+                quarantine.add(self.name, int(self.index.numbers[i]), exc.reason, exc.detail)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
 
 def annotation_dir(annotation: str) -> str:
@@ -200,37 +281,35 @@ def read_dataset(
     storage_options: dict | None = None,
     limits: ReadLimits = DEFAULT_LIMITS,
 ) -> Dataset:
-    """Read a dataset's JSONL annotation, streaming; each bad line goes to `quarantine` with its reason.
+    """Open a dataset through its annotation index (built in one streaming pass, or loaded from the cache).
 
-    Reasons: `malformed_json`, `bad_encoding` (invalid UTF-8), `line_too_long` (above `limits.max_line_bytes`;
-    skipped without being held in memory) and `malformed` (not a conversation record; the key is named).
+    Lines above `limits.max_line_bytes` go to `quarantine` now (`line_too_long`); every other check happens
+    when a record is drawn (`Dataset.record`).
 
     Raises:
         FileNotFoundError: when the annotation file does not exist (a meta file error, not bad data).
         MetaError: when the annotation is not a regular file, or `length` is given and differs from the
             number of non-empty lines.
     """
-    reader = JsonlReader(spec.annotation, name, limits, storage_options)
-    records, lines = [], []
     try:
-        for line in reader:
-            try:
-                if line.error is not None:
-                    raise line.error
-                record = check_record(line.value, f"{name}:{line.number}")
-            except SampleError as exc:
-                quarantine.add(name, line.number, exc.reason, exc.detail)
-                continue
-            record.setdefault("id", f"{name}:{line.number}")
-            records.append(record)
-            lines.append(line.number)
+        index = annotation_index(
+            spec.annotation, max_line_bytes=limits.max_line_bytes, storage_options=storage_options
+        )
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"dataset {name!r}: annotation {spec.annotation} does not exist") from exc
     except NotRegularFileError as exc:
         raise MetaError(f"dataset {name!r}: annotation {exc}; point at a JSONL file") from exc
-    if spec.length is not None and spec.length != reader.lines:
+    for number, size in index.too_long:
+        quarantine.add(
+            name,
+            number,
+            "line_too_long",
+            f"line has {size} bytes, above max_line_bytes {limits.max_line_bytes}; split the record or raise "
+            "max_line_bytes",
+        )
+    if spec.length is not None and spec.length != index.lines:
         raise MetaError(
-            f"dataset {name!r}: meta says length {spec.length} but {spec.annotation} has {reader.lines} lines; "
+            f"dataset {name!r}: meta says length {spec.length} but {spec.annotation} has {index.lines} lines; "
             "fix the key 'length'"
         )
-    return Dataset(name, spec, records, lines, reader.sha256)
+    return Dataset(name, spec, index, storage_options)

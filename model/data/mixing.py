@@ -15,11 +15,13 @@ items an uninterrupted one would.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vlpipe.model.data.meta import Dataset
@@ -66,13 +68,22 @@ class MixItem:
     epoch: int
 
 
-def epoch_order(n: int, repeat_time: float, seed: int, name: str, epoch: int) -> list[int]:
+def epoch_order(n: int, repeat_time: float, seed: int, name: str, epoch: int) -> np.ndarray:
     """The record indices of one epoch of a dataset: floor(repeat_time) full copies plus a seeded subset of
-    round(frac · n) records, shuffled by a generator seeded with (seed, name, epoch)."""
-    rng = random.Random(f"vlpipe-mix:{seed}:{name}:{epoch}")
+    round(frac · n) records, shuffled by a generator seeded with (seed, name, epoch).
+
+    A numpy array (4 bytes per entry below 2**31 records), not a list: at 10M records a list of ints would
+    cost ~360 MB per rank.
+    """
+    key = hashlib.sha256(f"vlpipe-mix:{seed}:{name}:{epoch}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(key[:8], "little"))
     whole, frac = divmod(repeat_time, 1.0)
-    order = list(range(n)) * int(whole)
-    order += rng.sample(range(n), round(frac * n))
+    dtype = np.int32 if n < 2**31 else np.int64
+    parts = [np.tile(np.arange(n, dtype=dtype), int(whole))]
+    subset = round(frac * n)
+    if subset:
+        parts.append(rng.choice(n, size=subset, replace=False).astype(dtype))
+    order = np.concatenate(parts)
     rng.shuffle(order)
     return order
 
@@ -83,8 +94,8 @@ class MixedStream:
     Args:
         datasets: the datasets (records already read; see `vlpipe.model.data.meta.read_dataset`).
         config: ratio/weights and seed.
-        estimate_tokens: tokens of one record of a dataset (text + image tokens); called on a seeded sample of
-            each dataset once, to estimate its mean tokens per sample.
+        estimate_tokens: tokens of record i of a dataset (text + image tokens; 0 for a bad record); called on a
+            seeded sample of each dataset once, to estimate its mean tokens per sample.
         rank, world_size: this process's data-parallel rank and group size.
 
     Raises:
@@ -96,14 +107,14 @@ class MixedStream:
         self,
         datasets: list[Dataset],
         config: MixtureConfig,
-        estimate_tokens: Callable[[Dataset, dict], int],
+        estimate_tokens: Callable[[Dataset, int], int],
         *,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        empty = [d.name for d in datasets if not d.records]
+        empty = [d.name for d in datasets if not len(d)]
         if empty:
             raise ValueError(
                 f"datasets {empty} have no valid records; fix them or remove them from the meta file"
@@ -114,19 +125,19 @@ class MixedStream:
         self.rank, self.world_size = rank, world_size
         self.mean_tokens = {d.name: self._estimate(d, estimate_tokens) for d in datasets}
         self.target_share = self._target_shares()
-        self._orders: dict[tuple[str, int], list[int]] = {}
+        self._orders: dict[tuple[str, int], np.ndarray] = {}
         self._reset()
 
     # -- setup ----------------------------------------------------------------------------------------------
-    def _estimate(self, dataset: Dataset, estimate_tokens: Callable[[Dataset, dict], int]) -> float:
+    def _estimate(self, dataset: Dataset, estimate_tokens: Callable[[Dataset, int], int]) -> float:
         rng = random.Random(f"vlpipe-estimate:{self.config.seed}:{dataset.name}")
-        n = len(dataset.records)
+        n = len(dataset)
         picks = rng.sample(range(n), min(n, self.config.estimate_samples))
-        return sum(estimate_tokens(dataset, dataset.records[i]) for i in picks) / len(picks)
+        return sum(estimate_tokens(dataset, i) for i in picks) / len(picks)
 
     def _epoch_tokens(self, name: str) -> float:
         d = self.datasets[name]
-        return len(d.records) * d.spec.repeat_time * self.mean_tokens[name]
+        return len(d) * d.spec.repeat_time * self.mean_tokens[name]
 
     def _target_shares(self) -> dict[str, float]:
         cfg = self.config
@@ -163,14 +174,14 @@ class MixedStream:
         self.cursor = {n: (0, 0) for n in self.names}  # (epoch, position in epoch order)
 
     # -- the stream -----------------------------------------------------------------------------------------
-    def _order(self, name: str, epoch: int) -> list[int]:
+    def _order(self, name: str, epoch: int) -> np.ndarray:
         key = (name, epoch)
         if key not in self._orders:
             d = self.datasets[name]
             self._orders = {
                 k: v for k, v in self._orders.items() if k[0] != name
             }  # keep one epoch per dataset
-            self._orders[key] = epoch_order(len(d.records), d.spec.repeat_time, self.config.seed, name, epoch)
+            self._orders[key] = epoch_order(len(d), d.spec.repeat_time, self.config.seed, name, epoch)
         return self._orders[key]
 
     def _next_global(self) -> MixItem:
@@ -186,7 +197,7 @@ class MixedStream:
         while pos >= len(order):  # a tiny fractional repeat_time can give an empty epoch
             epoch, pos = epoch + 1, 0
             order = self._order(name, epoch)
-        item = MixItem(self.index, name, order[pos], epoch)
+        item = MixItem(self.index, name, int(order[pos]), epoch)
         self.cursor[name] = (epoch, pos + 1)
         self.tokens[name] += self.mean_tokens[name]
         self.index += 1

@@ -26,7 +26,7 @@ def build_manifest(loader: MixtureLoader, packing: dict | None = None) -> dict:
             "annotation_sha256": d.sha256,
             "root": d.spec.root,
             "modality": "multimodal" if d.is_multimodal else "language",
-            "records": len(d.records),
+            "records": len(d),
             "repeat_time": d.spec.repeat_time,
             "target_token_share": round(stream.target_share[d.name], 6),
             "estimated_tokens_per_sample": round(stream.mean_tokens[d.name], 2),

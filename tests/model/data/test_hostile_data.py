@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.model.data.hostile import SECRETS, build_hostile_dataset
-from vlpipe.model.conversation import check_record, image_list
 from vlpipe.model.errors import SampleError
 from vlpipe.model.files import DatasetRoots, JsonlReader, ReadLimits, read_bounded
+from vlpipe.model.record import check_record, image_list
 
 # Runs in a fresh interpreter so that an audit hook sees every file the loader opens.
 _PROBE = textwrap.dedent(

@@ -2,6 +2,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,8 +60,11 @@ def test_fractional_and_repeated_epochs():
     half = epoch_order(10, 0.5, 0, "d", 0)
     assert len(half) == 5 and len(set(half)) == 5
     twice = epoch_order(10, 2.5, 0, "d", 0)
-    assert len(twice) == 25 and all(twice.count(i) >= 2 for i in range(10))
-    assert epoch_order(10, 1.0, 0, "d", 0) != epoch_order(10, 1.0, 0, "d", 1)  # reshuffled per epoch
+    assert len(twice) == 25 and all(list(twice).count(i) >= 2 for i in range(10))
+    assert list(epoch_order(10, 1.0, 0, "d", 0)) != list(
+        epoch_order(10, 1.0, 0, "d", 1)
+    )  # reshuffled per epoch
+    assert epoch_order(10, 1.0, 0, "d", 0).dtype == np.int32  # 4 bytes per entry
 
 
 def test_achieved_ratio_within_two_percent_of_target(demo):
@@ -102,9 +106,11 @@ def test_rank_sharding_has_no_overlap_and_no_gap(demo):
     q = Quarantine()
     datasets = [read_dataset(n, s, q) for n, s in meta.datasets.items()]
     cfg = MixtureConfig(estimate_samples=8)
-    one = MixedStream(datasets, cfg, lambda d, r: 10 if "image" in r else 30).take(90)
+    one = MixedStream(datasets, cfg, lambda d, i: 10 if "image" in d.record(i) else 30).take(90)
     ranks = [
-        MixedStream(datasets, cfg, lambda d, r: 10 if "image" in r else 30, rank=r, world_size=3).take(30)
+        MixedStream(
+            datasets, cfg, lambda d, i: 10 if "image" in d.record(i) else 30, rank=r, world_size=3
+        ).take(30)
         for r in range(3)
     ]
     merged = sorted((i for rank in ranks for i in rank), key=lambda i: i.index)
@@ -180,8 +186,14 @@ def test_quarantine_counts_each_kind_of_bad_input(tmp_path, demo):
     example = next(e for e in loader.quarantine.entries if e["reason"] == "missing_image")
     assert example["line"] == 14 and "nope.png" not in example["dataset"]
     strict = DataConfig(meta=meta, mode="sft", max_length=200, mixture=MixtureConfig(max_bad_fraction=0.05))
-    with pytest.raises(ValueError, match=r"samples were bad .*max_bad_fraction"):
-        MixtureLoader(strict, lm.tokenizer, lm.image_cfg, lm.tokens_per_tile)  # 1 malformed line of 18 > 5%
+    strict_loader = MixtureLoader(strict, lm.tokenizer, lm.image_cfg, lm.tokens_per_tile)
+    # Records are parsed when drawn: the bad share is judged on the draws so far, from the 50th draw on.
+    with pytest.raises(
+        ValueError, match=r"samples were bad .*max_bad_fraction 5.0%\): mm/\w+ x1 \(e\.g\. line"
+    ):
+        for _ in strict_loader:
+            pass
+    assert strict_loader.processed == 50
 
 
 def test_manifest_hashes_and_mlflow_inputs(tmp_path, demo, monkeypatch):

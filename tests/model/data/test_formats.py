@@ -1,0 +1,86 @@
+"""InternVL's published data conventions: the multi-image tile budget, null roots, meta keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from vlpipe.model.data.loader import DataConfig, MixtureLoader
+from vlpipe.model.data.mixing import MixtureConfig
+
+CONV = [{"from": "gpt", "value": "Yes."}]
+
+
+def _multi_image_dataset(tmp_path, root):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (128, 32), "red").save(images / "wide.png")  # aspect 4: a 4x1 grid at tiny's 32-px tiles
+    lines = []
+    for k in range(1, 5):
+        question = "".join(f"Image-{i + 1}: <image>\n" for i in range(k)) + "Same?"
+        record = {
+            "id": f"k{k}",
+            "image": ["wide.png"] * k,
+            "conversations": [{"from": "human", "value": question}],
+        }
+        record["conversations"] += CONV
+        lines.append(json.dumps(record))
+    (tmp_path / "multi.jsonl").write_text("\n".join(lines) + "\n")
+    meta = tmp_path / "meta.json"
+    meta.write_text(
+        json.dumps({"multi": {"root": root(images), "annotation": str(tmp_path / "multi.jsonl")}})
+    )
+    return meta
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        # InternVL: max(1, max_dynamic_patch // k) tiles per image; tiny's max_tiles is 4.
+        # k=1: 4x1 grid + thumbnail = 5; k=2: budget 2 → 2x1 + thumbnail = 3 each; k=3, 4: budget 1 → 1 each.
+        ("divide", {"k1": [5], "k2": [3, 3], "k3": [1, 1, 1], "k4": [1, 1, 1, 1]}),
+        ("full", {"k1": [5], "k2": [5, 5], "k3": [5, 5, 5], "k4": [5, 5, 5, 5]}),
+    ],
+)
+def test_multi_image_tile_budget(tmp_path, tiny_tokenizer, tiny_image_cfg, tiny_preset, rule, expected):
+    meta = _multi_image_dataset(tmp_path, str)
+    cfg = DataConfig(
+        meta=str(meta),
+        max_length=4096,
+        augment=False,
+        v2pe_training=False,
+        multi_image_tiles=rule,
+        mixture=MixtureConfig(language_ratio=0),
+    )
+    loader = MixtureLoader(cfg, tiny_tokenizer, tiny_image_cfg, tiny_preset.tokens_per_tile)
+    got = {}
+    for sample in loader:
+        got[sample.sample_id] = sample
+        if len(got) == 4:
+            break
+    by_id = {f"k{int(sid.split(':')[1])}": s for sid, s in got.items()}
+    assert {k: s.num_tiles for k, s in by_id.items()} == expected
+    context = tiny_tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    for k, sample in by_id.items():
+        # 4 visual tokens per tile (tiny preset), one block per image.
+        assert int((sample.input_ids == context).sum()) == 4 * sum(expected[k])
+        assert sample.pixel_values.shape[0] == sum(expected[k])
+
+
+def test_null_root_reads_images_beside_the_annotation(tmp_path, tiny_tokenizer, tiny_image_cfg, tiny_preset):
+    images = tmp_path / "ann"
+    images.mkdir()
+    Image.new("RGB", (32, 32), "red").save(images / "a.png")
+    conv = [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "Red."}]
+    (images / "data.jsonl").write_text(json.dumps({"image": "a.png", "conversations": conv}) + "\n")
+    meta = tmp_path / "meta.json"
+    # As in OpenGVLab's own meta files: "root": null.
+    meta.write_text(
+        json.dumps({"d": {"root": None, "annotation": str(images / "data.jsonl"), "repeat_time": 1}})
+    )
+    cfg = DataConfig(meta=str(meta), max_length=512, mixture=MixtureConfig(language_ratio=0))
+    loader = MixtureLoader(cfg, tiny_tokenizer, tiny_image_cfg, tiny_preset.tokens_per_tile)
+    sample = next(iter(loader))
+    assert sample.num_tiles == [1] and len(loader.quarantine) == 0
