@@ -244,6 +244,25 @@ def _decode_picks(data: bytes, sample_id: str, wanted: set[int], max_pixels: int
     return images, decoded
 
 
+def encode_clip(frames: list[Image.Image], fps: int = 4) -> bytes:
+    """Frames → an H.264 MP4 (yuv420p, one encoder thread so the same frames give the same bytes)."""
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames[0].size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1
+        stream.options = {"crf": "18", "preset": "veryfast"}
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(image.convert("RGB"))):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
 def frame_tile_config(cfg):
     """Tiling for video frames: exactly one tile per frame at the checkpoint's tile size."""
     return cfg.model_copy(update={"min_tiles": 1, "max_tiles": 1})

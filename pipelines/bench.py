@@ -177,6 +177,13 @@ def _bench_prm_scoring(work: Path) -> dict:
     return bench_prm_scoring(work / "prm_scoring")
 
 
+def _bench_annotation_index(work: Path) -> dict:
+    """Annotation index: build time and memory per record at 100k, 1M and 5M records (vs the figures before)."""
+    from vlpipe.components.data.bench import bench_annotation_index
+
+    return bench_annotation_index(work / "annotation-index")
+
+
 def _bench_serving(work: Path) -> dict:
     """Chat completion p50/p99 through the HTTP server vs in-process; errors under 32 clients for 60 s."""
     from vlpipe.serving.bench import bench_serving
@@ -190,6 +197,7 @@ def run_benchmarks(out: Path, *, console: Console) -> dict[str, dict]:
     results = {
         "data_packing": bench_packing(work),
         "data_pipeline_throughput": bench_pipeline_throughput(),
+        "data_annotation_index": _bench_annotation_index(work),
         "training_sft_packing": bench_training_packing(work),
         "eval_prm_scoring": _bench_prm_scoring(work),
         "serving_latency": _bench_serving(work),

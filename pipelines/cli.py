@@ -168,17 +168,23 @@ def data_check(
 
 def _print_data_report(report: dict) -> None:
     table = Table(title=f"{report['source']} ({report['mode']})")
-    for column in (
+    columns = (
         "dataset",
         "records",
         "usable",
-        "quarantined",
+        "bad",
         "tokens p50/p95/max",
         "tiles/image p50/max",
-    ):
+        "frames p50/max",
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column == "dataset" else "right", no_wrap=True)
     for name, d in report.get("datasets", {}).items():
-        tokens, tiles = d.get("tokens", {}), d.get("tiles_per_image", {})
+        tokens, tiles, frames = (
+            d.get("tokens", {}),
+            d.get("tiles_per_image", {}),
+            d.get("frames_per_video", {}),
+        )
         table.add_row(
             name,
             str(d["records"]),
@@ -186,6 +192,7 @@ def _print_data_report(report: dict) -> None:
             str(d["quarantined"]),
             f"{tokens.get('p50', '-')}/{tokens.get('p95', '-')}/{tokens.get('max', '-')}",
             f"{tiles.get('p50', '-')}/{tiles.get('max', '-')}",
+            f"{frames.get('p50', '-')}/{frames.get('max', '-')}",
         )
     console.print(table)
     for name, d in report.get("datasets", {}).items():

@@ -12,6 +12,7 @@ readers.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -87,6 +88,7 @@ class _Tally:
     tokens: list[int] = field(default_factory=list)
     images: list[int] = field(default_factory=list)
     tiles: list[int] = field(default_factory=list)
+    video_frames: list[int] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
 
     def summary(self, quarantine: Quarantine, name: str, repeat_time: float) -> dict:
@@ -106,7 +108,8 @@ class _Tally:
             "tokens": _distribution(self.tokens),
             "images_per_record": _distribution(self.images),
             "tiles_per_image": _distribution(self.tiles),
-            "multimodal": any(n > 0 for n in self.images),
+            "frames_per_video": _distribution(self.video_frames),
+            "multimodal": any(n > 0 for n in self.images) or bool(self.video_frames),
             "estimated_epoch_tokens": round(mean_tokens * self.usable * repeat_time),
         }
 
@@ -155,7 +158,7 @@ def check_conversations(
 
     from vlpipe.model.conversation import ConversationEncoder
     from vlpipe.model.image import image_size, num_tiles, per_image_config
-    from vlpipe.model.record import image_list
+    from vlpipe.model.record import image_list, video_of
 
     meta = _meta_for(source, image_root)
     encoder = ConversationEncoder(vocab.tokenizer, vocab.tokens_per_tile, max_length, mode)
@@ -174,6 +177,13 @@ def check_conversations(
             sid = dataset.sample_id(i)
             try:
                 record = dataset.record(i)
+                if video_of(record):
+                    frames, encoded = _check_video(dataset, record, sid, encoder, limits, cfg.max_pixels)
+                    tally.video_frames.append(frames)
+                    tally.usable += 1
+                    tally.tokens.append(len(encoded))
+                    tally.images.append(0)
+                    continue
                 paths = image_list(record)
                 image_cfg = per_image_config(cfg, len(paths))
                 tiles = []
@@ -223,6 +233,31 @@ def check_conversations(
     if samples:
         report["samples"] = all_rows
     return report
+
+
+def _check_video(
+    dataset, record: dict, sid: str, encoder, limits: ReadLimits, max_pixels: int
+) -> tuple[int, object]:
+    """(frames in the video, the record encoded with the expected training frame count). Nothing is decoded
+    for a file: the frames are counted from the container."""
+    from vlpipe.model.files import read_bounded
+    from vlpipe.model.video import count_video_frames, is_frame_folder, mean_frames, video_record
+
+    location = dataset.image_uri(record["video"], sid)
+    if is_frame_folder(location):
+        frames = len([n for n in os.listdir(location) if not n.startswith(".")])
+        if not frames:
+            raise SampleError(sid, "empty_video", f"frame folder {location} holds no files")
+    else:
+        data = read_bounded(
+            location, max_bytes=limits.max_video_bytes, source=sid, missing_reason="missing_video"
+        )
+        frames = count_video_frames(data, sid, max_pixels)
+        if frames == 0:
+            raise SampleError(sid, "empty_video", "the video has no frame")
+    spec = dataset.spec
+    n = mean_frames(spec.min_num_frame, spec.max_num_frame, spec.sampling_method)
+    return frames, encoder.encode(video_record(record, n, sid), [1] * n, sample_id=sid)
 
 
 def check_records(source: str, mode: Literal["mpo", "prm"], *, limit: int | None = None) -> dict:

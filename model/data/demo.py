@@ -9,6 +9,8 @@
     reasoning/train.jsonl    counting questions with three-step solutions (conversation format)
     reasoning/test.jsonl     held-out benchmark: {id, image, question, answer, solution}
     reasoning/prm.jsonl      items held out from SFT, same format: the source of on-policy PRM data
+    video/train.jsonl        (when sizes ask for video) clips whose shapes appear one by one, counted at the end
+    video/test.jsonl         held-out video benchmark: {id, video, question, answer, solution}
     mpo/pairs.jsonl          preference pairs: {id, image, question, chosen, rejected}
     prm/train.jsonl          step-labelled solutions: {id, image, question, steps, labels, answer, final_correct}
     images/...               every image; annotation "image" fields are relative to this root
@@ -74,8 +76,10 @@ FILES = {
     "reasoning_prm": "reasoning/prm.jsonl",
     "mpo": "mpo/pairs.jsonl",
     "prm": "prm/train.jsonl",
+    "video_train": "video/train.jsonl",
+    "video_test": "video/test.jsonl",
 }
-CONVERSATION_FILES = ("text", "captions", "reasoning_train")
+CONVERSATION_FILES = ("text", "captions", "reasoning_train", "video_train")
 _OUTPUTS = (
     "meta_pretrain.json",
     "meta_sft.json",
@@ -85,8 +89,13 @@ _OUTPUTS = (
     "reasoning",
     "mpo",
     "prm",
+    "video",
     "images",
 )
+VIDEO_FRAMES = (
+    8  # frames per demo clip; training samples 4-8 of them, evaluation the benchmark's video_frames
+)
+VIDEO_QUESTION = "How many shapes are there at the end of the video?"
 _IMAGE_BATCH = 1000
 
 
@@ -104,6 +113,9 @@ class DemoSizes(BaseModel):
     reasoning_prm: int = Field(4000, ge=1, le=1_000_000)
     mpo_pairs: int = Field(2000, ge=1, le=1_000_000)
     prm_solutions: int = Field(4000, ge=1, le=1_000_000)
+    # The video task (off unless asked for: it would shift the measured results of the image recipes).
+    video_train: int = Field(0, ge=0, le=1_000_000)
+    video_test: int = Field(0, ge=0, le=1_000_000)
 
     @classmethod
     def tiny(cls) -> DemoSizes:
@@ -210,6 +222,51 @@ def _question_record(writer: _Writer, split: str, i: int, item: ReasoningItem) -
         "answer": item.answer,
         "solution": item.solution,
     }
+
+
+def _write_video_task(
+    writer: _Writer, rng: random.Random, sizes: DemoSizes, held_out: set[str], put_jsonl
+) -> None:
+    """Clips of a scene whose 1-4 shapes appear one after another; the question counts them at the end."""
+    from dataclasses import replace
+
+    from vlpipe.model.data.corpus import number_word, plural
+    from vlpipe.model.video import encode_clip
+
+    every = [(c, k) for c in COLOURS for k in KINDS]
+    for split, n in (("train", sizes.video_train), ("test", sizes.video_test)):
+        records = []
+        for i in range(n):
+            count = rng.randint(1, 4)
+            scene = sample_scene(rng, [rng.choice(every) for _ in range(count)])
+            while scene.key() in held_out:
+                scene = sample_scene(rng, scene.objects())
+            order = list(scene.shapes)
+            rng.shuffle(order)
+            frames = [
+                render_scene(replace(scene, shapes=tuple(order[: -(-(f + 1) * count // VIDEO_FRAMES)])))
+                for f in range(VIDEO_FRAMES)
+            ]
+            clip = f"video/{split}/{i:06d}.mp4"
+            writer.image(clip, encode_clip(frames))
+            solution = (
+                f"At the end there {'is' if count == 1 else 'are'} {number_word(count)} "
+                f"{plural('shape', count)}.\nSo the answer is {count}."
+            )
+            record_id = f"video-{split}-{i:06d}"
+            if split == "train":
+                records.append(
+                    {"id": record_id, "video": clip, "conversations": [
+                        {"from": "human", "value": f"<video>\n{VIDEO_QUESTION}"},
+                        {"from": "gpt", "value": solution},
+                    ]}
+                )  # fmt: skip
+            else:
+                records.append(
+                    {"id": record_id, "video": clip, "question": VIDEO_QUESTION, "answer": str(count),
+                     "solution": solution}
+                )  # fmt: skip
+        put_jsonl(f"video_{split}", records)
 
 
 def _conversation(record_id: str, image: str | None, human: str, gpt: str) -> dict:
@@ -369,6 +426,8 @@ def write_demo_dataset(
             }
         )
     put_jsonl("prm", prm_records)
+    if sizes.video_train or sizes.video_test:
+        _write_video_task(writer, _rng(seed, "video"), sizes, held_out, put_jsonl)
     writer.flush()
 
     images_url = f"{root_url}/images"
@@ -385,6 +444,9 @@ def write_demo_dataset(
 
     meta_pretrain = {f"demo_{name}": entry(name) for name in ("text", "captions", "reasoning_train")}
     meta_sft = {f"demo_{name}": entry(name) for name in ("captions", "reasoning_train")}
+    if sizes.video_train:
+        video = {**entry("video_train"), "min_num_frame": VIDEO_FRAMES // 2, "max_num_frame": VIDEO_FRAMES}
+        meta_pretrain["demo_video_train"] = meta_sft["demo_video_train"] = video
     writer.file("meta_pretrain.json", (json.dumps(meta_pretrain, indent=2) + "\n").encode())
     writer.file("meta_sft.json", (json.dumps(meta_sft, indent=2) + "\n").encode())
     counts["meta_pretrain.json"], counts["meta_sft.json"] = len(meta_pretrain), len(meta_sft)
@@ -429,8 +491,10 @@ def _readme(seed: int, counts: dict[str, int]) -> str:
         FILES["prm"]: "solutions with per-step labels (true until the first wrong step) and final_correct",
         "meta_pretrain.json": "InternVL meta file for pre-training: text, captions, reasoning train",
         "meta_sft.json": "InternVL meta file for SFT: captions, reasoning train",
+        FILES["video_train"]: "video clips (8 frames) whose shapes appear one by one: count them at the end",
+        FILES["video_test"]: "held-out video benchmark: question, answer, reference solution",
     }
-    lines += [f"| `{rel}` | {counts[rel]} | {text} |" for rel, text in described.items()]
+    lines += [f"| `{rel}` | {counts[rel]} | {text} |" for rel, text in described.items() if rel in counts]
     lines += [f"| `images/` | {counts['images']} | all images |", ""]
     return "\n".join(lines)
 
@@ -449,6 +513,8 @@ def iter_demo_texts(
     fs, root = url_to_fs(out, **(storage_options or {}))
     root = root.rstrip("/")
     for name in CONVERSATION_FILES:
+        if name == "video_train" and not fs.exists(f"{root}/{FILES[name]}"):
+            continue  # the video task is optional
         with fs.open(f"{root}/{FILES[name]}", "r", encoding="utf-8") as f:
             for line in f:
                 if not line.strip():
@@ -457,4 +523,5 @@ def iter_demo_texts(
                     value = turn["value"]
                     if not keep_image_token:
                         value = value.replace("<image>\n", "").replace("<image>", "")
+                        value = value.replace("<video>\n", "Frame1: \n")  # what the encoder sees per frame
                     yield value
