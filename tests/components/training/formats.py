@@ -190,7 +190,10 @@ PRM_BAD = [
         },
         "reply 0 must be '+' or '-', got 'yes'",
     ),
-    ({**PRM_RAW_MULTI, "question": "<image>\nWhich image is wider?"}, "1 <image> placeholders for 2 images"),
+    (
+        {**PRM_RAW_MULTI, "question": "<image>\nWhich image is wider?"},
+        "the question has 1 <image> placeholders for 2",
+    ),
     ({"id": "x", "question": "Q?", "answer": "1"}, "not a PRM record: expected 'steps' + 'labels'"),
 ]
 
