@@ -175,3 +175,33 @@ def test_a_record_that_fails_to_load_is_quarantined_on_its_source_line(
         ("geometry3k_raw", 2, "missing_image"),
         ("vlpipe_steps", 2, "missing_image"),
     }
+
+
+def test_on_policy_sampling_places_image_placeholders_as_the_prm_does():
+    from vlpipe.components.prm_data.stage import normalise_source
+    from vlpipe.objectives.prm import place_image_placeholders
+
+    base = {"id": "s", "answer": "1", "solution": "So the answer is 1."}
+    text = normalise_source({**base, "question": "What is 3 - 2?"})
+    assert "image" not in text and place_image_placeholders(text["question"], 0) == "What is 3 - 2?"
+    multi = normalise_source(
+        {**base, "image": ["a.png", "b.png"], "question": "A: <image>\nB: <image>\nSame?"}
+    )
+    assert place_image_placeholders(multi["question"], 2) == "A: <image>\nB: <image>\nSame?"  # kept in place
+    single = normalise_source({**base, "image": "a.png", "question": "How many?"})
+    assert place_image_placeholders(single["question"], 1) == "<image>\nHow many?"  # once, in front
+    placed = {**base, "image": "a.png", "question": "Count them: <image>"}
+    assert place_image_placeholders(normalise_source(placed)["question"], 1) == "Count them: <image>"
+    conversation = {
+        "id": "c",
+        "image": ["a.png", "b.png"],
+        "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nWhich is bigger?"},
+            {"from": "gpt", "value": "So the answer is 1."},
+        ],
+    }
+    assert normalise_source(conversation)["question"] == "<image>\n<image>\nWhich is bigger?"
+    assert normalise_source({**base, "image": ["a.png"], "question": "<image> vs <image>"}) == (
+        "the question has 2 <image> placeholders for 1 images; put one <image> where each image goes, or none "
+        "to place them all in front"
+    )
