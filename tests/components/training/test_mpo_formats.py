@@ -137,3 +137,17 @@ def test_a_path_outside_the_dataset_root_is_refused_before_opening(tmp_path, tin
     with pytest.raises(SampleError) as err:
         pairs.encode(2)
     assert err.value.reason == "outside_root" and "multi_image:1" in str(err.value)
+
+
+def test_the_data_step_counts_a_meta_file_of_pairs(tmp_path):
+    from vlpipe.components.data.prepare import record_file_facts
+
+    facts = record_file_facts(str(write_mmpr(tmp_path)), "mpo_pairs")
+    assert facts["lines"] == 5
+    assert {name: d["lines"] for name, d in facts["datasets"].items()} == {
+        "scienceqa": 2,
+        "multi_image": 1,
+        "text_only": 2,
+    }
+    single = record_file_facts(str(tmp_path / "MMPR/annotations/scienceqa.jsonl"), "mpo_pairs")
+    assert single["lines"] == 2 and len(single["sha256"]) == 64
