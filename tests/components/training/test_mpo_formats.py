@@ -151,3 +151,30 @@ def test_the_data_step_counts_a_meta_file_of_pairs(tmp_path):
     }
     single = record_file_facts(str(tmp_path / "MMPR/annotations/scienceqa.jsonl"), "mpo_pairs")
     assert single["lines"] == 2 and len(single["sha256"]) == 64
+
+
+@pytest.mark.slow
+def test_the_mpo_stage_trains_on_mmprs_meta_file(workspace, tmp_path, tracking):
+    from vlpipe.components.stages import parse_stage_config
+    from vlpipe.components.training.entrypoint import run_stage
+
+    meta = write_mmpr(tmp_path / "data", bad=True)
+    cfg = parse_stage_config(
+        {
+            "stage": "mpo",
+            "init": str(workspace["init"]),
+            "output": str(tmp_path / "mpo"),
+            "data": {"path": str(meta), "max_length": 512, "max_bad_fraction": 0.6},
+            "trainer": {
+                "global_batch_size": 2,
+                "micro_batch_size": 2,
+                "max_steps": 2,
+                "distributed": {"zero_stage": 0},
+            },
+            "tracking": {"experiment": "test", "log_model": False, "system_metrics": False},
+        }
+    )
+    summary = run_stage("mpo", cfg)
+    # 10 lines: 5 good pairs, 5 bad ones; an epoch is 2 x 2 scienceqa + 1 multi-image + 1 of 2 text-only.
+    assert (summary["pairs"], summary["pairs_used"], summary["pairs_per_epoch"]) == (10, 5, 6)
+    assert summary["skipped_lines"] == {"text_only/invalid_record": 5}
