@@ -205,3 +205,26 @@ def test_on_policy_sampling_places_image_placeholders_as_the_prm_does():
         "the question has 2 <image> placeholders for 1 images; put one <image> where each image goes, or none "
         "to place them all in front"
     )
+
+
+@pytest.mark.slow
+def test_the_prm_stage_trains_on_visualprm400k_shapes(workspace, tmp_path, tracking):
+    from vlpipe.components.stages import parse_stage_config
+    from vlpipe.components.training.entrypoint import run_stage
+    from vlpipe.components.training.loop import read_metrics
+
+    meta = write_visualprm(tmp_path / "data", bad=True)
+    cfg = parse_stage_config(
+        {
+            "stage": "prm",
+            "init": str(workspace["init"]),
+            "output": str(tmp_path / "prm"),
+            "data": {"path": str(meta), "max_bad_fraction": 0.6},
+            "packing": {"max_tokens": 512, "max_tiles": 32, "buffer_size": 4},
+            "trainer": {"global_batch_size": 2, "max_steps": 2, "distributed": {"zero_stage": 0}},
+            "tracking": {"experiment": "test", "log_model": False, "system_metrics": False},
+        }
+    )
+    summary = run_stage("prm", cfg)
+    assert summary["prm_solutions"] == 5 and summary["prm_skipped_lines"] == len(PRM_BAD)
+    assert all(0.0 <= m["step_accuracy"] <= 1.0 for m in read_metrics(tmp_path / "prm.work"))
