@@ -5,6 +5,11 @@ in the first user turn, each later step in its own user turn, and after every st
 single token, `+` (correct) or `-` (incorrect). The SFT code tokenises the conversation with loss on the
 assistant turns only. At inference the whole conversation goes through one forward pass and each step's
 score is P(+) = softmax over just the `+`/`-` logits at its reply position.
+
+The first user turn comes in two framings (`format_prm_conversation`'s `style`): vlpipe's `question\nstep 1`
+(what `vlpipe.serving.scoring` scores) and VisualPRM's `### Question:\n{question}\n\n### Solution
+Process:\n{step 1}` (VisualPRM400K's conversations). The question's `<image>` placeholders stay where they
+are; a question without any gets one per image in front (`place_image_placeholders`).
 """
 
 from __future__ import annotations
