@@ -5,11 +5,17 @@ in the first user turn, each later step in its own user turn, and after every st
 single token, `+` (correct) or `-` (incorrect). The SFT code tokenises the conversation with loss on the
 assistant turns only. At inference the whole conversation goes through one forward pass and each step's
 score is P(+) = softmax over just the `+`/`-` logits at its reply position.
+
+The first user turn comes in two framings (`format_prm_conversation`'s `style`): vlpipe's `question\nstep 1`
+(what `vlpipe.serving.scoring` scores) and VisualPRM's `### Question:\n{question}\n\n### Solution
+Process:\n{step 1}` (VisualPRM400K's conversations). The question's `<image>` placeholders stay where they
+are; a question without any gets one per image in front (`place_image_placeholders`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -18,20 +24,33 @@ from vlpipe.objectives.config import AGGREGATIONS, Aggregation, PRMConfig
 from vlpipe.objectives.lm import IGNORE_INDEX
 
 __all__ = [
+    "IMAGE_PLACEHOLDER",
     "MINUS",
     "PLUS",
+    "PROMPT_STYLES",
+    "VISUALPRM_QUESTION",
+    "VISUALPRM_SOLUTION",
     "Aggregation",
     "PRMConfig",
+    "PromptStyle",
     "aggregate_step_scores",
     "format_prm_conversation",
+    "place_image_placeholders",
     "reply_positions_from_labels",
     "split_steps",
+    "split_visualprm_question",
     "step_scores",
 ]
 
 PLUS = "+"
 MINUS = "-"
 IMAGE_PLACEHOLDER = "<image>"
+PromptStyle = Literal["vlpipe", "visualprm"]
+PROMPT_STYLES: tuple[str, ...] = ("vlpipe", "visualprm")
+# VisualPRM's converter (OpenGVLab/InternVL internvl_chat/tools/reasoning_data_pipeline/
+# visualprm_data_pipeline_postprocess.py) frames the question and step 1 of the first human turn like this.
+VISUALPRM_QUESTION = "### Question:\n"
+VISUALPRM_SOLUTION = "\n\n### Solution Process:\n"
 
 
 def split_steps(solution: str) -> list[str]:
@@ -46,49 +65,115 @@ def split_steps(solution: str) -> list[str]:
     return [line.strip() for line in solution.splitlines() if line.strip()]
 
 
+def place_image_placeholders(question: str, num_images: int) -> str:
+    """The question with one `<image>` placeholder per image, placed where the record says.
+
+    A question that already holds its placeholders is returned unchanged; one without any gets one
+    `<image>\\n` per image in front (InternVL's convention for a single image). Text-only questions keep none.
+
+    Args:
+        question: the question text, with or without `<image>` placeholders.
+        num_images: the record's image count (0 for text-only).
+
+    Returns:
+        The question with exactly `num_images` placeholders.
+
+    Raises:
+        ValueError: when the question holds placeholders but not one per image.
+    """
+    found = question.count(IMAGE_PLACEHOLDER)
+    if found == num_images:
+        return question
+    if found == 0:
+        return (IMAGE_PLACEHOLDER + "\n") * num_images + question
+    raise ValueError(
+        f"the question has {found} {IMAGE_PLACEHOLDER} placeholders for {num_images} images; "
+        f"put one {IMAGE_PLACEHOLDER} where each image goes, or none to place them all in front"
+    )
+
+
 def format_prm_conversation(
-    question: str, steps: list[str], labels: list[bool] | None, image_placeholder: bool = True
+    question: str,
+    steps: list[str],
+    labels: list[bool] | None,
+    image_placeholder: bool = True,
+    *,
+    num_images: int = 1,
+    style: PromptStyle = "vlpipe",
+    system_prompt: str | None = None,
 ) -> list[dict[str, str]]:
     """Turn a question and its labelled solution steps into InternVL conversation turns.
 
-    `[{"from": "human", "value": "<image>\\n" + question + "\\n" + steps[0]}, {"from": "gpt", "value": "+"},
-    {"from": "human", "value": steps[1]}, {"from": "gpt", "value": "-"}, ...]`. The loss goes on the gpt
-    turns only (the SFT tokeniser's job).
+    Style `vlpipe` (what `vlpipe.serving.scoring` scores): `[{"from": "human", "value": question + "\\n" +
+    steps[0]}, {"from": "gpt", "value": "+"}, {"from": "human", "value": steps[1]}, {"from": "gpt", "value":
+    "-"}, ...]`. Style `visualprm` (VisualPRM's converter): the first human turn is `"### Question:\\n" +
+    question + "\\n\\n### Solution Process:\\n" + steps[0]`. A `system_prompt` becomes a leading system
+    turn. The loss goes on the gpt turns only (the SFT tokeniser's job).
 
     Args:
-        question: the question text.
+        question: the question text, with its `<image>` placeholders or without any.
         steps: the solution steps, each a non-blank string.
         labels: per step True (correct, "+") or False (incorrect, "-"). None at inference: every reply is
             then a "+" placeholder; the score is read from the logits predicting the reply token, so the
             placeholder's value does not matter.
-        image_placeholder: prefix the first turn with "<image>\\n".
+        image_placeholder: place the image placeholders the question lacks (`place_image_placeholders`);
+            False when the question already holds them all.
+        num_images: the record's image count (0: text-only; a question without placeholders gets one
+            `<image>\\n` per image in front).
+        style: `vlpipe` or `visualprm` (see above).
+        system_prompt: an optional system turn before the first human turn.
 
     Returns:
-        The alternating human/gpt turns, two per step.
+        The turns: the optional system turn, then alternating human/gpt turns, two per step.
 
     Raises:
-        ValueError: when steps is empty, a step is not a non-blank string, labels' length differs from
-            steps', or a label is not a bool.
+        ValueError: when steps is empty, a step is not a non-blank string or holds `<image>`, labels' length
+            differs from steps', a label is not a bool, the placeholders do not match the images, or the style
+            is unknown.
     """
     if not steps:
         raise ValueError("PRM sample has no steps; a solution needs at least one step")
     for i, step in enumerate(steps):
         if not isinstance(step, str) or not step.strip():
             raise ValueError(f"PRM step {i} must be a non-blank string; got {step!r}")
+        if IMAGE_PLACEHOLDER in step:
+            raise ValueError(f"PRM step {i} contains {IMAGE_PLACEHOLDER}; only the question may hold images")
     if labels is not None:
         if len(labels) != len(steps):
             raise ValueError(f"PRM sample has {len(steps)} steps but {len(labels)} labels; they must match")
         for i, label in enumerate(labels):
             if not isinstance(label, bool):
                 raise ValueError(f"PRM label {i} must be a bool (True = correct step); got {label!r}")
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown PRM prompt style {style!r}; allowed: {', '.join(PROMPT_STYLES)}")
+    if image_placeholder:
+        question = place_image_placeholders(question, num_images)
     replies = [PLUS] * len(steps) if labels is None else [PLUS if ok else MINUS for ok in labels]
-    prefix = IMAGE_PLACEHOLDER + "\n" if image_placeholder else ""
     turns: list[dict[str, str]] = []
+    if system_prompt:
+        turns.append({"from": "system", "value": system_prompt})
     for i, (step, reply) in enumerate(zip(steps, replies, strict=True)):
-        value = f"{prefix}{question}\n{step}" if i == 0 else step
+        if i > 0:
+            value = step
+        elif style == "visualprm":
+            value = f"{VISUALPRM_QUESTION}{question}{VISUALPRM_SOLUTION}{step}"
+        else:
+            value = f"{question}\n{step}"
         turns.append({"from": "human", "value": value})
         turns.append({"from": "gpt", "value": reply})
     return turns
+
+
+def split_visualprm_question(first_turn: str) -> tuple[str, str] | None:
+    """(question, first step) of a first human turn in VisualPRM's framing, else None.
+
+    `"### Question:\\n" + question + "\\n\\n### Solution Process:\\n" + step` → (question, step); the
+    question ends at the first solution header.
+    """
+    if not first_turn.startswith(VISUALPRM_QUESTION) or VISUALPRM_SOLUTION not in first_turn:
+        return None
+    question, step = first_turn[len(VISUALPRM_QUESTION) :].split(VISUALPRM_SOLUTION, 1)
+    return question, step
 
 
 def reply_positions_from_labels(labels: Tensor) -> Tensor:

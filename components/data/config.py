@@ -42,8 +42,8 @@ class DataSettings(_Strict):
         demo: what to write for `source: demo`.
         root: base of the relative paths below for `source: meta` (a local directory or `s3://` prefix).
         pretrain_meta, sft_meta: InternVL meta files of the pre-training and SFT mixtures.
-        mpo_pairs: MPO preference pairs (JSONL).
-        prm_steps: step-labelled solutions for the PRM (JSONL).
+        mpo_pairs: MPO preference pairs: a JSONL file, or an InternVL meta file over many (MMPR's `meta.json`).
+        prm_steps: step-labelled solutions for the PRM (VisualPRM400K or vlpipe steps): a JSONL file or a meta file.
         mix_samples: samples the `mix-data` step encodes per mixture to measure the achieved token ratio
             (0: counts and estimates only).
     """

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vlpipe.components.data.config import DATA_FILES, DataSettings, PrepareDataConfig, is_absolute
-from vlpipe.model.storage import filesystem, join
+from vlpipe.model.storage import join
 from vlpipe.tracking.runs import child_run
 
 log = logging.getLogger(__name__)
@@ -34,19 +34,45 @@ def resolve(settings: DataSettings, root: str) -> dict[str, str]:
     }
 
 
-def _jsonl_facts(uri: str) -> dict[str, Any]:
-    fs, path = filesystem(uri)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{uri} does not exist; check the recipe's data settings")
-    with fs.open(path, "rb") as f:
-        raw = f.read()
-    lines = sum(1 for line in raw.splitlines() if line.strip())
-    return {"path": uri, "lines": lines, "sha256": hashlib.sha256(raw).hexdigest()}
+def _jsonl_facts(uri: str, name: str) -> dict[str, Any]:
+    """Lines and hash of a JSONL file, streamed with bounded memory (a bad line is counted, not parsed here)."""
+    from vlpipe.model.files import JsonlReader
+
+    reader = JsonlReader(uri, name)
+    try:
+        for _ in reader:
+            pass
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{uri} does not exist; check the recipe's data settings") from exc
+    return {"path": uri, "lines": reader.lines, "sha256": reader.sha256}
+
+
+def record_file_facts(uri: str, name: str) -> dict[str, Any]:
+    """Facts of the MPO pairs or PRM steps: one JSONL file, or an InternVL meta file over many (MMPR's layout).
+
+    Raises:
+        vlpipe.model.data.meta.MetaError: a wrong meta file.
+        FileNotFoundError: the file, or an annotation its meta file names, does not exist.
+    """
+    from vlpipe.components.training.config import is_meta_file
+    from vlpipe.model.data.meta import load_meta
+
+    if not is_meta_file(uri):
+        return _jsonl_facts(uri, name)
+    meta = load_meta(uri)
+    datasets = {ds: _jsonl_facts(spec.annotation, ds) for ds, spec in meta.datasets.items()}
+    hashes = {"meta": meta.sha256, "annotations": {ds: f["sha256"] for ds, f in datasets.items()}}
+    return {
+        "path": uri,
+        "lines": sum(f["lines"] for f in datasets.values()),
+        "sha256": hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest(),
+        "datasets": datasets,
+    }
 
 
 def validate_files(files: dict[str, str]) -> dict[str, Any]:
-    """Read both meta files and every annotation they name (bad lines into a quarantine), and hash the pair
-    and step files.
+    """Read both meta files and every annotation they name (bad lines into a quarantine), and count and hash
+    the pair and step files (a JSONL file, or a meta file over many).
 
     Returns:
         `{"datasets": {name: {...}}, "quarantine": {...}, "jsonl": {mpo_pairs/prm_steps: {...}}}`.
@@ -74,7 +100,7 @@ def validate_files(files: dict[str, str]) -> dict[str, Any]:
                 "modality": "multimodal" if dataset.is_multimodal else "language",
                 "meta": meta_name,
             }
-    others = {name: _jsonl_facts(files[name]) for name in ("mpo_pairs", "prm_steps")}
+    others = {name: record_file_facts(files[name], name) for name in ("mpo_pairs", "prm_steps")}
     return {"datasets": datasets, "quarantine": quarantine.report(), "jsonl": others}
 
 

@@ -39,6 +39,7 @@ from vlpipe.components.training.runtime import (
 )
 from vlpipe.model.collate import collate_padded
 from vlpipe.model.conversation import ConversationEncoder
+from vlpipe.model.data.meta import Quarantine
 from vlpipe.model.errors import SampleError
 from vlpipe.objectives.mpo import MPOLoss, sequence_logps
 
@@ -65,21 +66,21 @@ def _forward_logps(
 @torch.no_grad()
 def reference_logps(
     engine: Engine, pairs: PairEncoder, info: DistInfo, device: torch.device
-) -> tuple[dict[int, tuple[float, float]], dict[int, str]]:
+) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[str, str]]]:
     """Log-probs of every pair under the starting policy, sharded over ranks and gathered.
 
     Every rank runs the same number of forward passes (ZeRO-3 needs that), padding its shard.
 
     Returns:
-        `{pair index: (chosen logp, rejected logp)}` for the pairs that encode, and `{index: reason}` for the
-        ones that do not (skipped for the whole run).
+        `{pair index: (chosen logp, rejected logp)}` for the pairs that encode, and `{index: (reason, detail)}`
+        for the ones that do not (skipped for the whole run).
     """
     engine.module.eval()
     indices = list(range(info.rank, len(pairs), info.world_size))
     per_rank = -(-len(pairs) // info.world_size)
     batches = -(-per_rank // _REF_BATCH)
     good: dict[int, tuple[float, float]] = {}
-    bad: dict[int, str] = {}
+    bad: dict[int, tuple[str, str]] = {}
     for b in range(batches):
         chunk = indices[b * _REF_BATCH : (b + 1) * _REF_BATCH]
         encoded, kept = [], []
@@ -88,7 +89,7 @@ def reference_logps(
                 encoded.append(pairs.encode(i))
                 kept.append(i)
             except SampleError as err:
-                bad[i] = f"{err.reason}: {err.detail}"
+                bad[i] = (err.reason, err.detail)
         if not encoded:  # keep the forward count equal across ranks
             encoded, kept = [pairs.encode(_first_good(pairs))], []
         chosen, rejected, _, _ = _forward_logps(engine, encoded, device, pairs.pad_token_id)
@@ -112,7 +113,7 @@ def _first_good(pairs: PairEncoder) -> int:
             return i
         except SampleError:
             continue
-    raise ValueError(f"no pair of {pairs.records.path} can be encoded (missing images or too long)")
+    raise ValueError(f"no pair of {pairs.path} can be encoded (missing images or too long)")
 
 
 def mpo_step(
@@ -161,12 +162,16 @@ def main(cfg: MPOStageConfig) -> dict[str, Any]:
     pairs = PairEncoder.create(cfg.data, encoder, loaded.image_cfg, loaded.v2pe_delta)
     engine = build_engine(loaded.model, trainer, info, total_steps=1)  # schedule length fixed below
     ref, bad = cached_reference_logps(cfg, start, engine, pairs, device)
-    good = sorted(ref)
-    skipped = len(pairs.records.quarantine) + len(bad)
-    if (skipped / max(pairs.records.total_lines, 1)) > cfg.data.max_bad_fraction:
+    good = [i for i in pairs.epoch_indices() if i in ref]  # a dataset's repeat_time repeats its pairs
+    quarantine = Quarantine(list(pairs.quarantine.entries))
+    for i, (reason, detail) in sorted(bad.items()):
+        quarantine.add(*pairs.source(i), reason, detail)
+    skipped, lines = len(quarantine), pairs.pairs.total_lines
+    if skipped / max(lines, 1) > cfg.data.max_bad_fraction:
         raise ValueError(
-            f"{skipped} of {pairs.records.total_lines} pairs in {cfg.data.path} are unusable "
-            f"(> max_bad_fraction {cfg.data.max_bad_fraction}); first reasons: {list(bad.values())[:3]}"
+            f"{skipped} of {lines} pairs in {cfg.data.path} are unusable ({skipped / max(lines, 1):.1%} > "
+            f"max_bad_fraction {cfg.data.max_bad_fraction:.1%}): {quarantine.summary()}. "
+            "Fix the data or raise max_bad_fraction."
         )
     total_steps = steps_for(trainer, len(good))
     engine.schedule.total_steps = total_steps  # known only now that the usable pairs are counted
@@ -180,14 +185,15 @@ def main(cfg: MPOStageConfig) -> dict[str, Any]:
         set_rng_state(resume.rank_state["rng"])
         start_step = resume.step
     data_report = {
-        "pairs": pairs.records.total_lines,
-        "pairs_used": len(good),
+        "pairs": lines,
+        "pairs_used": len(ref),
+        "pairs_per_epoch": len(good),
         "pairs_skipped": skipped,
-        "skipped_lines": pairs.records.quarantine.counts,
-        "skipped_encoding": dict(list(bad.items())[:100]),
+        "skipped_lines": quarantine.counts,
+        "skipped_examples": quarantine.entries[:100],
     }
     resolved = resolved_config(cfg, start, engine, total_steps)
-    run = open_run(cfg, start, resolved, tags={"data_sha256": pairs.records.sha256}, resume=resume)
+    run = open_run(cfg, start, resolved, tags={"data_sha256": pairs.pairs.sha256}, resume=resume)
     step_fn = mpo_step(engine, loss_fn, pairs, good, ref, info)
 
     with run:
@@ -219,16 +225,16 @@ def main(cfg: MPOStageConfig) -> dict[str, Any]:
         start_step,
         report.history,
         reward_shift=float(loss_fn.reward_shift),
-        **{k: v for k, v in data_report.items() if k != "skipped_encoding"},
+        **{k: v for k, v in data_report.items() if k != "skipped_examples"},
     )
 
 
 def cached_reference_logps(
     cfg: MPOStageConfig, start: StageStart, engine: Engine, pairs: PairEncoder, device: torch.device
-) -> tuple[dict[int, tuple[float, float]], dict[int, str]]:
+) -> tuple[dict[int, tuple[float, float]], dict[int, tuple[str, str]]]:
     """`reference_logps`, cached in the work directory for a rerun or resume of the same init and data."""
     cache = start.work_dir / REF_CACHE
-    key = {"init": cfg.init, "data": cfg.data.model_dump(mode="json"), "pairs": len(pairs)}
+    key = {"init": cfg.init, "data": cfg.data.model_dump(mode="json"), "pairs": len(pairs), "version": 2}
     cached = torch.load(cache, weights_only=False) if cache.exists() else None
     if cached is not None and cached["key"] == key:
         return cached["ref"], cached["bad"]

@@ -43,7 +43,8 @@ class PRMSampleConfig(BaseModel):
 
     Attributes:
         policy: the policy checkpoint whose answers the PRM will judge.
-        source: JSONL `{id, image, question, answer, solution}` (the demo's reasoning split format).
+        source: JSONL `{id, image, question, answer, solution}` (the demo's reasoning split format) or SFT
+            conversations; `image` a path, a list of paths, or absent (text-only).
         image_root: root of the relative `image` paths; default `images/` beside the JSONL's directory.
         output: the step-labelled JSONL to write (local path).
         n: solutions sampled per item.
@@ -75,12 +76,27 @@ class PRMSampleConfig(BaseModel):
     include: tuple[str, ...] = ()
 
 
+def source_images(record: dict) -> list[str] | str:
+    """The image paths of a source record ([] for text-only: no `image` key), or the reason they are wrong."""
+    if "image" not in record:
+        return []
+    image = record["image"]
+    if isinstance(image, str) and image.strip():
+        return [image]
+    if isinstance(image, list) and image and all(isinstance(i, str) and i.strip() for i in image):
+        return list(image)
+    return "key 'image' must be a non-empty path or list of paths (leave it out for a text-only item)"
+
+
 def normalise_source(record: dict) -> dict | str:
-    """A source record as `{id, image, question, answer, solution}`, or the reason it cannot be used.
+    """A source record as `{id, image?, question, answer, solution}`, or the reason it cannot be used.
 
     Two formats are read: the demo's evaluation format (`question`, `answer`, `solution`) and the
     conversation format of SFT data (`conversations`: a human turn with the question, then a gpt turn with the
-    reference solution; `answer` optional, else the solution's final line "So the answer is N.").
+    reference solution; `answer` optional, else the solution's final line "So the answer is N."). The
+    question keeps its `<image>` placeholders where the record has them, except a single image's leading
+    `<image>\n` (InternVL's default place, where `place_image_placeholders` puts it back); a question without
+    placeholders gets one per image in front when it is prompted.
     """
     if isinstance(record.get("conversations"), list) and "question" not in record:
         turns = record["conversations"]
@@ -92,16 +108,22 @@ def normalise_source(record: dict) -> dict | str:
         from vlpipe.model.data.reasoning import extract_answer
 
         solution = str(gpt.get("value") or "")
+        question = str(human.get("value") or "")
+        if question.startswith("<image>\n") and question.count("<image>") == 1:
+            question = question.removeprefix("<image>\n")
         record = {
             **record,
-            "question": str(human.get("value") or "").replace("<image>", "").strip(),
+            "question": question.strip(),
             "solution": solution,
             "answer": record.get("answer") or extract_answer(solution) or "",
         }
     if not isinstance(record.get("answer"), str | int):
         return "key 'answer' must be a string"
     record = {**record, "answer": str(record["answer"])}
-    for key in ("image", "question", "answer", "solution"):
+    images = source_images(record)
+    if isinstance(images, str):
+        return images
+    for key in ("question", "answer", "solution"):
         if not isinstance(record.get(key), str) or not record[key].strip():
             hint = (
                 " (add an 'answer' key or end the solution with 'So the answer is N.')"
@@ -109,6 +131,13 @@ def normalise_source(record: dict) -> dict | str:
                 else ""
             )
             return f"key {key!r} must be a non-empty string{hint}"
+    # Imported here: the recipe schema imports this module, and objectives imports torch.
+    from vlpipe.objectives.prm import place_image_placeholders
+
+    try:
+        place_image_placeholders(record["question"], len(images))
+    except ValueError as exc:
+        return str(exc)
     return record
 
 
@@ -187,7 +216,7 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
     from vlpipe.model.prompt import generation_prompt
     from vlpipe.model.storage import filesystem
     from vlpipe.model.tokenizer import IM_END
-    from vlpipe.objectives.prm import split_steps
+    from vlpipe.objectives.prm import place_image_placeholders, split_steps
 
     check = _labeller_check(config.labeler)
 
@@ -217,12 +246,17 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
             batch, prompts = [], []
             for record in records[start : start + config.batch_items]:
                 try:
-                    location = DatasetRoots(root).resolve(record["image"], str(record.get("id")))
-                    image = load_image(location, max_pixels=policy.image_cfg.max_pixels)
-                    turns = [("human", "<image>\n" + record["question"])]
-                    prompt = generation_prompt(
-                        encoder, policy, turns, [image], sample_id=str(record.get("id"))
-                    )
+                    sample_id = str(record.get("id"))
+                    paths = source_images(record)
+                    images = [
+                        load_image(
+                            DatasetRoots(root).resolve(p, sample_id), max_pixels=policy.image_cfg.max_pixels
+                        )
+                        for p in paths
+                    ]
+                    # The same placement the PRM stage gives this question (`format_prm_conversation`).
+                    turns = [("human", place_image_placeholders(record["question"], len(paths)))]
+                    prompt = generation_prompt(encoder, policy, turns, images, sample_id=sample_id)
                 except SampleError as err:
                     counts["skipped_items"] += 1
                     skipped[err.reason] = skipped.get(err.reason, 0) + 1
@@ -264,7 +298,7 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
                     labels = label(steps, reference, final_correct, config.labeler, record["question"])
                     row = {
                         "id": f"{record.get('id')}-s{len(seen)}",
-                        "image": record["image"],
+                        **({"image": record["image"]} if "image" in record else {}),
                         "question": record["question"],
                         "steps": steps,
                         "labels": labels,

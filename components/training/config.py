@@ -17,6 +17,7 @@ from typing import Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vlpipe.model.data.config import DataConfig, PackingConfig
+from vlpipe.model.files import ReadLimits
 from vlpipe.objectives.config import LMLossConfig, MPOConfig
 
 StageName = Literal["pretrain", "sft", "mpo", "prm"]
@@ -181,16 +182,24 @@ class TrackingConfig(_Strict):
     system_metrics: bool = True
 
 
-class PairDataConfig(_Strict):
-    """Preference pairs for MPO: JSONL lines `{"id", "image", "question", "chosen", "rejected"}`.
+def is_meta_file(uri: str) -> bool:
+    """True when `uri` names an InternVL meta file (`*.json`) rather than a JSONL file (`*.jsonl`)."""
+    return uri.rstrip("/").lower().endswith(".json")
+
+
+class _RecordData(_Strict):
+    """Where a record-file stage (MPO, PRM) reads its records: one JSONL file or an InternVL meta file.
 
     Attributes:
-        path: JSONL file (local or s3://).
-        image_root: directory the `image` paths are relative to; defaults to `images/` beside the JSONL's
-            directory (the demo dataset's layout).
-        max_length: longest prompt + response in tokens; longer pairs are skipped (and counted).
+        path: a JSONL file, or an InternVL meta file (`*.json`: `{name: {root, annotation, repeat_time,
+            length, max_dynamic_patch, data_augment, allowed_roots}}`, as MMPR ships it) over many JSONL files
+            (local or s3://).
+        image_root: directory a single JSONL's `image` paths are relative to; defaults to `images/` beside
+            the JSONL's directory (the demo dataset's layout). A meta file gives each dataset its `root`.
+        max_length: longest sample in tokens; longer ones are skipped (and counted).
         max_bad_fraction: fail when more than this share of lines is bad.
         seed: shuffling seed (a new permutation every epoch).
+        limits: read limits per image file and per JSONL line (hostile-data bounds).
     """
 
     path: str = Field(min_length=1)
@@ -198,27 +207,53 @@ class PairDataConfig(_Strict):
     max_length: int = Field(2048, gt=0)
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     seed: int = 0
+    limits: ReadLimits = ReadLimits()
+
+    @model_validator(mode="after")
+    def _root_for_jsonl_only(self) -> Self:
+        if self.image_root is not None and is_meta_file(self.path):
+            raise ValueError(
+                f"data.image_root applies to a JSONL path; {self.path} is a meta file whose datasets each "
+                "name their own 'root'"
+            )
+        return self
 
 
-class StepDataConfig(_Strict):
-    """Step-labelled solutions for the PRM: JSONL `{"id", "image", "question", "steps", "labels"}`.
+class PairDataConfig(_RecordData):
+    """Preference pairs for MPO, MMPR's records `{"image", "question", "chosen", "rejected"}` (`id` optional).
+
+    `image` is a path, a list of paths (one `<image>` placeholder per image in the question), or absent for
+    a text-only pair; a single image without a placeholder goes in front of the question (InternVL's MPO
+    reader does the same). See `_RecordData` for the keys.
+    """
+
+
+class StepDataConfig(_RecordData):
+    """Step-labelled solutions for the PRM, in any of three shapes per record (see `vlpipe.components.prm.data`):
+
+    vlpipe's `{"id", "image", "question", "steps", "labels"}`, VisualPRM400K's raw records `{"image",
+    "question", "answer", "response", "steps_with_score": [{"step", "score", "num_mc_correct",
+    "num_mc_total"}]}` and VisualPRM400K's conversations (`+`/`-` assistant turns). Keys of `_RecordData`, plus:
 
     Attributes:
-        path: JSONL file (local or s3://).
-        image_root: directory the `image` paths are relative to; defaults to `images/` beside the JSONL's
-            directory (the demo dataset's layout).
-        max_length: longest conversation in tokens.
-        max_bad_fraction: fail when more than this share of lines is bad.
-        seed: shuffling seed.
-        augment: JPEG augmentation of the images.
+        augment: JPEG augmentation of the images (where a meta file's `data_augment` is on).
+        mc_threshold: a raw record's step is `+` when its Monte Carlo score is above this, else `-`
+            (VisualPRM's converter, `--mc-threshold`, default 0: a step is correct when any rollout from it
+            reaches the right answer).
+        early_stop: end a raw record's conversation at its first `-` step (the converter's `--early-stop`).
+        style: the first human turn of a converted record: `vlpipe` (question + newline + step 1; what
+            `vlpipe.serving.scoring` scores) or `visualprm` (`### Question:` / `### Solution Process:` headers,
+            as VisualPRM's converter writes and VisualPRM400K's conversations hold). VisualPRM400K
+            conversations are re-framed to `vlpipe`, and kept as they are with `visualprm`.
+        system_prompt: a system turn for converted records (VisualPRM's converter writes its PRM system prompt
+            there); VisualPRM400K conversations keep their own under `visualprm` and drop it under `vlpipe`.
     """
 
-    path: str = Field(min_length=1)
-    image_root: str | None = None
-    max_length: int = Field(2048, gt=0)
-    max_bad_fraction: float = Field(0.05, ge=0, le=1)
-    seed: int = 0
     augment: bool = False
+    mc_threshold: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    early_stop: bool = False
+    style: Literal["vlpipe", "visualprm"] = "vlpipe"
+    system_prompt: str | None = Field(None, min_length=1)
 
 
 class _StageBase(_Strict):

@@ -1,13 +1,22 @@
-"""Reading the JSONL record files of the MPO and PRM stages, with every bad line counted by reason."""
+"""Reading the record files of the MPO and PRM stages, with every bad line counted by reason.
+
+A stage's `path` is either one JSONL file (its images under `image_root`) or an InternVL meta file over many
+JSONL files (`{name: {root, annotation, repeat_time, length, max_dynamic_patch, data_augment, allowed_roots}}`,
+validated by `vlpipe.model.data.meta.load_meta`, as for SFT): MMPR ships its preference pairs that way, and
+VisualPRM400K's annotation files are listed the same way. Every record keeps its dataset name and line.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from vlpipe.model.data.meta import Quarantine
-from vlpipe.model.files import DEFAULT_LIMITS, JsonlReader, NotRegularFileError, ReadLimits
+from vlpipe.components.training.config import is_meta_file
+from vlpipe.model.data.meta import MetaError, Quarantine, annotation_dir, load_meta
+from vlpipe.model.files import DEFAULT_LIMITS, DatasetRoots, JsonlReader, NotRegularFileError, ReadLimits
 from vlpipe.model.storage import is_remote, join
 
 
@@ -49,6 +58,35 @@ def _validate(validate: Callable[[dict], str | None], value: object) -> str | No
         return f"a key has the wrong type ({type(exc).__name__}: {str(exc)[:120]})"
 
 
+def _read_lines(
+    uri: str,
+    name: str,
+    validate: Callable[[dict], str | None],
+    storage_options: dict | None,
+    limits: ReadLimits,
+    quarantine: Quarantine,
+) -> RecordFile:
+    reader = JsonlReader(uri, name, limits, storage_options)
+    out = RecordFile(uri, [], [], quarantine)
+    try:
+        for line in reader:
+            if line.error is not None:
+                out.quarantine.add(name, line.number, line.error.reason, line.error.detail)
+                continue
+            reason = _validate(validate, line.value)
+            if reason:
+                out.quarantine.add(name, line.number, "invalid_record", reason)
+                continue
+            out.records.append(line.value)
+            out.lines.append(line.number)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{name}: {uri} does not exist") from exc
+    except NotRegularFileError as exc:
+        raise ValueError(f"{name}: {exc}; point at a JSONL file") from exc
+    out.total_lines, out.sha256 = reader.lines, reader.sha256
+    return out
+
+
 def read_records(
     uri: str,
     name: str,
@@ -69,30 +107,136 @@ def read_records(
 
     Raises:
         FileNotFoundError: when the file does not exist.
-        ValueError: when the file has no good record, or too many bad ones (the message gives the counts).
+        ValueError: when the file has no good record, or too many bad ones (the message names the top reasons
+            with an example each).
     """
-    reader = JsonlReader(uri, name, limits, storage_options)
-    out = RecordFile(uri, [], [])
-    try:
-        for line in reader:
-            if line.error is not None:
-                out.quarantine.add(name, line.number, line.error.reason, line.error.detail)
-                continue
-            reason = _validate(validate, line.value)
-            if reason:
-                out.quarantine.add(name, line.number, "invalid_record", reason)
-                continue
-            out.records.append(line.value)
-            out.lines.append(line.number)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{name}: {uri} does not exist") from exc
-    except NotRegularFileError as exc:
-        raise ValueError(f"{name}: {exc}; point at a JSONL file") from exc
-    out.total_lines, out.sha256 = reader.lines, reader.sha256
-    if not out.records:
-        raise ValueError(
-            f"{name}: {uri} has no usable record ({out.total_lines} lines, {len(out.quarantine)} bad: "
-            f"{out.quarantine.summary() or 'the file is empty'})"
-        )
-    out.quarantine.check(out.total_lines, max_bad_fraction)
+    out = _read_lines(uri, name, validate, storage_options, limits, Quarantine())
+    _check_usable(f"{name}: {uri}", out.records, out.total_lines, out.quarantine, max_bad_fraction)
     return out
+
+
+def _check_usable(
+    label: str, records: list, total_lines: int, quarantine: Quarantine, max_bad_fraction: float
+) -> None:
+    if not records:
+        raise ValueError(
+            f"{label} has no usable record ({total_lines} lines, {len(quarantine)} bad: "
+            f"{quarantine.summary() or 'the file is empty'})"
+        )
+    quarantine.check(total_lines, max_bad_fraction)
+
+
+@dataclass
+class RecordSource:
+    """One dataset of a record set: its valid records and where their files may be.
+
+    Attributes:
+        name: the dataset's name (the meta key, or the stage's name for a single JSONL); quarantine entries
+            and sample names use it with the line number.
+        file: the records, their line numbers and the skipped lines.
+        roots: where the records' `image` paths resolve (confined: `DatasetRoots.resolve`).
+        repeat_time: times per epoch (fractional: a seeded subset), from the meta file.
+        max_dynamic_patch: the dataset's tile budget per sample, when the meta file sets one.
+        data_augment: the meta file's `data_augment`.
+    """
+
+    name: str
+    file: RecordFile
+    roots: DatasetRoots
+    repeat_time: float = 1.0
+    max_dynamic_patch: int | None = None
+    data_augment: bool = False
+
+
+@dataclass
+class RecordSet:
+    """The records a stage reads: one source per JSONL file, in meta-file order, and one quarantine."""
+
+    path: str
+    sources: list[RecordSource]
+    quarantine: Quarantine
+    sha256: str
+
+    @property
+    def total_lines(self) -> int:
+        return sum(s.file.total_lines for s in self.sources)
+
+    @property
+    def records(self) -> int:
+        return sum(len(s.file.records) for s in self.sources)
+
+    def report(self) -> dict:
+        return {
+            "file": self.path,
+            "datasets": {
+                s.name: {"lines": s.file.total_lines, "used": len(s.file.records)} for s in self.sources
+            },
+            "lines": self.total_lines,
+            "used": self.records,
+            **self.quarantine.report(),
+        }
+
+
+def read_record_set(
+    uri: str,
+    name: str,
+    validate: Callable[[dict], str | None],
+    max_bad_fraction: float,
+    *,
+    image_root: str | None = None,
+    storage_options: dict | None = None,
+    limits: ReadLimits = DEFAULT_LIMITS,
+) -> RecordSet:
+    """Read a stage's records from one JSONL file or from every JSONL file an InternVL meta file lists.
+
+    A meta file is validated like SFT's (`load_meta`: unknown keys, wrong types and bad values name the dataset
+    and key); each dataset's images resolve inside its `root` (null or empty: the annotation's directory) or its
+    `allowed_roots`. A single JSONL's images resolve inside `image_root` (default `images/` beside the JSONL's
+    directory). Bad lines go to one quarantine under their dataset's name and line.
+
+    Args:
+        uri: a JSONL file, or a meta file (`*.json`).
+        name: the dataset name of a single JSONL file.
+        validate: returns None for a good record, else the reason.
+        max_bad_fraction: raise when more than this share of all lines is bad.
+        image_root: the image root of a single JSONL file (a meta file gives each dataset its own root).
+        storage_options: fsspec options.
+        limits: the per-line byte limit.
+
+    Raises:
+        FileNotFoundError: when the file, or an annotation a meta file names, does not exist.
+        MetaError: a wrong meta file, or a dataset whose `length` differs from its annotation's line count.
+        ValueError: when no record is usable or too many lines are bad (top reasons with an example each), or
+            when `image_root` is given with a meta file.
+    """
+    quarantine = Quarantine()
+    if not is_meta_file(uri):
+        file = _read_lines(uri, name, validate, storage_options, limits, quarantine)
+        _check_usable(f"{name}: {uri}", file.records, file.total_lines, quarantine, max_bad_fraction)
+        roots = DatasetRoots(image_root or default_image_root(uri))
+        # No meta file: augmentation is the stage's setting alone (the loader ANDs it with data_augment).
+        return RecordSet(uri, [RecordSource(name, file, roots, data_augment=True)], quarantine, file.sha256)
+    if image_root is not None:
+        raise ValueError(
+            f"{uri} is a meta file: each dataset's images are under its own 'root'; remove image_root"
+        )
+    meta = load_meta(uri, storage_options=storage_options)
+    sources = []
+    for dataset, spec in meta.datasets.items():
+        file = _read_lines(spec.annotation, dataset, validate, storage_options, limits, quarantine)
+        if spec.length is not None and spec.length != file.total_lines:
+            raise MetaError(
+                f"dataset {dataset!r}: meta says length {spec.length} but {spec.annotation} has "
+                f"{file.total_lines} lines; fix the key 'length'"
+            )
+        roots = DatasetRoots(spec.root or annotation_dir(spec.annotation), spec.allowed_roots)
+        sources.append(
+            RecordSource(dataset, file, roots, spec.repeat_time, spec.max_dynamic_patch, spec.data_augment)
+        )
+    hashes = {"meta": meta.sha256, "annotations": {s.name: s.file.sha256 for s in sources}}
+    sha256 = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+    records = [r for s in sources for r in s.file.records]
+    _check_usable(
+        f"meta file {uri}", records, sum(s.file.total_lines for s in sources), quarantine, max_bad_fraction
+    )
+    return RecordSet(uri, sources, quarantine, sha256)

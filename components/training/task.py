@@ -58,7 +58,7 @@ def wire_stage_config(
         stage: pretrain, sft, mpo, prm or critic (trained as sft).
         settings: the stage settings as the component receives them (recipe settings + tracking).
         init, output, work_dir: checkpoint in, checkpoint out, resumable work directory.
-        data_file: the meta file (pretrain, sft) or JSONL file (mpo, prm).
+        data_file: the meta file (pretrain, sft), or a JSONL or meta file (mpo, prm).
         parent_run_id: the pipeline's MLflow run (None: a top-level run).
 
     Returns:
