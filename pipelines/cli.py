@@ -144,7 +144,7 @@ def data_check(
         raise typer.Exit(2)
     try:
         if mode in ("mpo", "prm"):
-            report = check_records(source, mode, limit=limit)
+            report = check_records(source, mode, image_root=image_root)
         else:
             vocab = vocabulary_from(checkpoint, preset)
             report = check_conversations(

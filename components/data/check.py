@@ -260,35 +260,48 @@ def _check_video(
     return frames, encoder.encode(video_record(record, n, sid), [1] * n, sample_id=sid)
 
 
-def check_records(source: str, mode: Literal["mpo", "prm"], *, limit: int | None = None) -> dict:
-    """Check an MPO pair file or a PRM step file with the stage's own reader and record check."""
-    from vlpipe.components.training.records import read_records
+def check_records(source: str, mode: Literal["mpo", "prm"], *, image_root: str | None = None) -> dict:
+    """Check MPO pairs or PRM step records (one JSONL or a meta file over many) with the stage's own reader
+    and record check: per dataset, lines, usable records and the quarantined ones by reason."""
+    from vlpipe.components.training.records import read_record_set
 
     if mode == "mpo":
         from vlpipe.components.mpo.data import DATASET
         from vlpipe.components.mpo.data import validate_pair as validate
     else:
-        from vlpipe.components.prm.data import DATASET
-        from vlpipe.components.prm.data import validate_step_record as validate
+        from vlpipe.components.prm.data import DATASET, step_record_validator
+        from vlpipe.components.training.config import StepDataConfig
+
+        validate = step_record_validator(StepDataConfig(path=source))
     try:
-        records = read_records(source, DATASET, validate, max_bad_fraction=1.0)
-        used, quarantine, total = len(records.records), records.quarantine, records.total_lines
+        records = read_record_set(source, DATASET, validate, max_bad_fraction=1.0, image_root=image_root)
     except ValueError as exc:
         if "no usable record" not in str(exc):
             raise
         return {"source": source, "mode": mode, "records": None, "error": str(exc), "bad_fraction": 1.0}
-    reasons: dict[str, dict] = {}
-    for e in quarantine.entries:
-        slot = reasons.setdefault(e["reason"], {"count": 0, "examples": []})
-        slot["count"] += 1
-        if len(slot["examples"]) < EXAMPLES_PER_REASON:
-            slot["examples"].append({"line": e["line"], "detail": e["detail"]})
-    bad = len(quarantine)
+    quarantine = records.quarantine
+    datasets = {}
+    for s in records.sources:
+        reasons: dict[str, dict] = {}
+        for e in quarantine.entries:
+            if e["dataset"] != s.name:
+                continue
+            slot = reasons.setdefault(e["reason"], {"count": 0, "examples": []})
+            slot["count"] += 1
+            if len(slot["examples"]) < EXAMPLES_PER_REASON:
+                slot["examples"].append({"line": e["line"], "detail": e["detail"]})
+        bad = sum(slot["count"] for slot in reasons.values())
+        datasets[s.name] = {
+            "records": s.file.total_lines,
+            "usable": len(s.file.records),
+            "quarantined": bad,
+            "reasons": reasons,
+        }
+    total, bad = records.total_lines, len(quarantine)
     return {
         "source": source,
         "mode": mode,
-        "limit": limit,
-        "datasets": {DATASET: {"records": total, "usable": used, "quarantined": bad, "reasons": reasons}},
+        "datasets": datasets,
         "records": total,
         "quarantined": bad,
         "bad_fraction": round(bad / total, 6) if total else 0.0,
