@@ -191,10 +191,25 @@ def decode_image(data: bytes, *, source: str, max_pixels: int = DEFAULT_MAX_PIXE
             return probe.convert("RGB")
     except SampleError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:
+        # PIL refuses images above twice its own pixel limit inside Image.open, before our check can run.
         raise SampleError(
-            source, "corrupt_image", f"cannot decode image ({exc}); re-export or remove it"
-        ) from exc
+            source,
+            "image_too_large",
+            f"image has more pixels than the decoder accepts (a decompression bomb), above the cap of "
+            f"{max_pixels}; downscale it",
+        ) from None
+    except UnidentifiedImageError:
+        raise SampleError(
+            source, "corrupt_image", "cannot decode image (not a known image format); re-export or remove it"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        # The exception's text is not shown: PIL's messages can hold object reprs of the buffer.
+        raise SampleError(
+            source,
+            "corrupt_image",
+            f"cannot decode image ({type(exc).__name__}: truncated or malformed data); re-export or remove it",
+        ) from None
 
 
 def load_image(

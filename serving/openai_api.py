@@ -26,10 +26,16 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vlpipe.serving.limits import RequestRejected, ServingLimits
-from vlpipe.serving.pyfunc import decode_image_field
+from vlpipe.serving.pyfunc import MAX_TEMPERATURE, decode_image_field
+
+# vlpipe.model.generate's bounds, repeated so that importing this module does not import torch
+# (tests/serving/test_openai.py checks that they agree).
+MIN_TEMPERATURE = 1e-3
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -43,7 +49,7 @@ _ROLES = {"system": "system", "developer": "system", "user": "human", "assistant
 class ImageURL(BaseModel):
     """An image given as a URL; only `data:image/...;base64,` URLs are accepted."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     url: str
     detail: str | None = None
@@ -52,7 +58,7 @@ class ImageURL(BaseModel):
 class TextPart(BaseModel):
     """A text part of a message's content."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     type: Literal["text"]
     text: str
@@ -61,7 +67,7 @@ class TextPart(BaseModel):
 class ImagePart(BaseModel):
     """An image part of a message's content (`image_url` as an object, or as the URL string itself)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     type: Literal["image_url"]
     image_url: ImageURL | str
@@ -73,7 +79,7 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 class ChatMessage(BaseModel):
     """One chat message."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
@@ -81,21 +87,30 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The body of `POST /openai/v1/chat/completions`. Static ranges fail with 422; the server's caps
+    """The body of `POST /openai/v1/chat/completions`. Types are strict (no `"5"` for 5, no `"yes"` for
+    true, no `1.9` for an integer), numbers finite; static ranges fail with 422; the server's caps
     (`ServingLimits`) are checked by the route and fail with 400."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(default=1, ge=1)
     best_of: int | None = Field(default=None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_vanishing(cls, value: float) -> float:
+        # Below MIN_TEMPERATURE the logits divided by it overflow (NaN probabilities) inside generation.
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return value
 
 
 # -- response -----------------------------------------------------------------------------------------------
@@ -397,8 +412,12 @@ def _find_model(registry: ModelRepository, name: str | None) -> ChatModel:
         name = next(iter(models))
     model = registry.get_model(name)
     if model is None:
+        shown = name if len(name) <= 64 else name[:61] + "..."
         raise RequestRejected(
-            404, f"model {name!r} is not served here; available: {sorted(models)}", param="model"
+            404,
+            f"model {shown!r} is not served here; available: {sorted(models)}",
+            param="model",
+            code="model_not_found",
         )
     if not hasattr(model, "chat"):
         raise RequestRejected(400, f"model {name!r} does not support chat completions", param="model")

@@ -1,0 +1,160 @@
+"""Connection-level limits of the predictor's HTTP server: header and body read timeouts, and caps on slow and
+open connections, so a slow or lying client cannot hold a connection.
+
+uvicorn has no header or body read timeout of its own (only the keep-alive timeout between requests): a
+client that sends half its headers, or declares a `Content-Length` and stops sending, holds its connection and
+its request task forever. `guarded_protocol(limits)` returns a subclass of uvicorn's httptools protocol (the one
+uvicorn picks by default; KServe installs `uvicorn[standard]`) that the KServe REST server's uvicorn config
+uses (`vlpipe.serving.predictor`):
+
+- header timeout: from a connection's first byte, or from the first byte of the next request on a keep-alive
+  connection, to the end of the request headers (`ServingLimits.header_timeout_s`);
+- body timeout: from the end of the headers to the end of the body (`body_timeout_s`); the time the model
+  takes to answer does not count;
+- on either timeout the server answers `408` with `connection: close` (when no response has started) and
+  closes the connection; a route still waiting for the body sees a disconnect, so nothing is generated;
+- at most `max_slow_connections` connections may be sending headers or body at once: a new connection
+  beyond that closes the oldest slow one (408), so a flood of slow connections cannot lock out clients that
+  send their requests promptly;
+- at most `max_connections` open connections: beyond that the oldest idle keep-alive connection is closed,
+  or the new connection when none is idle.
+
+Each of these logs one line (`connection closed: status=408 reason=header_timeout ...`), with no request
+content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from vlpipe.serving.limits import ServingLimits, request_id
+
+logger = logging.getLogger("vlpipe.serving.requests")
+
+_MESSAGES = {
+    "header_timeout": "the request headers did not arrive in time; send the whole request promptly",
+    "body_timeout": "the request body did not arrive in time (or is shorter than its Content-Length)",
+    "too_many_slow_connections": "too many connections are sending slowly; this one was the oldest",
+}
+
+
+def _timeout_response(reason: str) -> bytes:
+    body = json.dumps({"error": _MESSAGES[reason]}).encode()
+    head = (
+        b"HTTP/1.1 408 Request Timeout\r\n"
+        b"content-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n"
+        b"connection: close\r\n\r\n"
+    )
+    return head + body
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with read timeouts and connection caps (see the module docstring).
+
+    The limits are class attributes; `guarded_protocol` makes a subclass carrying one server's limits.
+    """
+
+    header_timeout_s: float = ServingLimits().header_timeout_s
+    body_timeout_s: float = ServingLimits().body_timeout_s
+    max_slow_connections: int = ServingLimits().max_slow_connections
+    max_connections: int = ServingLimits().max_connections
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._read_timer: asyncio.TimerHandle | None = None
+        self._reading_since: float | None = None  # set while headers or a body are awaited
+        self._opened_at = 0.0
+
+    # -- the reading phases --------------------------------------------------------------------------------------
+    def _start_reading(self, phase: str, timeout_s: float) -> None:
+        self._stop_reading()
+        if self._reading_since is None or phase == "header":
+            self._reading_since = self.loop.time()
+        self._read_timer = self.loop.call_later(timeout_s, self._timed_out, f"{phase}_timeout")
+
+    def _stop_reading(self, done: bool = False) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+        if done:
+            self._reading_since = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._opened_at = self.loop.time()
+        self._start_reading("header", self.header_timeout_s)
+        self._make_room()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_reading(done=True)
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._read_timer is None:  # the first byte of a keep-alive connection's next request
+            self._start_reading("header", self.header_timeout_s)
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._start_reading("body", self.body_timeout_s)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._stop_reading(done=True)
+
+    # -- closing --------------------------------------------------------------------------------------------
+    def _timed_out(self, reason: str) -> None:
+        self._read_timer = None
+        self._reading_since = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        cycle = self.cycle
+        rid = request_id(self.scope) if reason == "body_timeout" and self.scope else "-"
+        logger.info("connection closed: status=408 reason=%s request_id=%s", reason, rid)
+        if cycle is not None and not cycle.response_complete:
+            if cycle.response_started:  # mid-response (only with pipelining): just close
+                self.transport.close()
+                return
+            # The route, if it is waiting for the body, reads a disconnect and answers nothing.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.transport.write(_timeout_response(reason))
+        self.transport.close()
+
+    def _make_room(self) -> None:
+        peers = [c for c in self.connections if c is not self and isinstance(c, GuardedHttpProtocol)]
+        slow = [c for c in peers if c._reading_since is not None]
+        if len(slow) >= self.max_slow_connections:
+            oldest = min(slow, key=lambda c: c._reading_since or 0.0)
+            oldest._stop_reading()
+            oldest._timed_out("too_many_slow_connections")
+        if len(self.connections) > self.max_connections:
+            idle = [
+                c
+                for c in peers
+                if c._reading_since is None and (c.cycle is None or c.cycle.response_complete)
+            ]
+            victim = min(idle, key=lambda c: c._opened_at) if idle else self
+            logger.info("connection closed: reason=too_many_connections (%d open)", len(self.connections))
+            victim.transport.close()
+
+
+def guarded_protocol(limits: ServingLimits) -> type[GuardedHttpProtocol]:
+    """A `GuardedHttpProtocol` subclass carrying `limits`' timeouts and connection caps, for
+    `uvicorn.Config(http=...)`."""
+    return type(
+        "GuardedHttpProtocol",
+        (GuardedHttpProtocol,),
+        {
+            "header_timeout_s": limits.header_timeout_s,
+            "body_timeout_s": limits.body_timeout_s,
+            "max_slow_connections": limits.max_slow_connections,
+            "max_connections": limits.max_connections,
+        },
+    )
