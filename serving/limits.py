@@ -200,7 +200,9 @@ async def server_error_handler(request: Any, exc: Exception) -> Any:
     rid = request_id(request)
     logger.error("request failed: status=500 reason=%s request_id=%s", type(exc).__name__, rid, exc_info=exc)
     message = f"internal server error (request id {rid}); the server keeps serving"
-    return _json_response(request, 500, message, connection="close")
+    # Starlette answers this one outside the middlewares, so the request id header is set here.
+    headers = {"connection": "close", REQUEST_ID_HEADER: rid}
+    return _json_response(request, 500, message, **headers)
 
 
 # -- JSON body checks --------------------------------------------------------------------------------------------

@@ -487,6 +487,8 @@ def _v2_values(request: InferRequest, name: str) -> list[Any] | None:
         return None
     if tensor.datatype != "BYTES":
         raise RequestRejected(400, f"V2 input {name!r} must have datatype BYTES")
+    if not all(isinstance(d, int) and d >= 0 for d in tensor.shape):
+        raise RequestRejected(400, f"V2 input {name!r}: shape must be non-negative integers")
     try:
         values = tensor.as_numpy().reshape(-1).tolist()
     except (ValueError, TypeError, OverflowError):
