@@ -364,3 +364,14 @@ def test_bench_serving_runs_and_writes_json(tmp_path):
     assert latency["http"]["p50_ms"] > 0 and latency["in_process"]["p50_ms"] > 0
     assert latency["goal_http_overhead_p50"] == 0.15 and isinstance(latency["meets_goal"], bool)
     assert load["clients"] == 4 and load["errors"] == 0 and load["requests_ok"] > 0 and load["meets_goal"]
+
+
+def test_request_bounds_agree_with_generate():
+    from vlpipe.model import generate as gen
+    from vlpipe.serving import openai_api
+
+    assert (openai_api.MIN_TEMPERATURE, openai_api.SEED_MIN, openai_api.SEED_MAX) == (
+        gen.MIN_TEMPERATURE,
+        gen.SEED_MIN,
+        gen.SEED_MAX,
+    )
