@@ -16,6 +16,8 @@ uses (`vlpipe.serving.predictor`):
 - at most `max_slow_connections` connections may be sending headers or body at once: a new connection
   beyond that closes the oldest slow one (408), so a flood of slow connections cannot lock out clients that
   send their requests promptly;
+- the request line and headers may take at most `max_header_bytes` (431 and close beyond it; httptools would
+  otherwise buffer an endless header);
 - at most `max_connections` open connections: beyond that the oldest idle keep-alive connection is closed,
   or the new connection when none is idle.
 
@@ -40,14 +42,18 @@ _MESSAGES = {
     "header_timeout": "the request headers did not arrive in time; send the whole request promptly",
     "body_timeout": "the request body did not arrive in time (or is shorter than its Content-Length)",
     "too_many_slow_connections": "too many connections are sending slowly; this one was the oldest",
+    "headers_too_large": "the request line and headers are too large",
+}
+_STATUS_LINES = {
+    408: b"HTTP/1.1 408 Request Timeout\r\n",
+    431: b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
 }
 
 
-def _timeout_response(reason: str) -> bytes:
+def _error_response(status: int, reason: str) -> bytes:
     body = json.dumps({"error": _MESSAGES[reason]}).encode()
     head = (
-        b"HTTP/1.1 408 Request Timeout\r\n"
-        b"content-type: application/json\r\n"
+        _STATUS_LINES[status] + b"content-type: application/json\r\n"
         b"content-length: " + str(len(body)).encode() + b"\r\n"
         b"connection: close\r\n\r\n"
     )
@@ -64,12 +70,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     body_timeout_s: float = ServingLimits().body_timeout_s
     max_slow_connections: int = ServingLimits().max_slow_connections
     max_connections: int = ServingLimits().max_connections
+    max_header_bytes: int = ServingLimits().max_header_bytes
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._read_timer: asyncio.TimerHandle | None = None
         self._reading_since: float | None = None  # set while headers or a body are awaited
         self._opened_at = 0.0
+        self._in_headers = (
+            True  # between a request's first byte (or the connection's start) and its headers' end
+        )
+        self._header_bytes = 0
 
     # -- the reading phases --------------------------------------------------------------------------------------
     def _start_reading(self, phase: str, timeout_s: float) -> None:
@@ -95,12 +106,31 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._stop_reading(done=True)
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        if self._in_headers:
+            self._header_bytes += len(data)
+        super().data_received(data)
+        # httptools buffers an unfinished header in memory: bound it (the chunk that ends the headers may also
+        # carry body bytes, so only a request still in its headers is refused).
+        if (
+            self._in_headers
+            and self._header_bytes > self.max_header_bytes
+            and not self.transport.is_closing()
+        ):
+            self._stop_reading(done=True)
+            logger.info("connection closed: status=431 reason=headers_too_large request_id=-")
+            self.transport.write(_error_response(431, "headers_too_large"))
+            self.transport.close()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._in_headers = True
+        self._header_bytes = 0
         if self._read_timer is None:  # the first byte of a keep-alive connection's next request
             self._start_reading("header", self.header_timeout_s)
 
     def on_headers_complete(self) -> None:
+        self._in_headers = False
         super().on_headers_complete()
         self._start_reading("body", self.body_timeout_s)
 
@@ -124,7 +154,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             # The route, if it is waiting for the body, reads a disconnect and answers nothing.
             cycle.disconnected = True
             cycle.message_event.set()
-        self.transport.write(_timeout_response(reason))
+        self.transport.write(_error_response(408, reason))
         self.transport.close()
 
     def _make_room(self) -> None:
@@ -156,5 +186,6 @@ def guarded_protocol(limits: ServingLimits) -> type[GuardedHttpProtocol]:
             "body_timeout_s": limits.body_timeout_s,
             "max_slow_connections": limits.max_slow_connections,
             "max_connections": limits.max_connections,
+            "max_header_bytes": limits.max_header_bytes,
         },
     )

@@ -37,6 +37,8 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 logger = logging.getLogger("vlpipe.serving.requests")
+if logger.level == logging.NOTSET:  # rejection lines are INFO: shown wherever logging has a handler
+    logger.setLevel(logging.INFO)
 
 _OBJECT_REPR = re.compile(r"<[^<>]{0,200}? at 0x[0-9a-fA-F]+>")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -66,6 +68,7 @@ class ServingLimits(BaseModel):
             closes the oldest of them (408).
         max_connections: open connections at once; beyond it the oldest idle keep-alive connection is
             closed, or the new one when none is idle.
+        max_header_bytes: size of a request line and headers (431 and close above it).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -84,6 +87,7 @@ class ServingLimits(BaseModel):
     body_timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     max_slow_connections: int = Field(default=64, gt=0)
     max_connections: int = Field(default=1024, gt=0)
+    max_header_bytes: int = Field(default=64 * 1024, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> Self:

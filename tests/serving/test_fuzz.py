@@ -353,6 +353,20 @@ def test_half_sent_headers_and_silent_connections_are_closed(server, http):
     _assert_healthy(http)
 
 
+def test_endless_headers_are_431_and_closed(server, http):
+    with _connect(server[0]) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+        try:
+            for _ in range(2 * LIMITS.max_header_bytes // 8192 + 2):
+                sock.sendall(b"a" * 8192)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        data, elapsed = _read_until_closed(sock, 5)
+    assert data.startswith(b"HTTP/1.1 431") or data == b""  # a reset can beat the answer to the client
+    assert elapsed < 5
+    _assert_healthy(http)
+
+
 def test_a_trickled_body_is_cut_at_the_body_timeout(server, http):
     with _connect(server[0]) as sock:
         sock.sendall(HEAD.format(path=V1, length=200).encode())
