@@ -16,6 +16,7 @@ Messages never hold object reprs (`<... object at 0x...>`) and are cut to `MAX_M
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 OPENAI_PREFIX = "/openai/"
 MAX_MESSAGE_CHARS = 300
 REQUEST_ID_HEADER = "x-request-id"
+OFF_LOOP_BYTES = 1024 * 1024  # JSON bodies larger than this are checked on a worker thread
 # ASGI types, spelled out to keep this module free of starlette imports at type-check time.
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -344,7 +346,10 @@ class RequestGuardMiddleware:
             and b"inference-header-content-length" not in headers
         ):
             try:
-                check_json_body(data, self.max_json_depth)
+                if len(data) > OFF_LOOP_BYTES:  # parsing megabytes takes a while: keep health checks answered
+                    await asyncio.to_thread(check_json_body, data, self.max_json_depth)
+                else:
+                    check_json_body(data, self.max_json_depth)
             except RequestRejected as exc:
                 await self._refuse(scope, send_with_id, exc.status_code, exc.code, exc.message)
                 return
