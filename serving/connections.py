@@ -21,6 +21,9 @@ uses (`vlpipe.serving.predictor`):
 - at most `max_connections` open connections: beyond that the oldest idle keep-alive connection is closed,
   or the new connection when none is idle.
 
+The subclass uses uvicorn's protocol internals (`cycle`, `transport`, the parser callbacks), read from uvicorn
+0.54 (pinned in constraints.txt); `tests/serving/test_fuzz.py` drives every path over raw sockets.
+
 Each of these logs one line (`connection closed: status=408 reason=header_timeout ...`), with no request
 content.
 """

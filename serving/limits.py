@@ -181,11 +181,12 @@ async def validation_error_handler(request: Any, exc: Exception) -> Any:
     errors = exc.errors() if hasattr(exc, "errors") else []
     parts = []
     for error in errors[:3]:
-        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        # A path can hold the client's own dict keys: each part is cut short.
+        loc = [str(p)[:40] for p in error.get("loc", ()) if p != "body"]
         parts.append(f"{'.'.join(loc) or 'body'}: {error.get('msg', 'invalid')}")
     more = f" (+{len(errors) - 3} more)" if len(errors) > 3 else ""
     message = "invalid request: " + "; ".join(parts) + more if parts else "invalid request body"
-    param = ".".join(str(p) for p in errors[0].get("loc", ()) if p != "body") if errors else None
+    param = ".".join(str(p)[:40] for p in errors[0].get("loc", ()) if p != "body") if errors else None
     log_rejection(422, "validation_error", request_id(request))
     return _json_response(request, 422, message, param or None)
 

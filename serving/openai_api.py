@@ -4,15 +4,16 @@ KServe 0.21's own OpenAI model classes import vLLM, so without vLLM their routes
 module adds the route itself (`register_openai_routes`) with pydantic request/response models. A request
 carries OpenAI chat messages whose content is a string or a list of `text` and `image_url` parts; images must
 be base64 data URLs with an image media type (`data:image/png;base64,...`) — remote `http(s)` URLs are refused,
-the server never fetches anything. Messages map to InternVL conversation turns (system/developer → system, user → human, assistant →
-gpt); each image part becomes an `<image>` placeholder at its place in the user turn (parts are joined by
-newlines, so `[image, text]` gives InternVL's `<image>\\n...`). Supported fields: `model`, `messages`,
-`max_tokens` (or `max_completion_tokens`), `temperature` (default 1.0, as OpenAI; 0 = greedy), `top_p`, `n`,
-`seed`, `stream` (server-sent events ending with `data: [DONE]`), and the extension `best_of`: sample that many
-answers at the request's temperature and return the `n` the process reward model scores highest, best first,
-each with its `prm_score` (at temperature 0 every sample is the greedy answer). Unknown fields are ignored, as
-OpenAI clients send many optional ones; known ones are strictly typed (`"5"` is not 5, `"yes"` not true, `1.9`
-not an integer), `temperature` is 0 or 0.001–2 and `seed` a 64-bit integer (422 otherwise).
+the server never fetches anything. Messages map to InternVL conversation turns (system/developer → system,
+user → human, assistant → gpt); each image part becomes an `<image>` placeholder at its place in the user turn
+(parts are joined by newlines, so `[image, text]` gives InternVL's `<image>\\n...`). Supported fields:
+`model`, `messages`, `max_tokens` (or `max_completion_tokens`), `temperature` (default 1.0, as OpenAI;
+0 = greedy), `top_p`, `n`, `seed`, `stream` (server-sent events ending with `data: [DONE]`), and the extension
+`best_of`: sample that many answers at the request's temperature and return the `n` the process reward model
+scores highest, best first, each with its `prm_score` (at temperature 0 every sample is the greedy answer).
+Unknown fields are ignored, as OpenAI clients send many optional ones; known ones are strictly typed (`"5"` is
+not 5, `"yes"` not true, `1.9` not an integer), `temperature` is 0 or 0.001–2 and `seed` a 64-bit integer (422
+otherwise).
 
 Streaming sends the answer token by token as chunks, but only after the whole answer is generated
 (`vlpipe.model.generate.generate` has no streamer hook): the protocol is OpenAI's, the time to first token is not.

@@ -21,8 +21,9 @@ V2PE with the checkpoint's δ) and `vlpipe.model.generate.generate`.
 V1/V2 routes) on a fresh FastAPI app, to which it adds the OpenAI routes, the request guard (body cap, JSON
 checks, request ids) and exception handlers that answer a client's mistake with a 4xx and one log line
 (`vlpipe.serving.limits`), and whose uvicorn speaks through `vlpipe.serving.connections`' protocol (header and
-body read timeouts, caps on slow and open connections), bound to a chosen host (KServe binds 0.0.0.0). Generation runs on one worker thread per model, so the event loop keeps answering health checks
-while a request generates, and concurrent requests queue instead of competing for the cores.
+body read timeouts, caps on slow and open connections), bound to a chosen host (KServe binds 0.0.0.0).
+Generation runs on one worker thread per model, so the event loop keeps answering health checks while a request
+generates, and concurrent requests queue instead of competing for the cores.
 """
 
 from __future__ import annotations
