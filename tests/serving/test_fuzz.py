@@ -412,3 +412,24 @@ def test_a_flood_of_slow_connections_does_not_lock_out_prompt_clients(server, ht
         for sock in flood:
             sock.close()
     _assert_healthy(http)
+
+
+def test_open_connections_are_capped_by_closing_idle_ones(server):
+    # A second server on the same model, allowing 4 connections: 4 idle keep-alive clients, then a fifth
+    # connection closes the oldest idle one instead of being refused.
+    capped = LIMITS.model_copy(update={"max_connections": 4, "max_slow_connections": 2})
+    with serve_in_background(server[1], limits=capped) as url:
+        idle = []
+        for _ in range(4):
+            sock = _connect(url)
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            idle.append(sock)
+        try:
+            with httpx.Client(base_url=url, timeout=10) as fresh:
+                assert fresh.get("/v2/health/live").status_code == 200
+            data, elapsed = _read_until_closed(idle[0], 3)
+            assert data == b"" and elapsed < 3  # the oldest idle connection was closed
+        finally:
+            for sock in idle:
+                sock.close()
