@@ -191,8 +191,9 @@ def decode_image(data: bytes, *, source: str, max_pixels: int = DEFAULT_MAX_PIXE
             return probe.convert("RGB")
     except SampleError:
         raise
-    except Image.DecompressionBombError:
-        # PIL refuses images above twice its own pixel limit inside Image.open, before our check can run.
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # PIL refuses images above twice its own pixel limit inside Image.open, before our check can run (and
+        # warns above its limit, which is an error where warnings are errors).
         raise SampleError(
             source,
             "image_too_large",

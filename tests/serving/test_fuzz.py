@@ -78,6 +78,7 @@ def _b64(data: bytes) -> str:
 PNG = _png(16, 16)
 BOMB = _png_header_only(30_000, 30_000)  # 900 MP: PIL itself refuses it inside Image.open
 OVER_CAP = _png_header_only(1_000, 1_000)  # under PIL's limit, over the server's pixel cap
+PIL_WARNS = _png_header_only(10_000, 10_000)  # 100 MP: PIL warns (DecompressionBombWarning) inside Image.open
 NOT_AN_IMAGE = b"GIF89a" + b"\x00" * 20  # a known magic, truncated data
 
 
@@ -178,6 +179,7 @@ def _image_attacks(route: str, build) -> list[tuple[str, str, bytes, set[int]]]:
         ("bad-base64", route, dump("data:image/png;base64,@@@"), {400}),
         ("decompression-bomb", route, dump(f"data:image/png;base64,{_b64(BOMB)}"), {413}),
         ("over-pixel-cap", route, dump(f"data:image/png;base64,{_b64(OVER_CAP)}"), {413}),
+        ("pil-warning-size", route, dump(f"data:image/png;base64,{_b64(PIL_WARNS)}"), {413}),
         ("truncated-image", route, dump(f"data:image/png;base64,{_b64(PNG[: len(PNG) // 2])}"), {400}),
         ("not-an-image", route, dump(f"data:image/gif;base64,{_b64(NOT_AN_IMAGE)}"), {400}),
     ]
