@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import json
 import logging
 import math
 import os
@@ -354,6 +355,13 @@ class VLPipeModel(kserve.Model):
         Raises:
             RequestRejected: (400) a malformed request or a bad row; (413) an image over the pixel cap.
         """
+        if isinstance(payload, bytes | bytearray):
+            # KServe hands V1 bodies sent without a JSON content type (`curl -d`) over undecoded; the request
+            # guard has already checked that they are JSON.
+            try:
+                payload = json.loads(payload)
+            except ValueError:
+                raise RequestRejected(400, "the body is not JSON; send a V1 request object") from None
         if isinstance(payload, InferRequest):
             rows, params = _v2_rows(payload)
             answers = await self._run(self.answer_rows, rows, params)

@@ -297,6 +297,15 @@ def test_a_good_request_after_rejections_keeps_its_connection(http):
     assert http.post(CHAT, json=_chat(temperature=0)).status_code == 200
 
 
+def test_v1_body_without_a_json_content_type_is_read_as_json(http):
+    # `curl -d` sends application/x-www-form-urlencoded; KServe passes such a body on undecoded.
+    body = json.dumps({"instances": [{"prompt": "hi"}], "parameters": {"max_new_tokens": 1}})
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    assert http.post(V1, content=body, headers=form).status_code == 200
+    bad = http.post(V1, content=body.replace("1}", "NaN}"), headers=form)
+    assert bad.status_code == 400 and "finite" in bad.json()["error"]
+
+
 def test_client_request_id_is_kept_only_when_well_formed(http):
     assert (
         http.get("/v2/health/live", headers={"x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
