@@ -389,10 +389,6 @@ class RequestGuardMiddleware:
         await send({"type": "http.response.body", "body": payload})
 
 
-# The earlier name of the middleware (it only capped the body size then).
-BodySizeLimitMiddleware = RequestGuardMiddleware
-
-
 def _content_length(headers: dict[bytes, bytes]) -> int | None:
     value = headers.get(b"content-length")
     if value is None:
