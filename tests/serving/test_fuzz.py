@@ -29,7 +29,11 @@ from vlpipe.model.init import init_random
 from vlpipe.serving.limits import ServingLimits
 from vlpipe.serving.predictor import VLPipeModel, serve_in_background
 
-pytestmark = pytest.mark.filterwarnings("ignore:ORJSONResponse is deprecated")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:ORJSONResponse is deprecated"),
+    # PIL warns on a 100 MP header before the server's own cap refuses it (413): expected here.
+    pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),
+]
 
 LIMITS = ServingLimits(
     max_body_bytes=256 * 1024,
