@@ -14,12 +14,12 @@ uses (`vlpipe.serving.predictor`):
 - on either timeout the server answers `408` with `connection: close` (when no response has started) and
   closes the connection; a route still waiting for the body sees a disconnect, so nothing is generated;
 - at most `max_slow_connections` connections may be sending headers or body at once: a new connection
-  beyond that closes the oldest slow one (408), so a flood of slow connections cannot lock out clients that
-  send their requests promptly;
+  beyond that closes the oldest slow one that has been at it for over a second (408), so a flood of slow
+  connections cannot lock out clients that send their requests promptly;
 - the request line and headers may take at most `max_header_bytes` (431 and close beyond it; httptools would
   otherwise buffer an endless header);
 - at most `max_connections` open connections: beyond that the oldest idle keep-alive connection is closed,
-  or the new connection when none is idle.
+  else the oldest slow one, else the new connection.
 
 The subclass uses uvicorn's protocol internals (`cycle`, `transport`, the parser callbacks), read from uvicorn
 0.54 (pinned in constraints.txt); `tests/serving/test_fuzz.py` drives every path over raw sockets.
@@ -74,15 +74,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     max_slow_connections: int = ServingLimits().max_slow_connections
     max_connections: int = ServingLimits().max_connections
     max_header_bytes: int = ServingLimits().max_header_bytes
+    # A connection counts as slow for eviction only after this long: a burst of prompt clients that have
+    # connected but whose first bytes the event loop has not read yet is not a flood.
+    slow_grace_s: float = 1.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._read_timer: asyncio.TimerHandle | None = None
         self._reading_since: float | None = None  # set while headers or a body are awaited
         self._opened_at = 0.0
-        self._in_headers = (
-            True  # between a request's first byte (or the connection's start) and its headers' end
-        )
+        # True between a request's first byte (or the connection's start) and the end of its headers.
+        self._in_headers = True
         self._header_bytes = 0
 
     # -- the reading phases --------------------------------------------------------------------------------------
@@ -161,19 +163,26 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _make_room(self) -> None:
+        now = self.loop.time()
         peers = [c for c in self.connections if c is not self and isinstance(c, GuardedHttpProtocol)]
         slow = [c for c in peers if c._reading_since is not None]
-        if len(slow) >= self.max_slow_connections:
-            oldest = min(slow, key=lambda c: c._reading_since or 0.0)
+        overdue = [c for c in slow if now - (c._reading_since or now) >= self.slow_grace_s]
+        if len(slow) >= self.max_slow_connections and overdue:
+            oldest = min(overdue, key=lambda c: c._reading_since or now)
             oldest._stop_reading()
             oldest._timed_out("too_many_slow_connections")
+            peers.remove(oldest)
         if len(self.connections) > self.max_connections:
             idle = [
                 c
                 for c in peers
                 if c._reading_since is None and (c.cycle is None or c.cycle.response_complete)
             ]
-            victim = min(idle, key=lambda c: c._opened_at) if idle else self
+            if idle:
+                victim = min(idle, key=lambda c: c._opened_at)
+            else:
+                overdue = [c for c in overdue if c in peers]
+                victim = min(overdue, key=lambda c: c._reading_since or now) if overdue else self
             logger.info("connection closed: reason=too_many_connections (%d open)", len(self.connections))
             victim.transport.close()
 

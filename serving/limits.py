@@ -67,9 +67,9 @@ class ServingLimits(BaseModel):
         body_timeout_s: time from the end of the headers to the end of the body (408 and close past it);
             generation time does not count.
         max_slow_connections: connections still sending headers or body at once; a new connection beyond it
-            closes the oldest of them (408).
+            closes the oldest of them that has been at it for over a second (408).
         max_connections: open connections at once; beyond it the oldest idle keep-alive connection is
-            closed, or the new one when none is idle.
+            closed, else the oldest slow one, else the new one.
         max_header_bytes: size of a request line and headers (431 and close above it).
     """
 

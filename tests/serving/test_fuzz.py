@@ -429,6 +429,25 @@ def test_a_flood_of_slow_connections_does_not_lock_out_prompt_clients(server, ht
     _assert_healthy(http)
 
 
+def test_the_oldest_slow_connection_is_closed_when_too_many_are_slow(server):
+    # A second server with a long header timeout, allowing 2 slow connections: once they have been slow for
+    # the grace second, a new connection closes the oldest of them at once, long before its timeout.
+    patient = LIMITS.model_copy(update={"header_timeout_s": 30.0, "max_slow_connections": 2})
+    with serve_in_background(server[1], limits=patient) as url:
+        slow = [_connect(url) for _ in range(2)]
+        try:
+            for sock in slow:
+                sock.sendall(b"POST /v1/models/vlpipe:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            time.sleep(1.2)
+            with httpx.Client(base_url=url, timeout=10) as fresh:
+                assert fresh.get("/v2/health/live").status_code == 200
+            data, elapsed = _read_until_closed(slow[0], 5)
+            assert data.startswith(b"HTTP/1.1 408") and elapsed < 5
+        finally:
+            for sock in slow:
+                sock.close()
+
+
 def test_open_connections_are_capped_by_closing_idle_ones(server):
     # A second server on the same model, allowing 4 connections: 4 idle keep-alive clients, then a fifth
     # connection closes the oldest idle one instead of being refused.
