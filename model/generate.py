@@ -11,6 +11,27 @@ from transformers import InternVLForConditionalGeneration
 from vlpipe.model.collate import collate_padded
 from vlpipe.model.conversation import EncodedSample
 
+# Sampling settings `generate` accepts. Below MIN_TEMPERATURE the logits divided by the temperature overflow
+# (1e-45 gives inf, then NaN probabilities); the seed range is what torch.manual_seed takes.
+MIN_TEMPERATURE = 1e-3
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
+
+
+def check_sampling(temperature: float, top_p: float, seed: int | None) -> None:
+    """Refuse sampling settings that would overflow or fail inside generation.
+
+    Raises:
+        ValueError: for a temperature that is neither 0 nor a finite number >= MIN_TEMPERATURE, a top_p outside
+            (0, 1], or a seed outside [SEED_MIN, SEED_MAX].
+    """
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < float("inf")):
+        raise ValueError(f"temperature must be 0 (greedy) or a finite number of at least {MIN_TEMPERATURE}")
+    if not 0 < top_p <= 1:
+        raise ValueError("top_p must be in (0, 1]")
+    if seed is not None and (isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX):
+        raise ValueError(f"seed must be an integer from {SEED_MIN} to {SEED_MAX}")
+
 
 @torch.no_grad()
 def generate(
@@ -39,7 +60,11 @@ def generate(
 
     Returns:
         The new token ids of each row, without the prompt, cut after the first `eos_token_id` (excluded).
+
+    Raises:
+        ValueError: for sampling settings `check_sampling` refuses (checked before any work).
     """
+    check_sampling(temperature if do_sample else 0.0, top_p if do_sample else 1.0, seed)
     batch = collate_padded(prompts, pad_token_id, padding_side="left")
     device = next(model.parameters()).device
     kwargs = {

@@ -207,14 +207,26 @@ def decode_image(data: bytes, *, source: str, max_pixels: int = DEFAULT_MAX_PIXE
             return probe.convert("RGB")
     except SampleError:
         raise
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # PIL refuses images above twice its own pixel limit inside Image.open, before our check can run (and
+        # warns above its limit, which is an error where warnings are errors).
         raise SampleError(
-            source, "image_too_large", f"image is above the decoder's pixel limit ({exc}); downscale it"
-        ) from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            source,
+            "image_too_large",
+            f"image has more pixels than the decoder accepts (a decompression bomb), above the cap of "
+            f"{max_pixels}; downscale it",
+        ) from None
+    except UnidentifiedImageError:
         raise SampleError(
-            source, "corrupt_image", f"cannot decode image ({exc}); re-export or remove it"
-        ) from exc
+            source, "corrupt_image", "cannot decode image (not a known image format); re-export or remove it"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        # The exception's text is not shown: PIL's messages can hold object reprs of the buffer.
+        raise SampleError(
+            source,
+            "corrupt_image",
+            f"cannot decode image ({type(exc).__name__}: truncated or malformed data); re-export or remove it",
+        ) from None
 
 
 def load_image(
@@ -261,10 +273,12 @@ def image_size(
         raise
     except NotRegularFileError as exc:
         raise SampleError(source, "not_a_file", str(exc)) from exc
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise SampleError(
-            source, "image_too_large", f"image is above the decoder's pixel limit ({exc}); downscale it"
-        ) from exc
+            source,
+            "image_too_large",
+            "image is above the decoder's pixel limit (a decompression bomb); downscale it",
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise SampleError(
             source, "corrupt_image", f"cannot read image header ({type(exc).__name__})"

@@ -3,15 +3,17 @@
 KServe 0.21's own OpenAI model classes import vLLM, so without vLLM their routes are never registered; this
 module adds the route itself (`register_openai_routes`) with pydantic request/response models. A request
 carries OpenAI chat messages whose content is a string or a list of `text` and `image_url` parts; images must
-be base64 data URLs (`data:image/png;base64,...`) — remote `http(s)` URLs are refused, the server never fetches
-anything. Messages map to InternVL conversation turns (system/developer → system, user → human, assistant →
-gpt); each image part becomes an `<image>` placeholder at its place in the user turn (parts are joined by
-newlines, so `[image, text]` gives InternVL's `<image>\\n...`). Supported fields: `model`, `messages`,
-`max_tokens` (or `max_completion_tokens`), `temperature` (default 1.0, as OpenAI; 0 = greedy), `top_p`, `n`,
-`seed`, `stream` (server-sent events ending with `data: [DONE]`), and the extension `best_of`: sample that many
-answers at the request's temperature and return the `n` the process reward model scores highest, best first,
-each with its `prm_score` (at temperature 0 every sample is the greedy answer). Unknown fields are ignored, as
-OpenAI clients send many optional ones.
+be base64 data URLs with an image media type (`data:image/png;base64,...`) — remote `http(s)` URLs are refused,
+the server never fetches anything. Messages map to InternVL conversation turns (system/developer → system,
+user → human, assistant → gpt); each image part becomes an `<image>` placeholder at its place in the user turn
+(parts are joined by newlines, so `[image, text]` gives InternVL's `<image>\\n...`). Supported fields:
+`model`, `messages`, `max_tokens` (or `max_completion_tokens`), `temperature` (default 1.0, as OpenAI;
+0 = greedy), `top_p`, `n`, `seed`, `stream` (server-sent events ending with `data: [DONE]`), and the extension
+`best_of`: sample that many answers at the request's temperature and return the `n` the process reward model
+scores highest, best first, each with its `prm_score` (at temperature 0 every sample is the greedy answer).
+Unknown fields are ignored, as OpenAI clients send many optional ones; known ones are strictly typed (`"5"` is
+not 5, `"yes"` not true, `1.9` not an integer), `temperature` is 0 or 0.001–2 and `seed` a 64-bit integer (422
+otherwise).
 
 Streaming sends the answer token by token as chunks, but only after the whole answer is generated
 (`vlpipe.model.generate.generate` has no streamer hook): the protocol is OpenAI's, the time to first token is not.
@@ -26,10 +28,16 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vlpipe.serving.limits import RequestRejected, ServingLimits
-from vlpipe.serving.pyfunc import decode_image_field
+from vlpipe.serving.pyfunc import MAX_TEMPERATURE, decode_image_field
+
+# vlpipe.model.generate's bounds, repeated so that importing this module does not import torch
+# (tests/serving/test_openai.py checks that they agree).
+MIN_TEMPERATURE = 1e-3
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -43,7 +51,7 @@ _ROLES = {"system": "system", "developer": "system", "user": "human", "assistant
 class ImageURL(BaseModel):
     """An image given as a URL; only `data:image/...;base64,` URLs are accepted."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     url: str
     detail: str | None = None
@@ -52,7 +60,7 @@ class ImageURL(BaseModel):
 class TextPart(BaseModel):
     """A text part of a message's content."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     type: Literal["text"]
     text: str
@@ -61,7 +69,7 @@ class TextPart(BaseModel):
 class ImagePart(BaseModel):
     """An image part of a message's content (`image_url` as an object, or as the URL string itself)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     type: Literal["image_url"]
     image_url: ImageURL | str
@@ -73,7 +81,7 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 class ChatMessage(BaseModel):
     """One chat message."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
@@ -81,21 +89,30 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """The body of `POST /openai/v1/chat/completions`. Static ranges fail with 422; the server's caps
+    """The body of `POST /openai/v1/chat/completions`. Types are strict (no `"5"` for 5, no `"yes"` for
+    true, no `1.9` for an integer), numbers finite; static ranges fail with 422; the server's caps
     (`ServingLimits`) are checked by the route and fail with 400."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(default=1, ge=1)
     best_of: int | None = Field(default=None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_vanishing(cls, value: float) -> float:
+        # Below MIN_TEMPERATURE the logits divided by it overflow (NaN probabilities) inside generation.
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+        return value
 
 
 # -- response -----------------------------------------------------------------------------------------------
@@ -397,8 +414,12 @@ def _find_model(registry: ModelRepository, name: str | None) -> ChatModel:
         name = next(iter(models))
     model = registry.get_model(name)
     if model is None:
+        shown = name if len(name) <= 64 else name[:61] + "..."
         raise RequestRejected(
-            404, f"model {name!r} is not served here; available: {sorted(models)}", param="model"
+            404,
+            f"model {shown!r} is not served here; available: {sorted(models)}",
+            param="model",
+            code="model_not_found",
         )
     if not hasattr(model, "chat"):
         raise RequestRejected(400, f"model {name!r} does not support chat completions", param="model")

@@ -18,10 +18,12 @@ V2PE with the checkpoint's δ) and `vlpipe.model.generate.generate`.
 - `/metrics`: KServe's Prometheus metrics plus `vlpipe_generated_tokens_total{model=...}`.
 
 `VLPipeModelServer` is a `kserve.ModelServer` whose REST server is KServe's own (`RESTServer`: middlewares,
-V1/V2 routes, exception handlers) on a fresh FastAPI app, to which it adds the OpenAI routes, the
-`RequestRejected` handler and the body-size cap (`vlpipe.serving.limits`), bound to a chosen host (KServe binds
-0.0.0.0). Generation runs on one worker thread per model, so the event loop keeps answering health checks
-while a request generates, and concurrent requests queue instead of competing for the cores.
+V1/V2 routes) on a fresh FastAPI app, to which it adds the OpenAI routes, the request guard (body cap, JSON
+checks, request ids) and exception handlers that answer a client's mistake with a 4xx and one log line
+(`vlpipe.serving.limits`), and whose uvicorn speaks through `vlpipe.serving.connections`' protocol (header and
+body read timeouts, caps on slow and open connections), bound to a chosen host (KServe binds 0.0.0.0).
+Generation runs on one worker thread per model, so the event loop keeps answering health checks while a request
+generates, and concurrent requests queue instead of competing for the cores.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import json
 import logging
 import math
 import os
@@ -43,12 +46,20 @@ from typing import TYPE_CHECKING, Any
 
 import kserve
 import yaml
-from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest.server import RESTServer
 from prometheus_client import Counter
 
-from vlpipe.serving.limits import BodySizeLimitMiddleware, RequestRejected, ServingLimits, rejected_handler
+from vlpipe.serving.connections import guarded_protocol
+from vlpipe.serving.limits import (
+    RequestGuardMiddleware,
+    RequestRejected,
+    ServingLimits,
+    kserve_error_handler,
+    rejected_handler,
+    server_error_handler,
+    validation_error_handler,
+)
 from vlpipe.serving.openai_api import (
     ChatResult,
     ChatSettings,
@@ -144,10 +155,18 @@ class ChatPrompt:
     images: list[Image.Image]
 
 
-def _reject(exc: ValueError) -> RequestRejected:
-    """A user's bad input as a 4xx: an image over the pixel cap is 413, anything else 400."""
+def _reject(exc: Exception) -> RequestRejected:
+    """A user's bad input (a `SampleError`, a bad setting, text the tokenizer refuses) as a 4xx: an image
+    over the pixel cap or a decompression bomb is 413, anything else 400; the reason code is the error's own
+    (`corrupt_image`, `too_long`, ...) when it has one."""
     reason = getattr(exc, "reason", None)
-    return RequestRejected(413 if reason == "image_too_large" else 400, str(exc))
+    code = reason if isinstance(reason, str) else "invalid_input"
+    return RequestRejected(413 if reason == "image_too_large" else 400, str(exc), code=code)
+
+
+# What encoding or generating a request's own content can raise: a SampleError (ValueError), a setting out of
+# range, text the tokenizer cannot take (TypeError/UnicodeError). Anything else is a server fault (500).
+REQUEST_ERRORS = (ValueError, TypeError, OverflowError)
 
 
 def _ranked(scores: Sequence[float]) -> list[int]:
@@ -311,17 +330,18 @@ class VLPipeModel(kserve.Model):
                 raise RequestRejected(
                     400,
                     f"max_new_tokens {settings['max_new_tokens']} is above the server's cap of {limits.max_tokens}",
+                    code="max_tokens_over_cap",
                 )
             prompts = self.pyfunc.encode(rows)
-        except ValueError as exc:
-            raise _reject(exc) from exc
-        ids = self.generate_ids(
-            prompts,
-            max_tokens=settings["max_new_tokens"],
-            temperature=settings["temperature"],
-            top_p=settings["top_p"],
-            seed=settings["seed"],
-        )
+            ids = self.generate_ids(
+                prompts,
+                max_tokens=settings["max_new_tokens"],
+                temperature=settings["temperature"],
+                top_p=settings["top_p"],
+                seed=settings["seed"],
+            )
+        except REQUEST_ERRORS as exc:
+            raise _reject(exc) from None
         return [self.decode(row) for row in ids]
 
     async def predict(
@@ -333,26 +353,26 @@ class VLPipeModel(kserve.Model):
         """KServe's predict handler: a V1 dict or a V2 `InferRequest` (see the module docstring).
 
         Raises:
-            InvalidInput: (400) a malformed request or a bad row.
-            RequestRejected: (413) an image over the pixel cap.
+            RequestRejected: (400) a malformed request or a bad row; (413) an image over the pixel cap.
         """
-        try:
-            if isinstance(payload, InferRequest):
-                rows, params = _v2_rows(payload)
-                answers = await self._run(self.answer_rows, rows, params)
-                output = InferOutput(name="text", shape=[len(answers)], datatype="BYTES", data=answers)
-                return InferResponse(
-                    response_id=payload.id or "", model_name=self.name, infer_outputs=[output]
-                )
-            if isinstance(payload, dict):
-                rows, params = _v1_rows(payload)
-                return {"predictions": await self._run(self.answer_rows, rows, params)}
-        except RequestRejected as exc:
-            if exc.status_code == 400:
-                raise InvalidInput(exc.message) from exc
-            raise
-        raise InvalidInput(
-            f"expected a JSON object (V1) or a V2 inference request, got {type(payload).__name__}"
+        if isinstance(payload, bytes | bytearray):
+            # KServe hands V1 bodies sent without a JSON content type (`curl -d`) over undecoded; the request
+            # guard has already checked that they are JSON.
+            try:
+                payload = json.loads(payload)
+            except ValueError:
+                raise RequestRejected(400, "the body is not JSON; send a V1 request object") from None
+        if isinstance(payload, InferRequest):
+            rows, params = _v2_rows(payload)
+            answers = await self._run(self.answer_rows, rows, params)
+            output = InferOutput(name="text", shape=[len(answers)], datatype="BYTES", data=answers)
+            response_id = payload.id if isinstance(payload.id, str) else ""
+            return InferResponse(response_id=response_id, model_name=self.name, infer_outputs=[output])
+        if isinstance(payload, dict):
+            rows, params = _v1_rows(payload)
+            return {"predictions": await self._run(self.answer_rows, rows, params)}
+        raise RequestRejected(
+            400, f"expected a JSON object (V1) or a V2 inference request, got {type(payload).__name__}"
         )
 
     # -- chat ------------------------------------------------------------------------------------------------------
@@ -376,8 +396,8 @@ class VLPipeModel(kserve.Model):
             sample = generation_prompt(
                 self.pyfunc.encoder, loaded, conversation.turns, images, sample_id="request"
             )
-        except ValueError as exc:  # SampleError is a ValueError
-            raise _reject(exc) from exc
+        except REQUEST_ERRORS as exc:  # SampleError is a ValueError
+            raise _reject(exc) from None
         prm_text = "\n".join(text for role, text in conversation.turns if role == "human")
         return ChatPrompt(sample, prm_text, images)
 
@@ -418,13 +438,16 @@ class VLPipeModel(kserve.Model):
             )
         prompt = self.encode_chat(conversation)
         count = settings.best_of or settings.n
-        ids = self.generate_ids(
-            [prompt.sample] * count,
-            max_tokens=settings.max_tokens,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            seed=settings.seed,
-        )
+        try:
+            ids = self.generate_ids(
+                [prompt.sample] * count,
+                max_tokens=settings.max_tokens,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                seed=settings.seed,
+            )
+        except REQUEST_ERRORS as exc:  # a setting generate refuses (the request model checks them first)
+            raise _reject(exc) from None
         completions = [
             Completion(
                 text=self.decode(row),
@@ -460,7 +483,9 @@ def _v1_rows(payload: dict) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         raise RequestRejected(
             400, 'a V1 request needs "instances": a list of {"prompt": ..., "image": <base64>} objects'
         )
-    params = payload.get("parameters") or {}
+    params = payload.get("parameters")
+    if params is None:
+        params = {}
     if not isinstance(params, dict):
         raise RequestRejected(400, '"parameters" must be an object, e.g. {"max_new_tokens": 64}')
     return instances, params
@@ -471,26 +496,33 @@ def _v2_values(request: InferRequest, name: str) -> list[Any] | None:
     if tensor is None:
         return None
     if tensor.datatype != "BYTES":
-        raise RequestRejected(400, f"V2 input {name!r} must have datatype BYTES, got {tensor.datatype}")
+        raise RequestRejected(400, f"V2 input {name!r} must have datatype BYTES")
+    if not all(isinstance(d, int) and d >= 0 for d in tensor.shape):
+        raise RequestRejected(400, f"V2 input {name!r}: shape must be non-negative integers")
     try:
         values = tensor.as_numpy().reshape(-1).tolist()
-    except (ValueError, TypeError) as exc:
-        raise RequestRejected(400, f"V2 input {name!r}: data does not match its shape ({exc})") from exc
-    return [v.decode("utf-8") if isinstance(v, bytes) else v for v in values]
+    except (ValueError, TypeError, OverflowError):
+        raise RequestRejected(400, f"V2 input {name!r}: data does not match its shape") from None
+    try:
+        return [v.decode("utf-8") if isinstance(v, bytes) else v for v in values]
+    except UnicodeDecodeError:
+        raise RequestRejected(400, f"V2 input {name!r}: bytes that are not UTF-8 text") from None
 
 
 def _v2_rows(request: InferRequest) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     prompts = _v2_values(request, "prompt")
     if prompts is None:
-        names = [tensor.name for tensor in request.inputs]
-        raise RequestRejected(400, f"a V2 request needs a BYTES input 'prompt' (got inputs {names})")
+        raise RequestRejected(400, "a V2 request needs a BYTES input 'prompt' (and optionally 'image')")
     images = _v2_values(request, "image")
     if images is not None and len(images) != len(prompts):
         raise RequestRejected(
             400, f"V2 inputs 'prompt' ({len(prompts)}) and 'image' ({len(images)}) must have the same length"
         )
     rows = [{"prompt": p, "image": (images[i] or None) if images else None} for i, p in enumerate(prompts)]
-    params = {k: v for k, v in dict(request.parameters or {}).items() if k not in _V2_PROTOCOL_PARAMS}
+    raw = request.parameters or {}
+    if not isinstance(raw, dict):
+        raise RequestRejected(400, '"parameters" must be an object, e.g. {"max_new_tokens": 64}')
+    params = {k: v for k, v in raw.items() if k not in _V2_PROTOCOL_PARAMS}
     return rows, params
 
 
@@ -510,6 +542,8 @@ class _RESTServer(RESTServer):
             timeout_keep_alive=server.timeout_keep_alive,
         )
         self.config.host = server.host
+        # Header/body read timeouts and connection caps live in the HTTP protocol (uvicorn has none of its own).
+        self.config.http = guarded_protocol(server.limits)
         self.app = app
         self.limits = server.limits
 
@@ -519,14 +553,37 @@ class _RESTServer(RESTServer):
         return self._server
 
     def create_application(self) -> None:
-        """KServe's middlewares, routes (`/`, `/metrics`, V1, V2) and exception handlers, then vlpipe's."""
+        """KServe's middlewares and routes (`/`, `/metrics`, V1, V2), vlpipe's OpenAI routes, and exception
+        handlers that answer without logging tracebacks for a client's mistake (`vlpipe.serving.limits`)."""
+        from fastapi.exceptions import RequestValidationError
+        from kserve import errors
+
         self._add_middlewares(self.app)
         self._register_endpoints(self.app)
-        self._add_exception_handlers(self.app)
         register_openai_routes(self.app, self.dataplane.model_registry)
+        # KServe's own handlers log every 4xx at ERROR with its traceback and echo str(exc); these replace them.
+        kserve_errors: list[tuple[type[Exception], int, str]] = [
+            (errors.InvalidInput, 400, "invalid_input"),
+            (errors.ModelNotFound, 404, "model_not_found"),
+            (errors.ModelNotReady, 503, "model_not_ready"),
+            (errors.ServerNotLive, 503, "server_not_live"),
+            (errors.ServerNotReady, 503, "server_not_ready"),
+            # Model versions and explainers are not served: a request for one is the client's mistake.
+            (NotImplementedError, 400, "not_supported"),
+            (errors.UnsupportedProtocol, 400, "unsupported_protocol"),
+        ]
+        for exc_type, status, code in kserve_errors:
+            self.app.add_exception_handler(exc_type, kserve_error_handler(status, code))
+        self.app.add_exception_handler(RequestValidationError, validation_error_handler)
         self.app.add_exception_handler(RequestRejected, rejected_handler)
-        # Added last, so outermost: no route or middleware sees an oversized body.
-        self.app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=self.limits.max_body_bytes)
+        self.app.add_exception_handler(errors.InferenceError, server_error_handler)
+        self.app.add_exception_handler(Exception, server_error_handler)
+        # Added last, so outermost: no route or middleware sees an oversized or malformed body.
+        self.app.add_middleware(
+            RequestGuardMiddleware,
+            max_body_bytes=self.limits.max_body_bytes,
+            max_json_depth=self.limits.max_json_depth,
+        )
 
 
 class VLPipeModelServer(kserve.ModelServer):

@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 from collections.abc import Iterator
 from importlib.metadata import version
@@ -55,6 +56,8 @@ SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "pillow", "numpy")
 DEFAULT_PARAMS: dict[str, Any] = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "seed": None}
 # Logged with the model: MLflow only lets `load_model(..., model_config=...)` override keys logged here.
 DEFAULT_MODEL_CONFIG: dict[str, Any] = {"device": "auto", "dtype": "auto", "max_pixels": None}
+# The highest sampling temperature served (OpenAI's bound); the lowest is vlpipe.model.generate.MIN_TEMPERATURE.
+MAX_TEMPERATURE = 2.0
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "image", required=False)]),
@@ -250,44 +253,77 @@ def decode_image_field(value: Any, name: str) -> bytes:
             raise ValueError(
                 f"{name}: 'image' data URL must be base64-encoded, like 'data:image/png;base64,iVBOR...'"
             )
+        if not header[5:].lower().startswith("image/"):
+            raise ValueError(
+                f"{name}: 'image' data URL must have an image media type, like 'data:image/png;base64,...'"
+            )
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
+    except (binascii.Error, ValueError):
         raise ValueError(
-            f"{name}: 'image' is not valid base64 ({exc}); send the image file's bytes base64-encoded "
+            f"{name}: 'image' is not valid base64; send the image file's bytes base64-encoded "
             "or as a data URL 'data:image/png;base64,...'"
-        ) from exc
+        ) from None
     if not data:
         raise ValueError(f"{name}: 'image' decodes to no bytes; send the encoded image file")
     return data
 
 
+def _integer(name: str, value: Any) -> int:
+    # bool is an int subclass, and a float or string is never silently truncated or parsed.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"{name} must be an integer (a JSON number without a fraction), not a {_kind(value)}"
+        )
+    return int(value)
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, not a {_kind(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number")
+    return number
+
+
+def _kind(value: Any) -> str:
+    return {bool: "boolean", str: "string", float: "fractional number"}.get(type(value), type(value).__name__)
+
+
 def generation_settings(params: dict[str, Any] | None) -> dict[str, Any]:
     """Validated generation settings: `params` over `DEFAULT_PARAMS` (None means the default).
 
+    Types are strict: `max_new_tokens` and `seed` are integers (not `1.9`, `"5"` or `true`), `temperature`
+    and `top_p` finite numbers. Ranges: `max_new_tokens` >= 1; `temperature` 0 (greedy) or within
+    [`MIN_TEMPERATURE`, `MAX_TEMPERATURE`]; `top_p` in (0, 1]; `seed` within [`SEED_MIN`, `SEED_MAX`].
+    Messages name the parameter and the rule, never the value sent.
+
     Raises:
-        ValueError: for an unknown name or an out-of-range value.
+        ValueError: for an unknown name, a wrong type or an out-of-range value.
     """
+    from vlpipe.model.generate import MIN_TEMPERATURE, SEED_MAX, SEED_MIN
+
     params = dict(params or {})
-    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
+    unknown = [k for k in params if k not in DEFAULT_PARAMS]
     if unknown:
-        raise ValueError(f"unknown params {unknown}; supported: {sorted(DEFAULT_PARAMS)}")
+        raise ValueError(f"unknown params ({len(unknown)}); supported: {sorted(DEFAULT_PARAMS)}")
     merged = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
-    try:
-        settings = {
-            "max_new_tokens": int(merged["max_new_tokens"]),
-            "temperature": float(merged["temperature"]),
-            "top_p": float(merged["top_p"]),
-            "seed": None if merged["seed"] is None else int(merged["seed"]),
-        }
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"params must be numbers ({exc}); got {params}") from exc
+    settings = {
+        "max_new_tokens": _integer("max_new_tokens", merged["max_new_tokens"]),
+        "temperature": _finite("temperature", merged["temperature"]),
+        "top_p": _finite("top_p", merged["top_p"]),
+        "seed": None if merged["seed"] is None else _integer("seed", merged["seed"]),
+    }
     if settings["max_new_tokens"] < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {settings['max_new_tokens']}")
-    if not settings["temperature"] >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {settings['temperature']}")
+        raise ValueError("max_new_tokens must be at least 1")
+    temperature = settings["temperature"]
+    if temperature != 0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}")
     if not 0 < settings["top_p"] <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {settings['top_p']}")
+        raise ValueError("top_p must be in (0, 1]")
+    if settings["seed"] is not None and not SEED_MIN <= settings["seed"] <= SEED_MAX:
+        raise ValueError(f"seed must be an integer from {SEED_MIN} to {SEED_MAX} (64 bits)")
     return settings
 
 

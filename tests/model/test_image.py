@@ -1,5 +1,7 @@
 import io
 import random
+import struct
+import zlib
 
 import pytest
 import torch
@@ -97,6 +99,17 @@ def test_bad_images_raise_sample_errors(tmp_path):
     with pytest.raises(SampleError) as err:
         decode_image(truncated, source="half.png")
     assert err.value.reason == "corrupt_image"
+    assert " at 0x" not in str(err.value)  # PIL's messages can hold the buffer's repr; they are not shown
+
+    # A decompression bomb PIL refuses inside Image.open (30000 x 30000, only the header): too large, not
+    # corrupt, whatever our own cap is.
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30_000, 30_000, 8, 0, 0, 0, 0))
+    with pytest.raises(SampleError) as err:
+        decode_image(bomb + chunk(b"IEND", b""), source="bomb.png", max_pixels=10**12)
+    assert err.value.reason == "image_too_large"
 
     with pytest.raises(SampleError) as err:
         load_image(str(tmp_path / "missing.png"))

@@ -358,9 +358,25 @@ def test_concurrent_chat_requests_all_succeed(http):
 def test_bench_serving_runs_and_writes_json(tmp_path):
     from vlpipe.serving.bench import bench_serving
 
-    result = bench_serving(tmp_path, duration_s=1.0, clients=4, latency_requests=3, max_tokens=4)
+    result = bench_serving(
+        tmp_path, duration_s=2.0, clients=4, latency_requests=3, max_tokens=4, bad_share=0.5
+    )
     assert json.loads((tmp_path / "serving.json").read_text()) == result
     latency, load = result["latency"], result["load"]
     assert latency["http"]["p50_ms"] > 0 and latency["in_process"]["p50_ms"] > 0
     assert latency["goal_http_overhead_p50"] == 0.15 and isinstance(latency["meets_goal"], bool)
     assert load["clients"] == 4 and load["errors"] == 0 and load["requests_ok"] > 0 and load["meets_goal"]
+    bad = load["bad_requests"]  # a share of hostile requests: each one a 4xx, none a 5xx
+    assert bad["sent"] > 0 and bad["answers"] == {"http_4xx": bad["sent"]} and bad["status_5xx"] == 0
+    assert result["good_request_errors"] == 0 and result["bad_request_5xx"] == 0
+
+
+def test_request_bounds_agree_with_generate():
+    from vlpipe.model import generate as gen
+    from vlpipe.serving import openai_api
+
+    assert (openai_api.MIN_TEMPERATURE, openai_api.SEED_MIN, openai_api.SEED_MAX) == (
+        gen.MIN_TEMPERATURE,
+        gen.SEED_MIN,
+        gen.SEED_MAX,
+    )

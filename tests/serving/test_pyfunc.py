@@ -241,14 +241,25 @@ def test_log_needs_an_active_run_and_a_checkpoint(checkpoint, tmp_path, monkeypa
 def test_generation_settings():
     assert generation_settings(None) == {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "seed": None}
     assert generation_settings({"max_new_tokens": 5, "seed": 3, "top_p": None})["top_p"] == 1.0
+    assert generation_settings({"temperature": 1, "seed": -1})["temperature"] == 1.0  # an int is a number
     for bad, match in [
         ({"beams": 2}, "unknown params"),
-        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"temperature": -0.1}, "temperature must be 0 .greedy. or between 0.001 and 2.0"),
+        ({"temperature": 1e-45}, "temperature must be 0"),  # logits / 1e-45 overflow to inf
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
         ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-        ({"max_new_tokens": "many"}, "params must be numbers"),
+        ({"max_new_tokens": "many"}, "max_new_tokens must be an integer .* not a string"),
+        ({"max_new_tokens": "5"}, "not a string"),  # no string-to-number coercion
+        ({"max_new_tokens": 1.9}, "not a fractional number"),  # never truncated to 1
+        ({"max_new_tokens": float("inf")}, "not a fractional number"),
+        ({"max_new_tokens": True}, "not a boolean"),
+        ({"seed": 2**64}, "seed must be an integer from"),
+        ({"seed": -(2**70)}, "seed must be an integer from"),
+        ({"temperature": "0.5"}, "temperature must be a number, not a string"),
     ]:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ValueError, match=match) as exc:
             generation_settings(bad)
+        assert repr(next(iter(bad.values()))) not in str(exc.value)  # the value sent is not echoed
 
 
 def test_decode_image_field():
@@ -261,6 +272,8 @@ def test_decode_image_field():
         decode_image_field(3, "row 2")
     with pytest.raises(ValueError, match="row 4: 'image' decodes to no bytes"):
         decode_image_field("data:image/png;base64,", "row 4")
+    with pytest.raises(ValueError, match="row 5: 'image' data URL must have an image media type"):
+        decode_image_field(f"data:text/plain;base64,{_b64(png)}", "row 5")
 
 
 def test_log_from_s3_localizes_first(checkpoint, s3_server, tmp_path, monkeypatch):
