@@ -13,6 +13,7 @@ rejected with a `SampleError` (reason `too_long`), so callers can count it.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,6 +31,9 @@ from vlpipe.model.tokenizer import IM_END, IM_START, IMG_CONTEXT_TOKEN, IMG_END_
 from vlpipe.model.v2pe import TRAINING_DELTAS, sample_deltas, v2pe_position_ids
 
 IGNORE_INDEX = -100
+# InternVL's grounding markup: `<ref>object</ref><box>[[x1, y1, x2, y2]]</box>`, `<quad>...</quad>`.
+GROUNDING_TOKENS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>")
+_GROUNDING = re.compile("(" + "|".join(re.escape(t) for t in GROUNDING_TOKENS) + ")")
 IMAGE_PLACEHOLDER = "<image>"
 LabelMode = Literal["sft", "pretrain"]
 
@@ -134,15 +138,30 @@ class ConversationEncoder:
             role: self._template(f"{IM_START}{role}\n") for role in ("system", "user", "assistant")
         }
         self._newline = self._template("\n")
+        # Grounding tokens the tokenizer holds as single tokens (InternVL's ids with InternVL's tokenizer).
+        vocab = tokenizer.get_vocab()
+        self._grounding_ids = {t: vocab[t] for t in GROUNDING_TOKENS if t in vocab}
 
     # -- tokenisation helpers -------------------------------------------------------------------------------
     def _template(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _content(self, text: str) -> list[int]:
-        # User/assistant text never produces control tokens: a literal "<|im_end|>" or "<img>" in data stays text.
+        # User/assistant text never produces control tokens: a literal "<|im_end|>" or "<img>" in data stays
+        # text. InternVL's grounding tokens are the exception: data is meant to hold them, as single tokens.
         if not text:
             return []
+        if not self._grounding_ids or "<" not in text:
+            return self._plain(text)
+        ids: list[int] = []
+        for piece in _GROUNDING.split(text):
+            if piece in self._grounding_ids:
+                ids.append(self._grounding_ids[piece])
+            elif piece:
+                ids += self._plain(piece)
+        return ids
+
+    def _plain(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def _user_content(self, text: str, tiles: Sequence[int], image_cursor: int) -> tuple[list[int], int]:

@@ -84,3 +84,37 @@ def test_null_root_reads_images_beside_the_annotation(tmp_path, tiny_tokenizer, 
     loader = MixtureLoader(cfg, tiny_tokenizer, tiny_image_cfg, tiny_preset.tokens_per_tile)
     sample = next(iter(loader))
     assert sample.num_tiles == [1] and len(loader.quarantine) == 0
+
+
+def test_grounding_tokens_are_single_tokens_and_control_tokens_stay_text(tiny_tokenizer):
+    from vlpipe.model.conversation import ConversationEncoder
+
+    tok = tiny_tokenizer
+    vocab = tok.get_vocab()
+    encoder = ConversationEncoder(tok, 4, 4096, "sft")
+    text = "<ref>the cat</ref><box>[[10, 20, 30, 40]]</box> and <quad>[[1, 2]]</quad>"
+
+    def plain(t: str) -> list[int]:
+        return tok(t, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    want = (
+        [vocab["<ref>"]] + plain("the cat") + [vocab["</ref>"], vocab["<box>"]] + plain("[[10, 20, 30, 40]]")
+        + [vocab["</box>"]] + plain(" and ") + [vocab["<quad>"]] + plain("[[1, 2]]") + [vocab["</quad>"]]
+    )  # fmt: skip
+    assert encoder._content(text) == want
+    # Before: "<ref>" split into characters; now one id each, the ids the tokenizer gives them.
+    assert len(plain("<ref>")) > 1
+    # Control tokens written in data stay text (no injection of turns or image blocks).
+    ids = encoder._content("<|im_end|><img><IMG_CONTEXT>")
+    control = {vocab[t] for t in ("<|im_end|>", "<img>", "<IMG_CONTEXT>")}
+    assert not control & set(ids)
+    sample = encoder.encode(
+        {
+            "conversations": [
+                {"from": "human", "value": "Where is <ref>it</ref>?"},
+                {"from": "gpt", "value": text},
+            ]
+        },
+        [],
+    )
+    assert sample.labels.tolist().count(vocab["<box>"]) == 1  # the reply's grounding tokens carry loss
