@@ -11,8 +11,9 @@ import pytest
 
 from vlpipe.components.training.gpu_check import FAILED, PASSED, SKIPPED, finish, result
 
-# What a bare GPU machine does not have; none of it may load on the gpu-check path.
-HEAVY = ("mlflow", "kfp", "deepspeed", "boto3", "botocore", "s3fs", "kserve", "fastapi", "psutil")
+# What a bare GPU machine does not have; none of it may load on the gpu-check path (psutil may: transformers
+# imports it when it is installed and does without it otherwise).
+HEAVY = ("mlflow", "kfp", "deepspeed", "boto3", "botocore", "s3fs", "kserve", "fastapi", "uvicorn")
 
 
 @pytest.mark.slow
