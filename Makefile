@@ -8,7 +8,7 @@ export PYTHONHASHSEED := 0
 # Keep all local state (MLflow store, demo data, checkpoints, bench results) under .vlpipe/.
 export VLPIPE_HOME ?= $(CURDIR)/.vlpipe
 
-.PHONY: install run test test-fast test-integration platform-up platform-down images compile bench lint clean
+.PHONY: install run test test-fast test-integration platform-up platform-down images compile bench gpu-check lint clean
 
 install: $(STAMP)
 
@@ -51,6 +51,12 @@ compile: install
 
 bench: install
 	$(VENV)/bin/vlpipe bench --out $(VLPIPE_HOME)/bench
+
+# Not part of CI. On a GPU: bf16 packed = per-sample logits (SDPA, flash-attention varlen), a `1b` training step
+# with MFU and peak memory, a 2-GPU NCCL all-reduce; on a CPU the same checks reduced (tiny, fp32, SDPA, gloo).
+# Exit 1 when a check failed; a skipped check (flash_attn missing, one GPU) does not fail it. See README.
+gpu-check: install
+	$(VENV)/bin/vlpipe gpu-check --out $(VLPIPE_HOME)/gpu-check
 
 lint: install
 	$(VENV)/bin/ruff check .

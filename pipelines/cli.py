@@ -391,6 +391,23 @@ def bench(out: str = typer.Option(".vlpipe/bench", help="Where JSON results go."
     run_benchmarks(Path(out), console=console)
 
 
+@app.command("gpu-check")
+def gpu_check(
+    out: str = typer.Option(".vlpipe/gpu-check", help="Where report.json goes."),
+    reduced: bool = typer.Option(False, help="The CPU form (tiny, fp32, SDPA, gloo) even on a GPU."),
+    preset: str | None = typer.Option(None, help="Model preset (default: 1b on a GPU, tiny on a CPU)."),
+    peak_tflops: float | None = typer.Option(
+        None, help="Dense bf16 peak TFLOP/s for MFU (default: the GPU's)."
+    ),
+) -> None:
+    """Packed = per-sample logits (SDPA, flash-attention), a training step (tokens/s, MFU, peak memory) and a
+    2-process all-reduce, fully on a GPU or reduced on a CPU; exit 1 when a check failed (skipped is not)."""
+    from vlpipe.components.training.gpu_check import finish, run_checks
+
+    report = run_checks(reduced=reduced, preset=preset, peak_tflops=peak_tflops)
+    raise typer.Exit(finish(report, Path(out)))
+
+
 def _register_stage_commands() -> None:
     """Commands whose functions live beside their stage (imports there are light; heavy ones run inside)."""
     from vlpipe.components.evaluate.cli import eval_command
