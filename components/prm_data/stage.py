@@ -210,11 +210,10 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
     from vlpipe.model.conversation import ConversationEncoder
     from vlpipe.model.data.reasoning import extract_answer
     from vlpipe.model.errors import SampleError
-    from vlpipe.model.files import DatasetRoots
+    from vlpipe.model.files import DatasetRoots, JsonlReader
     from vlpipe.model.generate import generate
     from vlpipe.model.image import load_image
     from vlpipe.model.prompt import generation_prompt
-    from vlpipe.model.storage import filesystem
     from vlpipe.model.tokenizer import IM_END
     from vlpipe.objectives.prm import place_image_placeholders, split_steps
 
@@ -313,13 +312,18 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
                 counts["items"] += 1
         bar.close()
         for extra in config.include:
-            fs, path = filesystem(extra)
-            if not fs.exists(path):
-                raise FileNotFoundError(f"prm_data include: {extra} does not exist")
-            with fs.open(path, "r") as f:
-                text = f.read()
-            out.write(text if text.endswith("\n") or not text else text + "\n")
-            counts["included_lines"] += sum(1 for line in text.splitlines() if line.strip())
+            # Streamed line by line (bounded per line, a regular file only): an included file is not held whole.
+            reader = JsonlReader(extra, "prm_data include")
+            try:
+                for line in reader:
+                    if line.error is not None:
+                        raise ValueError(
+                            f"prm_data include {extra} line {line.number}: {line.error.reason}: {line.error.detail}"
+                        )
+                    out.write(json.dumps(line.value) + "\n")
+                    counts["included_lines"] += 1
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"prm_data include: {extra} does not exist") from exc
     seconds = time.perf_counter() - started
     counts.update(
         skipped=skipped,
