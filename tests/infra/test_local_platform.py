@@ -96,3 +96,26 @@ def test_a_port_counts_as_the_platforms_only_when_its_process_group_listens(tmp_
         assert local_platform._listener_in_group(port, os.getpgrp()) is True
         # Another process group (one that holds no socket on the port) does not own it.
         assert local_platform._listener_in_group(port, os.getpgrp() + 1_000_000) is False
+
+
+@pytest.mark.slow  # imports MLflow's server (~3 s) and hashes passwords
+def test_an_auth_db_whose_password_was_lost_gets_the_new_one(tmp_path):
+    """An older version drew a new admin password at every `up` and kept none: the first `up` with
+    credentials.json sets the admin's password in the existing auth.db to the one it drew."""
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
+
+    auth_db = tmp_path / "auth.db"
+    store = SqlAlchemyStore()
+    store.init_db(f"sqlite:///{auth_db}")
+    store.create_user(local_platform.ADMIN_USERNAME, "the-lost-password-1", is_admin=True)
+    store.engine.dispose()
+
+    local_platform._reset_admin_password(auth_db, "the-new-password-22")
+    store = SqlAlchemyStore()
+    store.init_db(f"sqlite:///{auth_db}")
+    try:
+        assert store.authenticate_user(local_platform.ADMIN_USERNAME, "the-new-password-22")
+        assert not store.authenticate_user(local_platform.ADMIN_USERNAME, "the-lost-password-1")
+        assert store.get_user(local_platform.ADMIN_USERNAME).is_admin
+    finally:
+        store.engine.dispose()
