@@ -341,7 +341,7 @@ def _handler() -> type:
     return QuietQueryHandler
 
 
-def _grant_key(access_key_id: str, secret_access_key: str) -> None:
+def _grant_key(access_key_id: str, secret: str) -> None:
     """Make the platform's key moto's only IAM credential, allowed S3 and nothing else."""
     from moto.iam.models import iam_backends
 
@@ -352,7 +352,7 @@ def _grant_key(access_key_id: str, secret_access_key: str) -> None:
     # moto draws its own random key; the platform's must survive restarts, so it replaces the drawn one.
     del iam.access_keys[key.physical_resource_id]
     key.access_key_id = access_key_id
-    key.secret_access_key = secret_access_key
+    key.secret_access_key = secret
     iam.access_keys[key.physical_resource_id] = key
 
 
