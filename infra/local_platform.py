@@ -246,11 +246,13 @@ def _credentials(directory: Path) -> tuple[dict[str, str], bool]:
     if path.exists():
         try:
             stored = json.loads(path.read_text())
-        except ValueError as exc:
+        except ValueError:
+            stored = None  # type: ignore[assignment]
+        if not isinstance(stored, dict):
             raise PlatformError(
-                f"{path} is not valid JSON; restore it, or run `vlpipe platform down --purge` to start afresh "
-                "(this deletes the platform's runs and objects)"
-            ) from exc
+                f"{path} is not a JSON object; restore it, or run `vlpipe platform down --purge` to start "
+                "afresh (this deletes the platform's runs and objects)"
+            )
     fresh = {
         # AWS's key format (AKIA + 16 base32 characters); the secret is as long as AWS's.
         "aws_access_key_id": "AKIA" + base64.b32encode(secrets.token_bytes(10)).decode(),

@@ -44,7 +44,11 @@ def test_an_unreadable_credentials_file_stops_up_without_showing_its_content(tmp
     (directory / local_platform.CREDENTIALS_FILE).write_text('{"aws_secret_access_key": "sk-visible')
     with pytest.raises(local_platform.PlatformError) as caught:
         local_platform._credentials(directory)
-    assert "credentials.json is not valid JSON" in str(caught.value) and "sk-visible" not in str(caught.value)
+    message = str(caught.value)
+    assert "credentials.json is not a JSON object" in message and "sk-visible" not in message
+    (directory / local_platform.CREDENTIALS_FILE).write_text('["sk-visible"]')
+    with pytest.raises(local_platform.PlatformError, match="not a JSON object"):
+        local_platform._credentials(directory)
 
 
 def test_private_files_are_created_0600_whatever_the_umask(tmp_path):
