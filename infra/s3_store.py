@@ -34,6 +34,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -54,6 +55,7 @@ ACCESS_KEY_VARIABLE = "VLPIPE_S3_ACCESS_KEY_ID"
 SECRET_KEY_VARIABLE = "VLPIPE_S3_SECRET_ACCESS_KEY"
 MANIFEST = "manifest.json"
 OBJECTS = "objects"
+OBJECT_FILE = re.compile(r"[0-9a-f]{32}")
 READ_METHODS = frozenset({"GET", "HEAD"})
 CLOCK_SKEW = timedelta(minutes=15)  # what S3 allows between a signature's time and its own
 S3_ONLY_POLICY = {
@@ -100,21 +102,28 @@ class DiskMirror:
         else:
             manifest, buckets = {"buckets": {}}, {}
         loaded, missing = 0, 0
-        for name, bucket in buckets.items():
-            self.backend.create_bucket(name, bucket["region"])
-            for key_name, entry in list(bucket["objects"].items()):
-                try:
-                    value = (self.objects / entry["file"]).read_bytes()
-                except FileNotFoundError:
-                    missing += 1
-                    del bucket["objects"][key_name]
-                    continue
-                fake = self.backend.put_object(
-                    name, key_name, value, etag=entry["etag"], disable_notification=True
-                )
-                fake.set_metadata(dict(entry["metadata"]))
-                fake.last_modified = datetime.fromisoformat(entry["last_modified"])
-                loaded += 1
+        try:
+            for name, bucket in buckets.items():
+                self.backend.create_bucket(name, bucket["region"])
+                for key_name, entry in list(bucket["objects"].items()):
+                    if not OBJECT_FILE.fullmatch(entry["file"]):  # a file name of ours, never a path
+                        raise ValueError(f"object file name {entry['file']!r}")
+                    try:
+                        value = (self.objects / entry["file"]).read_bytes()
+                    except FileNotFoundError:
+                        missing += 1
+                        del bucket["objects"][key_name]
+                        continue
+                    fake = self.backend.put_object(
+                        name, key_name, value, etag=entry["etag"], disable_notification=True
+                    )
+                    fake.set_metadata(dict(entry["metadata"]))
+                    fake.last_modified = datetime.fromisoformat(entry["last_modified"])
+                    loaded += 1
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise StoreError(
+                f"{path} has an entry of the wrong shape ({exc!r}); move the directory away"
+            ) from exc
         if missing:
             log.warning("%d objects of %s had no data file and were dropped", missing, path)
         self._manifest = manifest

@@ -202,9 +202,19 @@ def test_the_key_is_never_on_the_command_line_or_in_the_log(store, tmp_path):
         assert ACCESS_KEY_ID not in text and SECRET_ACCESS_KEY not in text
 
 
-def test_a_corrupt_manifest_stops_the_start_with_its_path(store_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        ("{not json", "is not a store manifest"),
+        (
+            '{"buckets": {"bkt": {"region": "us-east-1", "objects": {"k": {"file": "../../etc/passwd"}}}}}',
+            "wrong shape",
+        ),
+    ],
+)
+def test_a_bad_manifest_stops_the_start_with_its_path(store_dir, tmp_path, manifest, message):
     store_dir.mkdir()
-    (store_dir / "manifest.json").write_text("{not json")
+    (store_dir / "manifest.json").write_text(manifest)
     port_file = tmp_path / "s3.port"
     env = {
         **os.environ,
@@ -226,5 +236,5 @@ def test_a_corrupt_manifest_stops_the_start_with_its_path(store_dir, tmp_path):
         text=True,
         timeout=60,
     )
-    assert result.returncode == 2 and "manifest.json is not a store manifest" in result.stderr
+    assert result.returncode == 2 and f"manifest.json {message}" in result.stderr
     assert "Traceback" not in result.stderr and not port_file.exists()
