@@ -208,7 +208,7 @@ def test_the_key_is_never_on_the_command_line_or_in_the_log(store, tmp_path):
         ("{not json", "is not a store manifest"),
         (
             '{"buckets": {"bkt": {"region": "us-east-1", "objects": {"k": {"file": "../../etc/passwd"}}}}}',
-            "wrong shape",
+            "has an entry of the wrong shape",
         ),
     ],
 )
