@@ -22,9 +22,12 @@ def _home(home: Path | None) -> Path | None:
 @platform_app.command("up")
 def platform_up(
     home: Path = typer.Option(None, help="VLPIPE_HOME whose platform/ directory holds the state."),
-    auth: bool = typer.Option(True, help="MLflow basic auth (random admin password in the env file)."),
+    auth: bool = typer.Option(
+        True, help="MLflow basic auth (random admin password, drawn once and kept in credentials.json)."
+    ),
 ) -> None:
-    """Start the servers (or find them running), create the buckets, and say how to use them."""
+    """Start the servers (or find them running) with the stores and credentials of the last run, create the
+    buckets, and say how to use them."""
     from vlpipe.infra.local_platform import PlatformError, up
 
     try:
@@ -47,9 +50,9 @@ def platform_up(
 @platform_app.command("down")
 def platform_down(
     home: Path = typer.Option(None, help="VLPIPE_HOME whose platform/ directory holds the state."),
-    purge: bool = typer.Option(False, help="Also delete the stores, logs and environment file."),
+    purge: bool = typer.Option(False, help="Also delete the stores, credentials, logs and environment file."),
 ) -> None:
-    """Stop the servers."""
+    """Stop the servers; the stores and credentials stay for the next `up` (unless --purge)."""
     from vlpipe.infra.local_platform import down
 
     stopped = down(_home(home), purge=purge)

@@ -12,6 +12,7 @@ is then served by `vlpipe serve --model-uri models:/<name>@champion` and answers
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import socket
@@ -209,3 +210,98 @@ def test_the_champion_is_served_from_its_registry_uri(recipe_run, platform, clie
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def _s3_client(env: dict[str, str], *, key: str | None = None):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=key or env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+        config=Config(retries={"max_attempts": 1}),
+    )
+
+
+def test_a_restarted_platform_keeps_its_credentials_runs_and_artifacts(tmp_path, monkeypatch):
+    """`platform-up` → `platform-down` → `platform-up`: the printed environment still authenticates, the
+    earlier run's artifact is served, the S3 objects are there, unknown keys are refused, and every file
+    holding a credential or its hash is 0600."""
+    from botocore.exceptions import ClientError
+    from mlflow import MlflowClient
+
+    from vlpipe.infra import local_platform
+
+    home = tmp_path / "restart-home"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a failure fails in seconds, not minutes
+    payload = os.urandom(64 * 1024)
+    first = local_platform.up(home)
+    try:
+        for name, value in first.env.items():
+            monkeypatch.setenv(name, value)
+        client = MlflowClient(first.tracking_uri)
+        experiment = client.create_experiment(f"restart-{uuid.uuid4().hex[:8]}")
+        run_id = client.create_run(experiment).info.run_id
+        note = tmp_path / "note.txt"
+        note.write_text("kept across restarts")
+        client.log_artifact(run_id, str(note))
+        client.set_terminated(run_id)
+        _s3_client(first.env).put_object(Bucket="vlpipe-data", Key="restart/object.bin", Body=payload)
+    finally:
+        assert sorted(local_platform.down(home)) == ["mlflow", "moto"]
+
+    second = local_platform.up(home)
+    try:
+        assert second.pids != first.pids
+        for name in (
+            "MLFLOW_TRACKING_USERNAME",
+            "MLFLOW_TRACKING_PASSWORD",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+        ):
+            assert second.env[name] == first.env[name], name
+        auth = (first.env["MLFLOW_TRACKING_USERNAME"], first.env["MLFLOW_TRACKING_PASSWORD"])
+        search = f"{second.tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert httpx.get(search, auth=auth, timeout=60).status_code == 200  # the first `up`'s password
+        assert httpx.get(search, timeout=60).status_code == 401
+
+        for name, value in second.env.items():  # the new ports
+            monkeypatch.setenv(name, value)
+        client = MlflowClient(second.tracking_uri)
+        assert client.get_run(run_id).info.status == "FINISHED"
+        downloaded = client.download_artifacts(run_id, "note.txt", str(tmp_path / "downloaded"))
+        assert Path(downloaded).read_text() == "kept across restarts"
+        s3 = _s3_client(second.env)
+        assert s3.get_object(Bucket="vlpipe-data", Key="restart/object.bin")["Body"].read() == payload
+
+        unknown = _s3_client(second.env, key="AKIAUNKNOWNKEY000000")
+        with pytest.raises(ClientError) as refused:
+            unknown.get_object(Bucket="vlpipe-data", Key="restart/object.bin")
+        assert refused.value.response["Error"]["Code"] == "InvalidAccessKeyId"
+        assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+        directory = second.directory
+        assert directory.stat().st_mode & 0o777 == 0o700
+        for name in ("credentials.json", "env", "auth.db", "basic_auth.ini", "mlflow.db"):
+            assert (directory / name).stat().st_mode & 0o777 == 0o600, name
+        secrets = list(json.loads((directory / "credentials.json").read_text()).values())
+        assert (
+            second.env["MLFLOW_TRACKING_PASSWORD"] in secrets and second.env["AWS_ACCESS_KEY_ID"] in secrets
+        )
+        texts = [p.read_text(errors="replace") for p in directory.glob("*.log")]
+        for pid in second.pids.values():  # the servers and their workers: no credential on a command line
+            group = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _pgrp(p) == pid]
+            texts += [(p / "cmdline").read_bytes().decode(errors="replace") for p in group]
+        assert not [t for t in texts if any(s in t for s in secrets)]
+    finally:
+        local_platform.down(home, purge=True)
+
+
+def _pgrp(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
