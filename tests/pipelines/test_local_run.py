@@ -35,7 +35,7 @@ def _short_tiny() -> PipelineConfig:
     raw = yaml.safe_load(recipe_path("tiny").read_text())
     raw["data"]["demo"]["sizes"] = {
         "text_corpus": 20, "captions": 20, "reasoning_train": 40, "reasoning_test": 6, "mpo_pairs": 8,
-        "prm_solutions": 16, "reasoning_prm": 8,
+        "prm_solutions": 16, "reasoning_prm": 8, "video_train": 4, "video_test": 2,
     }  # fmt: skip
     raw["data"]["mix_samples"] = 8
     for stage, steps in {"pretrain": 3, "sft": 4, "mpo": 2, "prm": 3}.items():
@@ -45,6 +45,7 @@ def _short_tiny() -> PipelineConfig:
     raw["prm_data"]["config"].update(limit=4, n=2, max_new_tokens=16)
     raw["eval"]["config"].update(n=2, max_new_tokens=16, batch_items=3)
     raw["eval"]["config"]["benchmarks"][0]["limit"] = 3
+    raw["eval"]["config"]["benchmarks"][1]["limit"] = 2
     raw["registry"]["model_name"] = "vlpipe-test"
     raw["tracking"]["experiment"] = "vlpipe-test"
     return PipelineConfig.model_validate(raw)
