@@ -48,7 +48,8 @@ def init_random(
     if preset.text.vocab_size is not None:
         raise ValueError(
             f"preset {preset_name!r} has the fixed InternVL3 vocabulary; initialise it from pretrained parts "
-            "with `vlpipe model init --preset {name} --vision DIR --llm DIR`"
+            f"with `vlpipe model init --preset {preset_name} --vision DIR --llm DIR`, or start from an InternVL3 "
+            "checkpoint (init.checkpoint in a recipe)"
         )
     tokenizer = train_bpe_tokenizer(corpus if corpus is not None else default_corpus(), vocab_size=vocab_size)
     model = build_model(preset, tokenizer, seed=seed, v2pe_delta=v2pe_delta)
@@ -78,5 +79,6 @@ def init_composed(
         "llm": llm_uri,
         "seed": seed,
         "stage": "init",
+        "added_tokens": list(getattr(model, "vlpipe_added_tokens", [])),
     }
     return save_checkpoint(out, model, tokenizer, image_config_for(preset), metadata=meta)
