@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, GenerationConfig, InternVLForConditional
 
 from tests.published_checkpoint import BOS_ID, EOS_ID, IMAGE_TOKEN_ID, VOCAB_SIZE, published_checkpoint
 from vlpipe.model.build import internvl_config, preset_for_config
+from vlpipe.model.check import check_checkpoint
 from vlpipe.model.checkpoint import export_checkpoint, load_checkpoint, save_checkpoint, weights_tied
 from vlpipe.model.conversation import ConversationEncoder
 from vlpipe.model.presets import get_preset
@@ -87,6 +88,8 @@ def test_saved_checkpoint_carries_what_runtimes_read(published, tmp_path):
         1e-6,
     )
     assert text["use_sliding_window"] is False and "_name_or_path" not in text
+    assert check_checkpoint(tmp_path / "ck").ok
+    assert {code for code, _ in check_checkpoint(published).problems} >= {"eos", "tie"}
     generation = GenerationConfig.from_pretrained(tmp_path / "ck")
     assert (generation.eos_token_id, generation.bos_token_id, generation.pad_token_id) == (
         EOS_ID,
@@ -114,6 +117,7 @@ def test_export_writes_bf16_and_records_it(published, tmp_path):
     with safe_open(str(tmp_path / "export/model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 == {torch.bfloat16}
     assert _config(tmp_path / "export")["dtype"] == "bfloat16"
+    assert check_checkpoint(tmp_path / "export").ok
     info = json.loads((tmp_path / "export/vlpipe.json").read_text())
     assert info["save_dtype"] == "bf16" and info["stage"] == "mpo"
     exported = load_checkpoint(tmp_path / "export", dtype=torch.bfloat16)
