@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlpipe.model.checkpoint import LM_HEAD_KEYS, tensor_info
 from vlpipe.model.tokenizer import IM_END, IM_START, IMG_CONTEXT_TOKEN, INTERNVL_ADDED_TOKENS
 
 _DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
 _EMBED_KEYS = ("model.language_model.embed_tokens.weight", "language_model.model.embed_tokens.weight")
 
 
@@ -55,19 +55,6 @@ class CheckReport:
         }
 
 
-def _tensor_info(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """Name → (dtype, shape) of every tensor in the checkpoint's safetensors files (headers only)."""
-    info: dict[str, tuple[str, list[int]]] = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with file.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                info[name] = (entry["dtype"], entry["shape"])
-    return info
-
-
 def check_checkpoint(directory: str | Path) -> CheckReport:
     """Check a local checkpoint directory (see the module docstring for what is checked).
 
@@ -84,7 +71,7 @@ def check_checkpoint(directory: str | Path) -> CheckReport:
     text_raw = raw.get("text_config", {})
     config = AutoConfig.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    tensors = _tensor_info(path)
+    tensors = tensor_info(path)
     vocab = tokenizer.get_vocab()
 
     # vocabulary
@@ -138,7 +125,7 @@ def check_checkpoint(directory: str | Path) -> CheckReport:
         report.add(
             "tie", f"tie_word_embeddings is {top_tie} at the top level but {text_tie} in the text config"
         )
-    has_head = any(k in tensors for k in _HEAD_KEYS)
+    has_head = any(k in tensors for k in LM_HEAD_KEYS)
     if tensors and not bool(config.tie_word_embeddings) and not has_head:
         report.add("tie", "the config says the LM head is not tied but the weights have no lm_head")
     report.facts["tied"] = not has_head

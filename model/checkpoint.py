@@ -35,7 +35,7 @@ from transformers import (
 from vlpipe.model.build import V2PE_CONFIG_KEY, fit_embeddings, preset_for_config
 from vlpipe.model.image import ImageProcessingConfig
 from vlpipe.model.storage import is_remote, localize, upload_dir
-from vlpipe.model.tokenizer import IM_END, PAD_TOKEN, add_internvl_tokens
+from vlpipe.model.tokenizer import IM_END, PAD_TOKEN, PROCESSOR_TOKEN_ATTRIBUTES, add_internvl_tokens
 
 VLPIPE_FILE = "vlpipe.json"
 SaveDtype = Literal["bf16", "fp16", "fp32"]
@@ -102,6 +102,37 @@ def write_legacy_rope_keys(config_path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+# transformers 5 names its tokenizer classes differently from 4.x (which has no `TokenizersBackend`); both read
+# the class names on the right (5.x keeps them as aliases).
+_TOKENIZER_CLASSES_4X = {
+    "TokenizersBackend": "PreTrainedTokenizerFast",
+    "Qwen2Tokenizer": "Qwen2TokenizerFast",
+}
+
+
+def write_tokenizer_config_for_4x(config_path: Path) -> None:
+    """Rewrite `tokenizer_config.json` in the form transformers 4.x reads and 5.x reads the same way: a class
+    name 4.x has, `extra_special_tokens` as the mapping of named tokens (4.x fails on 5.x's list with
+    `'list' object has no attribute 'keys'`) and the unnamed added special tokens as
+    `additional_special_tokens`."""
+    config = json.loads(config_path.read_text())
+    cls = config.get("tokenizer_class")
+    config["tokenizer_class"] = _TOKENIZER_CLASSES_4X.get(cls, cls)
+    extra = config.get("extra_special_tokens")
+    named = {k: config[k] for k in PROCESSOR_TOKEN_ATTRIBUTES if isinstance(config.get(k), str)}
+    named.update(config.pop("model_specific_special_tokens", None) or {})
+    if isinstance(extra, dict):
+        named = {**extra, **named}
+    elif isinstance(extra, list):
+        config["additional_special_tokens"] = [
+            t for t in extra if t not in config.get("additional_special_tokens", [])
+        ]
+    config["extra_special_tokens"] = named
+    for key in ("is_local", "local_files_only"):  # how this process loaded it, not a property of the files
+        config.pop(key, None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
 def save_checkpoint(
     out: str | Path,
     model: InternVLForConditionalGeneration,
@@ -134,6 +165,7 @@ def save_checkpoint(
         write_legacy_rope_keys(tmp / "config.json")
         image_cfg.to_hf_image_processor().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_tokenizer_config_for_4x(tmp / "tokenizer_config.json")
         # What InternVLProcessor.save_pretrained writes; building the processor itself needs torchvision (for
         # its video processor), which a CPU install does not have.
         processor_cfg = {
@@ -224,7 +256,27 @@ def read_config(path: str | Path) -> Any:
     raw = json.loads((Path(path) / "config.json").read_text())
     if "tie_word_embeddings" not in raw and "tie_word_embeddings" in raw.get("text_config", {}):
         config.tie_word_embeddings = bool(raw["text_config"]["tie_word_embeddings"])
+    tensors = tensor_info(path)
+    if tensors and not any(k in tensors for k in LM_HEAD_KEYS):  # the weights decide: no LM head means tied
+        config.tie_word_embeddings = config.text_config.tie_word_embeddings = True
     return config
+
+
+LM_HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
+"""Where the LM head is in a checkpoint's safetensors (transformers 5's names, and the published 4.x layout)."""
+
+
+def tensor_info(path: str | Path) -> dict[str, tuple[str, list[int]]]:
+    """Name → (safetensors dtype, shape) of every tensor in a checkpoint directory (headers only, no weights)."""
+    info: dict[str, tuple[str, list[int]]] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with file.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                info[name] = (entry["dtype"], entry["shape"])
+    return info
 
 
 def export_checkpoint(
