@@ -1,7 +1,8 @@
 """`vlpipe model init`: a complete starting checkpoint (model, tokenizer, processor config).
 
-Two ways in: a random model of a preset with a byte-level BPE trained on a local corpus (tests, demo), or
-native pre-training initialisation from a pretrained ViT and a pretrained base LLM (production).
+Three ways in: a random model of a preset with a byte-level BPE trained on a local corpus (tests, demo), native
+pre-training initialisation from a pretrained ViT and a pretrained base LLM (the paper's recipe), or an existing
+checkpoint such as a published InternVL3 one (fine-tuning from where InternVL3 left off).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from vlpipe.model.build import build_model, compose_pretrained
-from vlpipe.model.checkpoint import save_checkpoint
+from vlpipe.model.checkpoint import load_checkpoint, save_checkpoint
 from vlpipe.model.image import ImageProcessingConfig
 from vlpipe.model.presets import ModelPreset, get_preset
 from vlpipe.model.tokenizer import default_corpus, train_bpe_tokenizer
@@ -82,3 +83,35 @@ def init_composed(
         "added_tokens": list(getattr(model, "vlpipe_added_tokens", [])),
     }
     return save_checkpoint(out, model, tokenizer, image_config_for(preset), metadata=meta)
+
+
+def init_from_checkpoint(preset_name: str, out: str, *, checkpoint_uri: str) -> str:
+    """Write the starting checkpoint from an existing one (local or `s3://`): a published InternVL3 checkpoint
+    in the transformers format or one vlpipe wrote. Weights, tokenizer, chat template and image settings are
+    kept; the files are written as vlpipe writes every checkpoint (bos/eos, tie flags, embedding rows for every
+    token id, files transformers 4.x reads), in float32 for training.
+
+    Args:
+        preset_name: the recipe's preset; a checkpoint whose shapes match another preset is refused.
+        out: destination directory (local or `s3://`).
+        checkpoint_uri: the checkpoint to start from.
+
+    Raises:
+        ValueError: the checkpoint's shapes are those of another preset.
+        FileNotFoundError: no checkpoint at `checkpoint_uri`.
+    """
+    get_preset(preset_name)
+    loaded = load_checkpoint(checkpoint_uri)
+    matched = loaded.metadata.get("preset")
+    if matched is not None and matched != preset_name:
+        raise ValueError(
+            f"init.checkpoint {checkpoint_uri} has the shapes of preset {matched!r}, not the recipe's "
+            f"{preset_name!r}; set preset: {matched}"
+        )
+    meta = {
+        **{k: v for k, v in loaded.metadata.items() if k in ("preset", "added_tokens")},
+        "init": "checkpoint",
+        "source": checkpoint_uri,
+        "stage": "init",
+    }
+    return save_checkpoint(out, loaded.model, loaded.tokenizer, loaded.image_cfg, metadata=meta)
