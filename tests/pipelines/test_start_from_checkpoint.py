@@ -148,7 +148,9 @@ def test_vlpipe_run_local_starts_from_a_checkpoint_without_pretraining(tmp_path,
     from vlpipe.model.check import check_checkpoint
 
     local = Path(
-        mlflow.artifacts.download_artifacts("models:/vlpipe-from-checkpoint/1", dst_path=str(tmp_path))
+        mlflow.artifacts.download_artifacts(
+            "models:/vlpipe-from-checkpoint/1", dst_path=str(tmp_path / "registered")
+        )
     )
     checkpoint = next(p.parent for p in local.rglob("vlpipe.json"))
     assert json.loads((checkpoint / "config.json").read_text())["dtype"] == "bfloat16"
