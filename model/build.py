@@ -172,7 +172,8 @@ def compose_pretrained(
         storage_options: fsspec options for remote directories (credentials come from the environment).
 
     Returns:
-        The composed model (projector freshly initialised, everything else copied) and its tokenizer.
+        The composed model (projector freshly initialised, everything else copied) and its tokenizer. The tokens
+        that needed new embedding rows are in the model's `vlpipe_added_tokens` attribute (see `fit_embeddings`).
 
     Raises:
         ValueError: when a part does not match `preset` or the directories hold the wrong model type.
@@ -190,17 +191,21 @@ def compose_pretrained(
             f"{llm_uri}: expected a Qwen2/Qwen2.5 base LLM, got model_type={llm.config.model_type!r}"
         )
     tokenizer = add_internvl_tokens(AutoTokenizer.from_pretrained(tok_dir))
-    if len(tokenizer) > llm.get_input_embeddings().weight.shape[0]:
-        llm.resize_token_embeddings(len(tokenizer))
+    added = fit_embeddings(llm, tokenizer)
     if preset is not None:
         _check_parts_match(preset, vision.config, llm.config)
 
     tie = bool(getattr(llm.config, "tie_word_embeddings", False))
     vision_cfg = vision.config
     side = vision_cfg.image_size[0] // vision_cfg.patch_size[0]
+    # The LLM's own settings (rope_scaling/rope_parameters, rope_theta, max_position_embeddings, sliding window,
+    # max_window_layers, rms_norm_eps, attention_dropout) are carried over as the source has them.
+    text_config = {
+        k: v for k, v in llm.config.to_dict().items() if k not in ("_name_or_path", "architectures")
+    }
     config = InternVLConfig(
         vision_config=vision_cfg.to_dict(),
-        text_config=llm.config.to_dict(),
+        text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN),
         downsample_ratio=DOWNSAMPLE_RATIO,
         image_seq_length=int(side * side * DOWNSAMPLE_RATIO**2),
@@ -215,7 +220,72 @@ def compose_pretrained(
     if not tie:
         model.lm_head.load_state_dict(llm.lm_head.state_dict())
     log.info("composed %s + %s with a fresh projector", vision_uri, llm_uri)
+    model.vlpipe_added_tokens = added  # recorded in vlpipe.json by vlpipe.model.init
     return model.eval(), tokenizer
+
+
+def fit_embeddings(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Keep the vocabulary invariant: every token id of `tokenizer` has a row in the input embeddings and the LM
+    head. Missing rows are added, each set to the mean of the existing rows (embeddings and, when untied, LM head).
+
+    Args:
+        model: a causal LM or `InternVLForConditionalGeneration` (resized in place).
+        tokenizer: the tokenizer the model will be used with.
+
+    Returns:
+        The tokens that got new rows (empty when the model already covers the tokenizer: InternVL's own
+        tokenizer on an InternVL3 checkpoint).
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    size = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+    if size <= rows:
+        return []
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = [by_id.get(i, f"<id {i}>") for i in range(rows, size)]
+    with torch.no_grad():
+        embed_mean = model.get_input_embeddings().weight.mean(dim=0)
+        head = model.get_output_embeddings()
+        head_mean = head.weight.mean(dim=0) if head is not None else None
+        model.resize_token_embeddings(size, mean_resizing=False)
+        model.get_input_embeddings().weight[rows:] = embed_mean
+        head = model.get_output_embeddings()
+        if head is not None and head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+            head.weight[rows:] = head_mean
+            if getattr(head, "bias", None) is not None:
+                head.bias[rows:] = 0.0
+    log.warning(
+        "the tokenizer has %d ids but the model had %d embedding rows: added %d rows (the mean of the existing "
+        "ones) for %s",
+        size,
+        rows,
+        size - rows,
+        added,
+    )
+    return added
+
+
+def preset_for_config(config: InternVLConfig) -> str | None:
+    """The preset whose shapes `config` has (vision and text sizes, and the vocabulary where a preset fixes it),
+    or None when no preset matches (a custom or shrunken model)."""
+    from vlpipe.model.presets import PRESETS
+
+    v, t = config.vision_config, config.text_config
+    image_size = v.image_size[0] if isinstance(v.image_size, (list, tuple)) else v.image_size
+    patch_size = v.patch_size[0] if isinstance(v.patch_size, (list, tuple)) else v.patch_size
+    for name, preset in PRESETS.items():
+        pv, pt = preset.vision, preset.text
+        same = (
+            (pv.hidden_size, pv.num_hidden_layers, pv.num_attention_heads, pv.intermediate_size)
+            == (v.hidden_size, v.num_hidden_layers, v.num_attention_heads, v.intermediate_size)
+            and (pv.image_size, pv.patch_size) == (image_size, patch_size)
+            and (pt.hidden_size, pt.num_hidden_layers, pt.num_attention_heads, pt.num_key_value_heads)
+            == (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads)
+            and pt.intermediate_size == t.intermediate_size
+            and (pt.vocab_size is None or pt.vocab_size == t.vocab_size)
+        )
+        if same:
+            return name
+    return None
 
 
 def _check_vocab(config: InternVLConfig, tokenizer: PreTrainedTokenizerBase) -> None:

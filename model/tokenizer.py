@@ -32,31 +32,55 @@ PROCESSOR_TOKEN_ATTRIBUTES = {
     "video_token": VIDEO_TOKEN,
 }
 
-# ChatML, as InternVL2.5/3 use it. Image parts render as <IMG_CONTEXT>, which transformers' InternVLProcessor
-# expands to <img> + 256·tiles <IMG_CONTEXT> + </img>: the same ids vlpipe.model.conversation produces from
-# InternVL's "<image>" placeholder.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+# The chat template of InternVL2.5/3 in the transformers format (OpenGVLab's `*-hf` checkpoints): ChatML; image
+# parts render as <IMG_CONTEXT>, which transformers' InternVLProcessor expands to <img> + 256·tiles <IMG_CONTEXT>
+# + </img> (the same ids vlpipe.model.conversation produces from InternVL's "<image>" placeholder), video parts as
+# <video>. InternVL's own training code (`internvl2_5` conversation) puts a default system message before every
+# conversation; `chat_template(system_message)` adds one when the model was trained with it. vlpipe's stages
+# train without a system message unless a data config sets one, so vlpipe's own checkpoints carry the template
+# without a default system message: the prompt a runtime renders is the one the model was trained on.
+INTERNVL_SYSTEM_MESSAGE = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+
+
+def chat_template(system_message: str | None = None) -> str:
+    """InternVL2.5/3's chat template, with `system_message` as the default system turn (None: no system turn
+    unless the conversation has one)."""
+    default_system = ""
+    if system_message:
+        quoted = system_message.replace("\\", "\\\\").replace("'", "\\'")
+        default_system = (
+            "{% if messages[0]['role'] != 'system' %}"
+            f"{{{{ '<|im_start|>system\\n{quoted}<|im_end|>\\n' }}}}"
+            "{% endif %}"
+        )
+    return (
+        default_system + "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{% if message['content'] is string %}{{ message['content'] }}"
+        "{% else %}{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}{{ '<IMG_CONTEXT>\\n' }}"
+        "{% elif part['type'] == 'video' %}{{ '<video>\\n' }}"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}"
+        "{{ '<|im_end|>\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+
+
+CHAT_TEMPLATE = chat_template()
+"""vlpipe's own template: InternVL2.5/3's without a default system message (what the stages train on)."""
 
 
 def add_internvl_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Add InternVL's image tokens and the ChatML tokens when missing; set the chat template.
+    """Add InternVL's image tokens and the ChatML tokens when missing; name the processor's tokens; set vlpipe's
+    chat template when the tokenizer has none (a source checkpoint's template is kept).
 
-    The tokenizer is modified in place and returned. Existing ids are never changed.
+    The tokenizer is modified in place and returned. Existing ids are never changed. `<video>` is named for
+    transformers' InternVLProcessor but not added as a token: InternVL's tokenizer has none (151674 ids), and
+    vlpipe's data code turns video into frames of `<image>` as InternVL's does.
     """
-    missing = [
-        t for t in CHAT_TOKENS + INTERNVL_ADDED_TOKENS + [VIDEO_TOKEN] if t not in tokenizer.get_vocab()
-    ]
+    missing = [t for t in CHAT_TOKENS + INTERNVL_ADDED_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens(
             {"additional_special_tokens": missing}, replace_extra_special_tokens=False
@@ -70,7 +94,8 @@ def add_internvl_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeniz
         tokenizer._set_model_specific_special_tokens(special_tokens=named)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = PAD_TOKEN
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 
@@ -98,10 +123,17 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrain
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token=IM_END, pad_token=PAD_TOKEN, model_max_length=1_000_000
+    tokenizer = add_internvl_tokens(
+        PreTrainedTokenizerFast(
+            tokenizer_object=bpe, eos_token=IM_END, pad_token=PAD_TOKEN, model_max_length=1_000_000
+        )
     )
-    return add_internvl_tokens(tokenizer)
+    # vlpipe's own vocabulary keeps `<video>` as a token (after InternVL's, as it always had: the ids, and so the
+    # random initialisation and the demo's measured results, stay as they were); the model gets a row for it.
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [VIDEO_TOKEN]}, replace_extra_special_tokens=False
+    )
+    return tokenizer
 
 
 def default_corpus() -> list[str]:

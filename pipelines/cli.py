@@ -109,6 +109,35 @@ def model_init(
     console.print(f"wrote {preset} checkpoint to {path}")
 
 
+@model_app.command("check")
+def model_check(
+    directory: str = typer.Argument(..., help="Checkpoint directory (local or s3://)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Load a checkpoint the way runtimes do and report problems (vocabulary vs embeddings, EOS, tie flags,
+    dtype, rope, chat template, processor config); exit 1 when there is one."""
+    import json
+
+    from vlpipe.model.check import check_checkpoint
+    from vlpipe.model.storage import localize
+
+    try:
+        report = check_checkpoint(localize(directory))
+    except FileNotFoundError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        for key, value in report.facts.items():
+            console.print(f"{key}: {value}")
+        for code, message in report.problems:
+            console.print(f"[red]{code}[/red]: {message}", highlight=False, soft_wrap=True)
+        console.print("ok" if report.ok else f"{len(report.problems)} problem(s)")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 @data_app.command("demo")
 def data_demo(
     out: str = typer.Option(..., help="Output directory (local or s3://bucket/prefix)."),

@@ -7,7 +7,9 @@ the class its step validates with again inside the container (`PretrainStageConf
 with placeholder paths for what the pipeline wires at run time; cross-stage rules follow:
 
 - one preset everywhere: random init for `tiny`/`small`, composed from a pretrained InternViT and LLM for the
-  real presets; steps that receive a checkpoint check its preset at run time;
+  real presets, or any preset from an existing checkpoint (`init.checkpoint`, its shapes checked by the init
+  step); steps that receive a checkpoint check its preset at run time;
+- pretrain, sft and mpo can be switched off (`null`), one of pretrain/sft stays;
 - each stage's global batch divides into micro-batches over its GPUs; bf16 and NCCL need GPUs;
 - evaluation and PRM agree: Best-of-N needs n ≥ 2, and the PRM was trained on sequences at least as long as
   the prompts the evaluation admits; a GPU device or half precision needs GPUs;
@@ -231,8 +233,10 @@ Stages = create_model(
     "Stages",
     __base__=_Strict,
     __doc__="The recipe's `stages` section: one `StageTask` per training stage of the stage table.",
-    **{name: (StageTask, ...) for name in STAGES},
+    **{name: (StageTask | None, ...) for name in STAGES},
 )
+OPTIONAL_STAGES = ("pretrain", "sft", "mpo")
+"""The stages a recipe can switch off (`stages.<name>: null`); the PRM judges the evaluation, so it stays."""
 
 
 def _stage_key(stage: str) -> str:
@@ -262,7 +266,9 @@ class PipelineConfig(_Strict):
         description: one line on what the recipe is for.
         preset: the model preset (`tiny`, `small`, `1b`, `2b`, `8b`).
         data, init: the data and init steps' settings.
-        stages: pretrain, sft, mpo and prm.
+        stages: pretrain, sft, mpo and prm; `null` switches pretrain, sft or mpo off (e.g. no pre-training when
+            `init.checkpoint` starts from an InternVL3 checkpoint): the next stage starts from the previous one's
+            checkpoint.
         critic: more SFT from the SFT checkpoint as the PRM's base (SFT stage settings; absent: the PRM starts
             from the SFT checkpoint). InternVL3 judges every model size with VisualPRM-8B, a critic stronger
             than the smaller policies.
@@ -294,6 +300,7 @@ class PipelineConfig(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> Self:
         self._check_preset()
+        self._check_switched_off()
         for stage in self.trained_stages:
             self._check_stage(stage)
         self._check_prm_data()
@@ -309,6 +316,8 @@ class PipelineConfig(_Strict):
             preset = get_preset(self.preset)
         except ValueError as exc:
             raise ValueError(f"preset: {exc}") from exc
+        if self.init.from_checkpoint:
+            return  # the init step checks the checkpoint's shapes against the preset
         fixed_vocabulary = preset.text.vocab_size is not None
         if fixed_vocabulary and not self.init.composed:
             raise ValueError(
@@ -317,6 +326,22 @@ class PipelineConfig(_Strict):
             )
         if not fixed_vocabulary and self.init.composed:
             raise ValueError(f"preset {self.preset} is initialised randomly; remove init.vision and init.llm")
+
+    def _check_switched_off(self) -> None:
+        off = [name for name in STAGES if getattr(self.stages, name) is None]
+        fixed = [name for name in off if name not in OPTIONAL_STAGES]
+        if fixed:
+            raise ValueError(
+                f"stages.{fixed[0]} cannot be switched off (only {', '.join(OPTIONAL_STAGES)} can): the PRM "
+                "judges the evaluation"
+            )
+        if "pretrain" in off and "sft" in off:
+            raise ValueError(
+                "stages.pretrain and stages.sft are both switched off: keep one (the mix step and the register "
+                "step's data lineage need a mixture)"
+            )
+        if off and self.critic is not None and "sft" in off:
+            raise ValueError("critic is more SFT from the SFT checkpoint: remove it or keep stages.sft")
 
     def _check_stage(self, stage: str) -> None:
         step = self.stage_step(stage)
@@ -437,9 +462,11 @@ class PipelineConfig(_Strict):
     # -- what each step receives ---------------------------------------------------------------------------
     @property
     def trained_stages(self) -> tuple[str, ...]:
-        """The training stages the recipe runs: those under `stages`, then the optional ones it sets (critic)."""
+        """The training stages the recipe runs: those under `stages` it does not switch off (`null`), then the
+        optional ones it sets (critic)."""
         optional = (name for name in TRAINING_STAGES if name not in STAGES)
-        return (*STAGES, *(name for name in optional if getattr(self, name, None) is not None))
+        under_stages = (name for name in STAGES if getattr(self.stages, name) is not None)
+        return (*under_stages, *(name for name in optional if getattr(self, name, None) is not None))
 
     def stage_step(self, stage: str) -> StageTask:
         """A training stage's recipe entry (at the stage table's `recipe_key`: `stages.<name>` or top level)."""

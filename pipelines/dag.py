@@ -2,6 +2,8 @@
 
 ```
 internvl3-recipe  start-pipeline-run → prepare-data → init-model → mix-data → pretrain → sft
+                  (init-model: random, composed from ViT + LLM, or an existing checkpoint (`init.checkpoint`);
+                  pretrain, sft or mpo switched off (`null`): the next stage starts from the one before)
                   sft → mpo, sft → prm;  mpo + prm → evaluate → register-model (+ mpo, prm, mix-data)
                   with `prm_data`: mpo → sample-prm-data → prm (the PRM learns the policy's own mistakes)
                   with `critic`: sft → critic → prm (the PRM starts from a stronger model than the policy)
@@ -316,10 +318,17 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
             parent = b.start(RECIPE_PIPELINE, parent_run_id, pipeline_version).outputs["Output"]
             data = b.prepare_data().outputs["data"]
             init = b.init_model(data).outputs["model"]
-            mixture = b.mix(data, init, ("pretrain", "sft")).outputs["mixture"]
-            pretrained = b.stage("pretrain", init=init, data=data, mixture=mixture).outputs["model"]
-            sft_model = b.stage("sft", init=pretrained, data=data, mixture=mixture).outputs["model"]
-            policy = b.stage("mpo", init=sft_model, data=data).outputs["model"]
+            # pretrain, sft and mpo may be switched off: the next stage starts from the one before.
+            runs = recipe.trained_stages
+            mixture = b.mix(data, init, tuple(s for s in ("pretrain", "sft") if s in runs)).outputs["mixture"]
+            model = init
+            for stage in ("pretrain", "sft"):
+                if stage in runs:
+                    model = b.stage(stage, init=model, data=data, mixture=mixture).outputs["model"]
+            sft_model = model
+            policy = sft_model
+            if "mpo" in runs:
+                policy = b.stage("mpo", init=sft_model, data=data).outputs["model"]
             prm = b.prm(sft_model=sft_model, policy=policy, data=data).outputs["model"]
             results = b.evaluate(policy=policy, prm_model=prm, data=data).outputs["results"]
             registered = b.register(parent, policy=policy, prm_model=prm, mixture=mixture, results=results)
@@ -376,6 +385,8 @@ def build_pipelines(recipe: PipelineConfig, *, commit: str, version: str) -> dic
             f"Gated promotion of a registered model version{serve}",
         ),
     }
+    if not {"sft", "mpo"} <= set(recipe.trained_stages):
+        del specs[SFT_MPO_PIPELINE]  # a recipe without SFT or MPO has no sft-mpo pipeline
     pipelines = {}
     for name, (body, fixed, tasks, what) in specs.items():
         description = _description(recipe, what, version)

@@ -98,6 +98,9 @@ class InitSettings(_Strict):
         vision: pretrained InternViT HF directory (composed init of the real presets).
         llm: pretrained base LLM HF directory (Qwen2.5) for the composed init.
         tokenizer: tokenizer directory; default the LLM's.
+        checkpoint: start from an existing checkpoint instead (local or `s3://`): a published InternVL3
+            checkpoint in the transformers format (`OpenGVLab/InternVL3-1B-hf`'s files) or one vlpipe wrote. Its
+            weights, tokenizer, chat template and image settings are kept (`vlpipe.model.init.init_from_checkpoint`).
     """
 
     seed: int = 0
@@ -105,9 +108,12 @@ class InitSettings(_Strict):
     vision: str | None = Field(None, min_length=1)
     llm: str | None = Field(None, min_length=1)
     tokenizer: str | None = Field(None, min_length=1)
+    checkpoint: str | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _both_parts(self) -> Self:
+        if self.checkpoint is not None and (self.vision or self.llm or self.tokenizer):
+            raise ValueError("init: set checkpoint, or vision and llm (composed init), not both")
         if (self.vision is None) != (self.llm is None):
             raise ValueError("init: set both vision and llm (composed init), or neither (random init)")
         if self.tokenizer is not None and self.llm is None:
@@ -117,6 +123,10 @@ class InitSettings(_Strict):
     @property
     def composed(self) -> bool:
         return self.vision is not None
+
+    @property
+    def from_checkpoint(self) -> bool:
+        return self.checkpoint is not None
 
 
 class Mixture(_Strict):

@@ -1,9 +1,9 @@
 """The `init-model` step: the pipeline's starting checkpoint.
 
 validate settings → random model of a `tiny`/`small` preset with a byte-level BPE trained on the conversation
-texts of the pre-training mixture (`vlpipe.model.init.init_random`), or the real presets' native pre-training start
-composed from a pretrained InternViT and a pretrained base LLM (`vlpipe.model.init.init_composed`) → log to a child
-MLflow run.
+texts of the pre-training mixture (`vlpipe.model.init.init_random`), the real presets' native pre-training start
+composed from a pretrained InternViT and a pretrained base LLM (`vlpipe.model.init.init_composed`), or an existing
+checkpoint (`init.checkpoint`: `vlpipe.model.init.init_from_checkpoint`) → log to a child MLflow run.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def init_model(
         ValueError: a random init of a real preset or a composed init of a random one (the recipe check
             catches both first).
     """
-    from vlpipe.model.init import init_composed, init_random
+    from vlpipe.model.init import init_composed, init_from_checkpoint, init_random
 
     config = InitModelConfig.model_validate(config.model_dump())
     init = config.init
@@ -56,7 +56,10 @@ def init_model(
     ) as run_id:
         import mlflow
 
-        if init.composed:
+        if init.from_checkpoint:
+            assert init.checkpoint is not None
+            init_from_checkpoint(config.preset, out_dir, checkpoint_uri=init.checkpoint)
+        elif init.composed:
             assert init.vision is not None and init.llm is not None
             init_composed(
                 config.preset,

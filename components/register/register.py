@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -89,14 +90,31 @@ def register_model(
         recipe=config.recipe,
         tags={**config.tracking.tags, "preset": config.preset},
     ) as run_id:
+        import tempfile
+
         import mlflow
 
-        info = log_checkpoint_model(
-            policy_dir,
-            name="model",
-            registered_model_name=registry.model_name,
-            metadata={"recipe": config.recipe, **tags},
-        )
+        from vlpipe.model.checkpoint import export_checkpoint
+
+        # The registered checkpoint is the exported one (`registry.save_dtype`, bf16 by default, as published
+        # InternVL3 checkpoints are); the stage checkpoints keep the training precision.
+        exported = Path(tempfile.mkdtemp(prefix="vlpipe-export-")) / "checkpoint"
+        try:
+            export_checkpoint(policy_dir, exported, save_dtype=registry.save_dtype)
+            mlflow.log_param("save_dtype", registry.save_dtype)
+            info = log_checkpoint_model(
+                str(exported),
+                name="model",
+                registered_model_name=registry.model_name,
+                metadata={
+                    "recipe": config.recipe,
+                    "save_dtype": registry.save_dtype,
+                    "vlpipe_checkpoint": policy_dir,
+                    **tags,
+                },
+            )
+        finally:
+            shutil.rmtree(exported.parent, ignore_errors=True)
         version = str(info.registered_model_version)
         client = MlflowClient(tracking_uri())
         for key, value in {**tags, "recipe": config.recipe, "preset": config.preset}.items():

@@ -54,11 +54,12 @@ def begin_stage(cfg: Any, info: DistInfo | None = None) -> StageStart:
     info = info or init_distributed(trainer.distributed)
     seed_everything(trainer.seed)
     work_dir = ensure_local_dir(cfg.resolved_work_dir)
+    template = getattr(cfg, "chat_template", None)
     if info.is_main:
-        loaded = load_checkpoint(cfg.init)
+        loaded = load_checkpoint(cfg.init, chat_template=template)
     barrier()
     if not info.is_main:
-        loaded = load_checkpoint(cfg.init)
+        loaded = load_checkpoint(cfg.init, chat_template=template)
     loaded.model.set_attn_implementation(trainer.attn_implementation)
     loaded.model.train()
     trainable = apply_freeze(loaded.model, trainer.freeze)
@@ -141,6 +142,9 @@ def save_final(cfg: Any, start: StageStart, engine: Engine, run: Run, metadata: 
     Returns:
         The MLflow model URI, when logged.
     """
+    # The tokens the starting checkpoint needed rows for stay on record; an unknown preset is not written down.
+    carried = {k: v for k, v in start.loaded.metadata.items() if k == "added_tokens"}
+    metadata = {**carried, **{k: v for k, v in metadata.items() if not (k == "preset" and v == "unknown")}}
     with full_parameters(engine) as module:
         if start.info.is_main:
             module.eval()

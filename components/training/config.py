@@ -264,11 +264,14 @@ class _StageBase(_Strict):
         output: where the final HF checkpoint goes (local or s3://).
         work_dir: local/shared directory for resumable checkpoints and the metrics log; defaults to
             `<output>.work` for a local output.
+        chat_template: a Jinja chat template for the output checkpoint's tokenizer (what runtimes render
+            prompts with); default: the starting checkpoint's (a published InternVL3 checkpoint's is kept).
     """
 
     init: str = Field(min_length=1)
     output: str = Field(min_length=1)
     work_dir: str | None = None
+    chat_template: str | None = Field(None, min_length=1)
     trainer: TrainerConfig = TrainerConfig(max_steps=100)
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()

@@ -89,6 +89,12 @@ def test_compose_copies_vit_and_llm_with_fresh_projector(tmp_path, tiny_preset, 
     assert torch.equal(got[:n_old], llm.model.embed_tokens.weight)
     assert torch.equal(model.lm_head.weight[:n_old], llm.lm_head.weight[:n_old])
     assert got.shape[0] >= len(tok)
+    # The rows added for the tokens the base LLM lacks are the mean of its rows (embeddings and LM head), recorded.
+    assert torch.allclose(
+        got[n_old:], llm.model.embed_tokens.weight.mean(dim=0).expand(got.shape[0] - n_old, -1)
+    )
+    assert torch.allclose(model.lm_head.weight[n_old:], llm.lm_head.weight.mean(dim=0))
+    assert len(model.vlpipe_added_tokens) == got.shape[0] - n_old == 5
     assert model.config.image_token_id == tok.convert_tokens_to_ids("<IMG_CONTEXT>")
     proj = model.model.multi_modal_projector
     assert proj.linear_1.in_features == 4 * tiny_preset.vision.hidden_size  # pixel unshuffle: 4x channels
