@@ -27,10 +27,19 @@ from vlpipe.model.record import describe as _describe
 from vlpipe.model.record import image_list
 
 __all__ = ["ConversationEncoder", "EncodedSample", "image_list", "normalise_turns"]
-from vlpipe.model.tokenizer import IM_END, IM_START, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from vlpipe.model.tokenizer import (
+    IM_END,
+    IM_START,
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+    template_system_prompt,
+)
 from vlpipe.model.v2pe import TRAINING_DELTAS, sample_deltas, v2pe_position_ids
 
 IGNORE_INDEX = -100
+TEMPLATE_SYSTEM_PROMPT = "template"
+"""`system_prompt` value meaning: whatever the checkpoint's chat template adds by default."""
 # InternVL's grounding markup: `<ref>object</ref><box>[[x1, y1, x2, y2]]</box>`, `<quad>...</quad>`.
 GROUNDING_TOKENS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>")
 _GROUNDING = re.compile("(" + "|".join(re.escape(t) for t in GROUNDING_TOKENS) + ")")
@@ -106,7 +115,10 @@ class ConversationEncoder:
         tokens_per_tile: visual tokens per tile (256 for the real presets).
         max_length: the longest sample kept; longer text is truncated, but never through an image.
         mode: `sft` (loss on assistant replies) or `pretrain` (loss on every text token).
-        system_prompt: optional system message prepended to every conversation.
+        system_prompt: the system message prepended to a conversation that has none: `"template"` (the
+            default) takes the one the tokenizer's chat template adds by default (InternVL's message for
+            OpenGVLab's checkpoints, none for vlpipe's own), so training, evaluation and serving encode what a
+            runtime renders; a string sets it; None or "" sets none.
     """
 
     def __init__(
@@ -115,7 +127,7 @@ class ConversationEncoder:
         tokens_per_tile: int,
         max_length: int,
         mode: LabelMode = "sft",
-        system_prompt: str | None = None,
+        system_prompt: str | None = TEMPLATE_SYSTEM_PROMPT,
     ) -> None:
         if mode not in ("sft", "pretrain"):
             raise ValueError(f"mode must be 'sft' or 'pretrain', got {mode!r}")
@@ -123,7 +135,9 @@ class ConversationEncoder:
         self.tokens_per_tile = tokens_per_tile
         self.max_length = max_length
         self.mode = mode
-        self.system_prompt = system_prompt
+        if system_prompt == TEMPLATE_SYSTEM_PROMPT:
+            system_prompt = template_system_prompt(tokenizer)
+        self.system_prompt = system_prompt or None
         ids = tokenizer.convert_tokens_to_ids(
             [IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, IM_START, IM_END]
         )

@@ -72,6 +72,21 @@ CHAT_TEMPLATE = chat_template()
 """vlpipe's own template: InternVL2.5/3's without a default system message (what the stages train on)."""
 
 
+def template_system_prompt(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The system message the tokenizer's chat template adds to a conversation that has none (InternVL's
+    default one for OpenGVLab's checkpoints), or None (vlpipe's own template, or no template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render a plain turn declares no default
+        return None
+    header = f"{IM_START}system\n"
+    if not isinstance(text, str) or not text.startswith(header) or IM_END not in text:
+        return None
+    return text[len(header) : text.index(IM_END)] or None
+
+
 def add_internvl_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """Add InternVL's image tokens and the ChatML tokens when missing; name the processor's tokens; set vlpipe's
     chat template when the tokenizer has none (a source checkpoint's template is kept).

@@ -26,6 +26,12 @@ class DataConfig(BaseModel):
         default=True, description="JPEG augmentation where the dataset's data_augment is on."
     )
     v2pe_training: bool = Field(default=True, description="Draw V2PE δ per image (else δ = 1).")
+    system_prompt: str | None = Field(
+        default="template",
+        description='System message of every conversation without one: "template" (the checkpoint chat '
+        "template's default: InternVL's message for OpenGVLab checkpoints, none for vlpipe's), a string, or "
+        "null for none. A dataset's `system_prompt` in the meta file overrides it.",
+    )
     multi_image_tiles: Literal["divide", "full"] = Field(
         default="divide",
         description="Tiles per image of a k-image record: max(1, max_tiles // k) (InternVL) or max_tiles each.",

@@ -63,7 +63,9 @@ class MixtureLoader:
         self.config = config
         self.image_cfg = image_cfg
         self.storage_options = storage_options
-        self.encoder = ConversationEncoder(tokenizer, tokens_per_tile, config.max_length, config.mode)
+        self.encoder = ConversationEncoder(
+            tokenizer, tokens_per_tile, config.max_length, config.mode, system_prompt=config.system_prompt
+        )
         self.meta: MetaFile = load_meta(config.meta, storage_options=storage_options)
         self.quarantine = Quarantine()
         self.datasets: list[Dataset] = [
@@ -71,6 +73,14 @@ class MixtureLoader:
             for name, spec in self.meta.datasets.items()
         ]
         self.by_name = {d.name: d for d in self.datasets}
+        # A dataset with its own system message gets its own encoder (the rest share the stage's).
+        self._encoders = {
+            d.name: ConversationEncoder(
+                tokenizer, tokens_per_tile, config.max_length, config.mode, system_prompt=d.spec.system_prompt
+            )
+            for d in self.datasets
+            if d.spec.system_prompt is not None
+        }
         self.stream = MixedStream(
             self.datasets, config.mixture, self._estimate_tokens, rank=rank, world_size=world_size
         )
@@ -106,7 +116,8 @@ class MixtureLoader:
             if video_of(record):
                 spec = dataset.spec
                 frames = mean_frames(spec.min_num_frame, spec.max_num_frame, spec.sampling_method)
-                return len(self.encoder.encode(video_record(record, frames, source), [1] * frames))
+                encoder = self._encoders.get(dataset.name, self.encoder)
+                return len(encoder.encode(video_record(record, frames, source), [1] * frames))
             paths = image_list(record)
             cfg = per_image_config(cfg, len(paths), self.config.multi_image_tiles)
             for rel in paths:
@@ -118,7 +129,7 @@ class MixtureLoader:
                     storage_options=self.storage_options,
                 )
                 tiles.append(num_tiles(width, height, cfg))
-            return len(self.encoder.encode(record, tiles))
+            return len(self._encoders.get(dataset.name, self.encoder).encode(record, tiles))
         except SampleError:
             return 0
 
@@ -153,7 +164,7 @@ class MixtureLoader:
         pixels = None
         if tiles:
             pixels = torch.cat(tiles)
-        return self.encoder.encode(
+        return self._encoders.get(dataset.name, self.encoder).encode(
             record, [t.shape[0] for t in tiles], sample_id=sample_id, pixel_values=pixels, v2pe_deltas=deltas
         )
 

@@ -59,6 +59,10 @@ class DatasetSpec(BaseModel):
     min_num_frame: int = Field(default=8, ge=1, description="Fewest frames sampled from a video (training).")
     max_num_frame: int = Field(default=32, ge=1, description="Most frames sampled from a video (all frames "
                                "in evaluation).")  # fmt: skip
+    system_prompt: str | None = Field(
+        default=None,
+        description="This dataset's system message (vlpipe's key; default: the stage's setting).",
+    )
     sampling_method: Literal["rand", "middle"] = Field(
         default="rand", description="Frame sampling in training: a random frame per segment, or its middle."
     )

@@ -118,3 +118,52 @@ def test_grounding_tokens_are_single_tokens_and_control_tokens_stay_text(tiny_to
         [],
     )
     assert sample.labels.tolist().count(vocab["<box>"]) == 1  # the reply's grounding tokens carry loss
+
+
+def test_system_prompt_follows_the_chat_template_unless_set(
+    tmp_path, tiny_tokenizer, tiny_image_cfg, tiny_preset
+):
+    import copy
+
+    from vlpipe.model.conversation import ConversationEncoder
+    from vlpipe.model.tokenizer import INTERNVL_SYSTEM_MESSAGE, chat_template, template_system_prompt
+
+    conv = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}
+    # vlpipe's own template (the demo's) has no default system message: nothing is added.
+    assert template_system_prompt(tiny_tokenizer) is None
+    plain = ConversationEncoder(tiny_tokenizer, 4, 512).encode(conv, [])
+    internvl = copy.deepcopy(tiny_tokenizer)
+    internvl.chat_template = chat_template(INTERNVL_SYSTEM_MESSAGE)
+    assert template_system_prompt(internvl) == INTERNVL_SYSTEM_MESSAGE
+    with_default = ConversationEncoder(internvl, 4, 512).encode(conv, [])
+    text = internvl.decode(with_default.input_ids)
+    # Exactly what the template renders for the same conversation (then the reply).
+    rendered = internvl.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], tokenize=False
+    )
+    assert text == rendered
+    assert (
+        internvl.decode(plain.input_ids)
+        == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
+    )
+    assert (
+        ConversationEncoder(internvl, 4, 512, system_prompt=None).encode(conv, []).input_ids.tolist()
+        == plain.input_ids.tolist()
+    )
+    # A stage setting, and a dataset's meta key over it.
+    (tmp_path / "a.jsonl").write_text(json.dumps(conv) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps(conv) + "\n")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({
+        "a": {"annotation": str(tmp_path / "a.jsonl")},
+        "b": {"annotation": str(tmp_path / "b.jsonl"), "system_prompt": "Dataset B."},
+    }))  # fmt: skip
+    cfg = DataConfig(meta=str(meta), system_prompt="Stage.", mixture=MixtureConfig(multimodal_ratio=0))
+    loader = MixtureLoader(cfg, internvl, tiny_image_cfg, tiny_preset.tokens_per_tile)
+    seen = {}
+    for sample in loader:
+        seen[sample.sample_id.split(":")[0]] = internvl.decode(sample.input_ids)
+        if len(seen) == 2:
+            break
+    assert seen["a"].startswith("<|im_start|>system\nStage.<|im_end|>\n")
+    assert seen["b"].startswith("<|im_start|>system\nDataset B.<|im_end|>\n")
