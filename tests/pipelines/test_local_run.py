@@ -95,7 +95,8 @@ def test_the_recipe_runs_end_to_end_with_one_parent_and_a_child_run_per_step(rec
     # The evaluation table and the registered model with its lineage and alias. The tiny recipe's gates have
     # no minimum and the store has no champion yet, so the first version is promoted: `challenger` moves to
     # `champion`.
-    assert summary["eval"]["n"] == 2 and summary["eval"]["overall"]["items"] == 3
+    assert summary["eval"]["n"] == 2 and summary["eval"]["overall"]["items"] == 3 + 2  # counting + video
+    assert {b: v["items"] for b, v in summary["eval"]["benchmarks"].items()} == {"counting": 3, "video": 2}
     registered = summary["registered"]
     assert registered["name"] == "vlpipe-test" and registered["aliases"] == ["champion"]
     assert summary["promotion"] == {
@@ -144,7 +145,7 @@ def test_the_evaluate_sub_pipeline_runs_on_given_checkpoints(recipe_run):
     )
     assert summary["parent"]["status"] == "FINISHED"
     assert list(summary["stages"]) == ["data", "eval"]
-    assert summary["eval"]["overall"]["items"] == 3
+    assert summary["eval"]["overall"]["items"] == 3 + 2  # counting + video
 
 
 def test_the_promote_deploy_sub_pipeline_skips_deployment_unless_promoted(recipe_run):
