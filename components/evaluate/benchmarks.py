@@ -14,7 +14,11 @@ its final answer:
 - `free` (a TSV row without options): the same span, whitespace-collapsed and lower-cased; numbers compare
   by value ("2.50" = "2.5"; "," is read as a thousands separator, so "1,000" = "1000").
   Benchmark-specific judges (MathVista's GPT extraction, MMMU's option matching heuristics) are not
-  reproduced; this is the strict, model-free variant.
+  reproduced; this is the strict, model-free variant (protocol `vlpipe`, the default for TSVs).
+- `mcq` (protocol `vlmevalkit-mcq`): InternVL's VLMEvalKit prompt (hint, question, options, the instruction) and
+  VLMEvalKit's matching (`vlpipe.components.evaluate.vlmevalkit.match_mcq`), optionally CircularEval groups.
+- `mathvista` (protocol `vlmevalkit-mathvista`): the `question` cell as the prompt and VLMEvalKit's MathVista
+  check (`vlpipe.components.evaluate.vlmevalkit.extract_mathvista`).
 
 Extraction returns a canonical string, so two samples with equal extractions are equally correct (what the
 majority vote relies on).
@@ -38,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Literal
 
+from vlpipe.components.evaluate import vlmevalkit
 from vlpipe.components.evaluate.config import BenchmarkSpec
 from vlpipe.model.data.demo import extract_answer
 from vlpipe.model.errors import SampleError
@@ -47,7 +52,7 @@ from vlpipe.model.image import decode_image
 # VLMEvalKit TSVs carry their images inline (MMBench_DEV_EN is ~300 MB); a file above this is refused unread.
 MAX_BENCHMARK_BYTES = 4 * 1024**3
 
-ItemKind = Literal["demo", "choice", "free"]
+ItemKind = Literal["demo", "choice", "free", "mcq", "mathvista"]
 IMAGE_PLACEHOLDER = "<image>"
 OPTION_LETTERS = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # VLMEvalKit stores an image once and lets later rows point at it by `index` (values this short are no base64).
@@ -95,6 +100,9 @@ class BenchmarkItem:
         frames: the images are a video's sampled frames (one tile each, `Frame{i}: <image>` lines).
         options: (letter, text) pairs of a multiple-choice item.
         raw_answer: the reference as written in the file.
+        judge_question: the question a judge is shown (`mcq`: the `question` cell; `mathvista`: the prompt).
+        group: the CircularEval group (`mcq` with `circular`); None: the item stands alone.
+        question_type, answer_type, precision: MathVista's columns (`mathvista` only).
     """
 
     benchmark: str
@@ -106,6 +114,11 @@ class BenchmarkItem:
     frames: bool = False
     options: tuple[tuple[str, str], ...] = ()
     raw_answer: str = ""
+    judge_question: str = ""
+    group: str | None = None
+    question_type: str = ""
+    answer_type: str = ""
+    precision: int | None = None
 
     @property
     def prompt_text(self) -> str:
@@ -118,12 +131,30 @@ class BenchmarkItem:
             )
         return f"{IMAGE_PLACEHOLDER}\n" * len(self.images) + self.question
 
-    def extract(self, text: str) -> str | None:
-        """The canonical final answer of a model answer, or None when none can be extracted."""
+    def extract(self, text: str, judge: vlmevalkit.Judge | None = None) -> str | None:
+        """The canonical final answer of a model answer, or None when none can be extracted.
+
+        Args:
+            text: the model's answer.
+            judge: where the `mcq` and `mathvista` rules fail, the judge extracts (VLMEvalKit's judge step);
+                ignored by the other kinds.
+        """
         if self.kind == "demo":
             return extract_answer(text)
         if self.kind == "choice":
             return extract_choice(text, self.options)
+        if self.kind == "mcq":
+            return vlmevalkit.match_mcq(text, self.judge_question, dict(self.options), judge)
+        if self.kind == "mathvista":
+            return vlmevalkit.extract_mathvista(
+                text,
+                question=self.judge_question,
+                question_type=self.question_type,
+                answer_type=self.answer_type,
+                choices=dict(self.options),
+                precision=self.precision,
+                judge=judge,
+            )
         return extract_free(text)
 
     def is_correct(self, extracted: str | None) -> bool:
@@ -491,14 +522,214 @@ def load_tsv(spec: BenchmarkSpec) -> LoadedBenchmark:
     return _raise_if_empty(loaded)
 
 
-_LOADERS = {"demo": load_demo, "tsv": load_tsv}
+def _mcq_item(spec: BenchmarkSpec, row: dict[str, str | None], option_columns: list[str]) -> dict:
+    """The `mcq` fields of a VLMEvalKit multiple-choice row (build_multi_choice_prompt).
+
+    Raises:
+        SampleError: no options, or an answer that is not one of the row's option letters.
+    """
+    item_id = str(row["index"]).strip()
+    options = tuple((c, str(row[c]).strip()) for c in option_columns if not vlmevalkit.is_na(row[c]))
+    if not options:
+        raise SampleError(item_id, "no_options", "a multiple-choice row needs option columns A, B, ...")
+    hint = row.get("hint")
+    hint = None if vlmevalkit.is_na(hint) else str(hint).strip()
+    answer = str(row["answer"]).strip()
+    letters = [letter for letter, _ in options]
+    if answer not in letters:
+        raise SampleError(
+            item_id, "bad_answer", f"answer {answer!r} is not one of the option letters {', '.join(letters)}"
+        )
+    question = str(row["question"]).strip()
+    group = None
+    if spec.circular:
+        try:
+            group = vlmevalkit.circular_group(item_id, row.get("g_index"))
+        except ValueError as exc:
+            raise SampleError(item_id, "malformed", f"CircularEval needs integer indices ({exc})") from exc
+    return {
+        "question": vlmevalkit.build_mcq_prompt(question, hint, dict(options)),
+        "answer": answer,
+        "kind": "mcq",
+        "options": options,
+        "judge_question": question,
+        "group": group,
+    }
+
+
+def _mathvista_item(row: dict[str, str | None]) -> dict:
+    """The `mathvista` fields of a VLMEvalKit MathVista row.
+
+    Raises:
+        SampleError: an unknown question type, unreadable choices, or a reference that `post_check` cannot read.
+    """
+    item_id = str(row["index"]).strip()
+    question_type = str(row.get("question_type") or "").strip()
+    answer_type = str(row.get("answer_type") or "").strip()
+    answer = str(row["answer"]).strip()
+    precision_cell = row.get("precision")
+    precision = None
+    if not vlmevalkit.is_na(precision_cell):
+        try:
+            precision = int(float(str(precision_cell)))
+        except ValueError as exc:
+            raise SampleError(item_id, "malformed", f"precision {precision_cell!r} is not a number") from exc
+    options: tuple[tuple[str, str], ...] = ()
+    if question_type == "multi_choice":
+        try:
+            choices = vlmevalkit.parse_choices(str(row.get("choices") or ""))
+        except ValueError as exc:
+            raise SampleError(item_id, "malformed", str(exc)) from exc
+        options = tuple((OPTION_LETTERS[i], text) for i, text in enumerate(choices[: len(OPTION_LETTERS)]))
+        option_cell = row.get("answer_option")
+        if not vlmevalkit.is_na(option_cell):
+            reference = str(option_cell).strip()
+        else:  # no answer_option column: the option whose text is the answer
+            matches = [letter for letter, text in options if text == answer]
+            reference = matches[0] if len(matches) == 1 else ""
+        if reference not in {letter for letter, _ in options}:
+            raise SampleError(
+                item_id, "bad_answer", f"answer {answer!r} / answer_option {option_cell!r} names no choice"
+            )
+    elif question_type == "free_form":
+        reference = vlmevalkit.mathvista_value(answer, question_type, answer_type, {}) or answer
+    else:
+        raise SampleError(
+            item_id, "malformed", f"question_type {question_type!r} is neither multi_choice nor free_form"
+        )
+    return {
+        "question": str(row["question"]).strip(),
+        "answer": reference,
+        "kind": "mathvista",
+        "options": options,
+        "judge_question": str(row["question"]).strip(),
+        "question_type": question_type,
+        "answer_type": answer_type,
+        "precision": precision,
+    }
+
+
+_VLMEVALKIT_COLUMNS = {
+    "vlmevalkit-mcq": ("index", "question", "answer"),
+    "vlmevalkit-mathvista": ("index", "question", "answer", "question_type", "answer_type"),
+}
+
+
+def load_vlmevalkit(spec: BenchmarkSpec) -> LoadedBenchmark:
+    """Load a VLMEvalKit TSV under a `vlmevalkit-*` protocol (`spec.protocol`).
+
+    Rows without an answer (an MMBench test split: VLMEvalKit submits those to the MMBench server) are skipped
+    as `missing_answer`. With `spec.circular`, the rows of a group (`g_index`, else `index % 1e6`) stand or fall
+    together: a group with a skipped row is skipped whole (`incomplete_circular_group`), and `limit` counts
+    groups.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        BenchmarkError: a required column is missing, or no usable row.
+    """
+    loaded = LoadedBenchmark(spec)
+    text = _read_text(spec, "utf-8-sig")
+    columns, rows = _tsv_rows(text, spec.path)
+    missing = [c for c in _VLMEVALKIT_COLUMNS[str(spec.protocol)] if c not in columns]
+    if columns and missing:
+        raise BenchmarkError(
+            f"{spec.path} lacks the column(s) {', '.join(missing)} that protocol {spec.protocol!r} reads; "
+            f"found: {', '.join(columns)}"
+        )
+    option_columns = [c for c in OPTION_LETTERS if c in columns]
+    has_images = "image" in columns
+    by_index = {}
+    if has_images:
+        by_index = {
+            str(r["index"]).strip(): r["image"]
+            for r in rows
+            if r.get("index") is not None and not _blank(r.get("image"))
+            and len(r["image"].strip()) > _IMAGE_REFERENCE_MAX_LEN
+        }  # fmt: skip
+    bad_groups: dict[str, str] = {}
+    for number, row in enumerate(rows, start=2):
+        if not spec.circular and spec.limit is not None and len(loaded.items) >= spec.limit:
+            break
+        item_id = str(row.get("index") or f"line {number}").strip()
+        group = None
+        if spec.circular:
+            try:
+                group = vlmevalkit.circular_group(item_id, row.get("g_index"))
+            except (ValueError, TypeError):
+                group = item_id
+
+        def skip(reason: str, detail: str, item_id: str = item_id, group: str | None = group) -> None:
+            loaded.skipped.append(SkippedRow(spec.name, spec.path, item_id, reason, detail))
+            if group is not None:
+                bad_groups.setdefault(group, item_id)
+
+        if None in row or any(row.get(c) is None for c in columns):
+            skip("malformed", f"line {number} has a different number of fields than the header")
+            continue
+        if _blank(row["question"]):
+            skip("missing_question", "empty question")
+            continue
+        if _blank(row["answer"]):
+            split = (row.get("split") or "").strip()
+            skip(
+                "missing_answer",
+                "no reference answer"
+                + (f" (split {split!r}: VLMEvalKit scores it on the benchmark's server)" if split else ""),
+            )
+            continue
+        try:
+            fields = (
+                _mcq_item(spec, row, option_columns)
+                if spec.protocol == "vlmevalkit-mcq"
+                else _mathvista_item(row)
+            )
+            images: list[bytes] = []
+            if has_images:
+                if _blank(row["image"]):
+                    raise SampleError(item_id, "missing_image", "empty image cell")
+                images = _row_images(row["image"], by_index, f"{spec.path}:{item_id}")
+        except SampleError as exc:
+            skip(exc.reason, exc.detail)
+            continue
+        loaded.items.append(
+            BenchmarkItem(
+                benchmark=spec.name,
+                item_id=item_id,
+                images=tuple(images),
+                raw_answer=str(row["answer"]),
+                **fields,
+            )
+        )
+    if spec.circular:
+        kept: list[BenchmarkItem] = []
+        groups_seen: list[str] = []
+        for item in loaded.items:
+            if item.group in bad_groups:
+                loaded.skipped.append(
+                    SkippedRow(
+                        spec.name, spec.path, item.item_id, "incomplete_circular_group",
+                        f"row {bad_groups[item.group]} of circular group {item.group} was skipped",
+                    )
+                )  # fmt: skip
+                continue
+            if item.group not in groups_seen:
+                if spec.limit is not None and len(groups_seen) >= spec.limit:
+                    continue
+                groups_seen.append(str(item.group))
+            kept.append(item)
+        loaded.items = kept
+    return _raise_if_empty(loaded)
 
 
 def load_benchmark(spec: BenchmarkSpec) -> LoadedBenchmark:
-    """Load a benchmark of either format, with its bad rows reported in `skipped`.
+    """Load a benchmark of either format under its protocol, with its bad rows reported in `skipped`.
 
     Raises:
         FileNotFoundError: the file does not exist.
         BenchmarkError: empty, every row bad, or a required TSV column is missing.
     """
-    return _LOADERS[spec.format](spec)
+    if spec.format == "demo":
+        return load_demo(spec)
+    if spec.protocol in _VLMEVALKIT_COLUMNS:
+        return load_vlmevalkit(spec)
+    return load_tsv(spec)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -17,6 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from vlpipe.objectives.config import Aggregation
 
 BenchmarkFormat = Literal["demo", "tsv"]
+Protocol = Literal["demo", "vlpipe", "vlmevalkit-mcq", "vlmevalkit-mathvista"]
+"""How items are prompted and scored (docs/evaluation.md#protocols): `demo` (the demo task's rule), `vlpipe`
+(vlpipe's strict TSV rules), `vlmevalkit-mcq` (VLMEvalKit's multiple-choice image benchmarks as InternVL's model
+class prompts them: MMBench, MMStar, AI2D, ...), `vlmevalkit-mathvista` (VLMEvalKit's MathVista)."""
+_DEFAULT_PROTOCOL: dict[str, Protocol] = {"demo": "demo", "tsv": "vlpipe"}
+# VLMEvalKit scores a multiple-choice benchmark with CircularEval when its name contains one of these.
+_CIRCULAR_NAMES = ("mmbench", "ccbench", "circular", "mmcr")
 OVERALL = "overall"
 """Name of the all-benchmarks scope in the metrics; no benchmark may use it."""
 # Benchmark names end up in MLflow metric keys ("<name>/best_of_n"), which allow only these characters.
@@ -34,7 +41,13 @@ class BenchmarkSpec(BaseModel):
             `index`, `image` as base64, `question`, `answer`, optional option columns `A`, `B`, ...).
         image_root: root of the JSONL's relative `image` paths; default `<file's directory>/../images` (the
             demo layout). Not used by `tsv`.
-        limit: evaluate at most this many usable items (the first ones in the file); None for all.
+        limit: evaluate at most this many usable items (the first ones in the file; with `circular`, this many
+            circular groups); None for all.
+        protocol: how items are prompted and scored; default `demo` for `demo` files and `vlpipe` for `tsv`
+            files. The `vlmevalkit-*` protocols need `format: tsv`.
+        circular: CircularEval (an item counts only if every rotation of its options is answered right); only
+            with `vlmevalkit-mcq`; default as VLMEvalKit decides: on when the name contains mmbench, ccbench,
+            circular or mmcr (case-insensitive).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -45,9 +58,39 @@ class BenchmarkSpec(BaseModel):
     image_root: str | None = None
     limit: int | None = Field(default=None, gt=0)
     video_frames: int = Field(default=8, ge=1, le=64, description="Frames sampled from a row's video.")
+    protocol: Protocol | None = None
+    circular: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        # Resolved here so the logged config (and a re-validated copy) names the protocol actually used.
+        if isinstance(data, dict) and data.get("format") in _DEFAULT_PROTOCOL:
+            data = dict(data)
+            if data.get("protocol") is None:
+                data["protocol"] = _DEFAULT_PROTOCOL[data["format"]]
+            if data.get("circular") is None:
+                name = str(data.get("name", "")).lower()
+                data["circular"] = data["protocol"] == "vlmevalkit-mcq" and any(
+                    key in name for key in _CIRCULAR_NAMES
+                )
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        if self.protocol != "demo" and self.format == "demo":
+            raise ValueError(
+                f"benchmark {self.name!r}: format 'demo' is scored by protocol 'demo' only, not {self.protocol!r}"
+            )
+        if self.protocol == "demo" and self.format == "tsv":
+            raise ValueError(
+                f"benchmark {self.name!r}: protocol 'demo' needs format 'demo'; a TSV takes 'vlpipe', "
+                "'vlmevalkit-mcq' or 'vlmevalkit-mathvista'"
+            )
+        if self.circular and self.protocol != "vlmevalkit-mcq":
+            raise ValueError(
+                f"benchmark {self.name!r}: circular applies to protocol 'vlmevalkit-mcq' only, not {self.protocol!r}"
+            )
         if self.name == OVERALL:
             raise ValueError(f"benchmark name {OVERALL!r} is reserved for the all-benchmarks metrics")
         if self.image_root is not None and self.format == "tsv":
@@ -55,6 +98,29 @@ class BenchmarkSpec(BaseModel):
                 f"benchmark {self.name!r}: image_root applies to format 'demo' only (TSV images are inline)"
             )
         return self
+
+
+class JudgeSettings(BaseModel):
+    """An OpenAI-compatible chat-completions endpoint that extracts answers where VLMEvalKit uses a judge model
+    (`vlmevalkit-*` protocols only; without one, the rule-based fallback is used and recorded).
+
+    Attributes:
+        base_url: the API root, e.g. `https://api.openai.com/v1` or `http://127.0.0.1:8000/v1`
+            (`/chat/completions` is appended); no user info, query or fragment (no credentials in it).
+        model: the judge model's name (recorded with the metrics).
+        api_key_env: the environment variable holding the API key (never logged); unset or empty: no
+            `Authorization` header (a local server).
+        timeout_s: per-request timeout.
+        max_retries: extra attempts after a failed request (network error, 5xx, 429).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str = Field(pattern=r"^https?://[^/@\s?#]+(/[^\s?#]*)?$")
+    model: str = Field(min_length=1, max_length=200)
+    api_key_env: str = Field(default="OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    timeout_s: float = Field(default=60.0, gt=0, le=600)
+    max_retries: int = Field(default=2, ge=0, le=10)
 
 
 class MLflowSettings(BaseModel):
@@ -96,6 +162,7 @@ class EvalConfig(BaseModel):
         device: `auto` (CUDA when available), `cpu` or `cuda`.
         dtype: weights' dtype at inference.
         mlflow: run settings.
+        judge: optional judge endpoint for the `vlmevalkit-*` protocols; None: rule-based extraction.
 
     Raises:
         pydantic.ValidationError: on an unknown key, a value out of range or duplicate benchmark names.
@@ -118,6 +185,7 @@ class EvalConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     mlflow: MLflowSettings = Field(default_factory=MLflowSettings)
+    judge: JudgeSettings | None = None
 
     @model_validator(mode="after")
     def _unique_names(self) -> Self:
@@ -152,3 +220,22 @@ def load_eval_config(path: str | os.PathLike) -> EvalConfig:
             f"{path}: an evaluation config must be a mapping of settings, got {type(data).__name__}"
         )
     return EvalConfig.model_validate(data)
+
+
+def protocol_label(spec: BenchmarkSpec, judge: JudgeSettings | None) -> str:
+    """What a benchmark's numbers were measured under, e.g. `vlmevalkit-mcq+circular+rule` or
+    `vlmevalkit-mathvista+judge:gpt-4o-mini` (`demo` and `vlpipe` use no judge)."""
+    label = str(spec.protocol)
+    if spec.circular:
+        label += "+circular"
+    if label.startswith("vlmevalkit"):
+        label += f"+judge:{judge.model}" if judge is not None else "+rule"
+    return label
+
+
+def protocol_record(config: EvalConfig) -> str:
+    """The whole evaluation's protocol, `name=label` per benchmark sorted by name and joined by `;` (the run tag
+    `protocol` and the model-version tag `eval_protocol` the promotion gate compares)."""
+    return ";".join(
+        f"{b.name}={protocol_label(b, config.judge)}" for b in sorted(config.benchmarks, key=lambda b: b.name)
+    )

@@ -15,6 +15,11 @@ Definitions (for one item with greedy answer g and samples s_1..s_N in generatio
 
 A scope's accuracy is the mean over its items; `overall` averages over the items of all benchmarks together
 (micro average), so a larger benchmark weighs more.
+
+CircularEval (VLMEvalKit's MMBench protocol): outcomes that share a `group` (the rotations of one question's
+options) make one item, correct under a metric only if every rotation is correct under it (pass@1: every greedy
+answer; Best-of-k: every rotation's best-scored sample; majority@k, oracle@k likewise). `items` counts such
+items, `rows` the outcomes; sample accuracy and the PRM score means stay per sample.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class ItemOutcome:
         sample_answers: the extracted answer of each sample (None when none could be extracted), in order.
         sample_correct: whether each sample is correct.
         sample_scores: the aggregated PRM score of each sample (NaN when it had no step).
+        group: the CircularEval group the item is a rotation in; None: the item stands alone.
     """
 
     benchmark: str
@@ -44,6 +50,7 @@ class ItemOutcome:
     sample_answers: tuple[str | None, ...]
     sample_correct: tuple[bool, ...]
     sample_scores: tuple[float, ...]
+    group: str | None = None
 
     def __post_init__(self) -> None:
         n = len(self.sample_answers)
@@ -120,13 +127,22 @@ def summarize(outcomes: Sequence[ItemOutcome], ks: Sequence[int]) -> dict:
     """
     if not outcomes:
         raise ValueError("cannot summarize a scope without items")
-    n_items = len(outcomes)
+    units: dict[tuple[str, str], list[ItemOutcome]] = {}
+    for i, o in enumerate(outcomes):
+        key = (o.benchmark, f"group {o.group}") if o.group is not None else (o.benchmark, f"row {i}")
+        units.setdefault(key, []).append(o)
+    n_items = len(units)
+
+    def accuracy(hit) -> float:  # an item is right when all its rows are
+        return sum(all(hit(o) for o in rows) for rows in units.values()) / n_items
+
     best_of_k, majority_at_k, oracle_at_k = {}, {}, {}
     for k in ks:
-        best_of_k[k] = sum(o.sample_correct[select_best(o.sample_scores, k)] for o in outcomes) / n_items
-        votes = [(o, majority_vote(o.sample_answers, k)) for o in outcomes]
-        majority_at_k[k] = sum(v is not None and o.sample_correct[v] for o, v in votes) / n_items
-        oracle_at_k[k] = sum(any(o.sample_correct[:k]) for o in outcomes) / n_items
+        best_of_k[k] = accuracy(lambda o, k=k: o.sample_correct[select_best(o.sample_scores, k)])
+        majority_at_k[k] = accuracy(
+            lambda o, k=k: (v := majority_vote(o.sample_answers, k)) is not None and o.sample_correct[v]
+        )
+        oracle_at_k[k] = accuracy(lambda o, k=k: any(o.sample_correct[:k]))
     n = max(ks)
     correct_scores = [
         s
@@ -144,7 +160,8 @@ def summarize(outcomes: Sequence[ItemOutcome], ks: Sequence[int]) -> dict:
     n_correct = sum(sum(o.sample_correct) for o in outcomes)
     return {
         "items": n_items,
-        "pass_at_1": sum(o.greedy_correct for o in outcomes) / n_items,
+        "rows": len(outcomes),
+        "pass_at_1": accuracy(lambda o: o.greedy_correct),
         "best_of_n": best_of_k[n],
         "majority": majority_at_k[n],
         "oracle": oracle_at_k[n],

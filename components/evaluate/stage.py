@@ -36,7 +36,8 @@ from vlpipe.components.evaluate.benchmarks import (
     SkippedRow,
     load_benchmark,
 )
-from vlpipe.components.evaluate.config import OVERALL, EvalConfig
+from vlpipe.components.evaluate.config import OVERALL, EvalConfig, protocol_label, protocol_record
+from vlpipe.components.evaluate.judge import OpenAIJudge
 from vlpipe.components.evaluate.metrics import (
     ItemOutcome,
     compute_metrics,
@@ -61,6 +62,7 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SCALAR_METRICS = (
     "items",
+    "rows",
     "pass_at_1",
     "best_of_n",
     "majority",
@@ -137,6 +139,9 @@ class _Evaluator:
         )
         self.prm = prm
         self.scorer = PRMScorer(prm, config.aggregation)
+        # The judge serves only the VLMEvalKit protocols (the others have no judge step).
+        uses_judge = any(str(b.protocol).startswith("vlmevalkit") for b in config.benchmarks)
+        self.judge = OpenAIJudge(config.judge) if config.judge is not None and uses_judge else None
         self.eos_id = int(policy.tokenizer.convert_tokens_to_ids(IM_END))
         self.pad_id = int(policy.tokenizer.pad_token_id)
 
@@ -188,9 +193,9 @@ class _Evaluator:
         scored = self.scorer.score_answers(
             item.prompt_text, texts, p.prm_tiles, p.prm_pixels, f"{item.benchmark}:{item.item_id}"
         )
-        extracted = [item.extract(t) for t in texts]
+        extracted = [item.extract(t, self.judge) for t in texts]
         correct = [item.is_correct(e) for e in extracted]
-        greedy_extracted = item.extract(greedy_text)
+        greedy_extracted = item.extract(greedy_text, self.judge)
         outcome = ItemOutcome(
             benchmark=item.benchmark,
             item_id=item.item_id,
@@ -198,12 +203,14 @@ class _Evaluator:
             sample_answers=tuple(extracted),
             sample_correct=tuple(correct),
             sample_scores=tuple(s.score for s in scored),
+            group=item.group,
         )
         chosen = select_best(outcome.sample_scores)
         vote = majority_vote(outcome.sample_answers)
         record = {
             "benchmark": item.benchmark,
             "id": item.item_id,
+            "group": item.group,
             "question": item.question,
             "reference": item.raw_answer,
             "reference_canonical": item.answer,
@@ -324,7 +331,8 @@ def run_evaluation(config: EvalConfig, console: Console | None = None) -> dict:
     for b in benchmarks:
         reasons = Counter(row.reason for row in b.skipped)
         console.print(
-            f"benchmark {b.spec.name}: {len(b.items)} items from {b.spec.path}, {len(b.skipped)} skipped"
+            f"benchmark {b.spec.name} ({protocol_label(b.spec, config.judge)}): {len(b.items)} items from "
+            f"{b.spec.path}, {len(b.skipped)} skipped"
             + (f" ({', '.join(f'{r}: {n}' for r, n in sorted(reasons.items()))})" if reasons else "")
         )
     _report_skipped(console, skipped)
@@ -334,6 +342,11 @@ def run_evaluation(config: EvalConfig, console: Console | None = None) -> dict:
     out = staging or Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     settings = config.mlflow
+    protocols = {b.name: protocol_label(b, config.judge) for b in config.benchmarks}
+    protocol_tags = {
+        "protocol": protocol_record(config),
+        **{f"protocol.{k}": v for k, v in protocols.items()},
+    }
     run = Run()
     run.start(
         settings.run_name or f"eval-{Path(config.policy.rstrip('/')).name}",
@@ -341,7 +354,7 @@ def run_evaluation(config: EvalConfig, console: Console | None = None) -> dict:
         recipe=settings.tags.get("recipe"),
         parent_run_id=settings.parent_run_id,
         stage="eval",
-        tags=settings.tags,
+        tags={**settings.tags, **protocol_tags},
         params=_params(config),
     )
     try:
@@ -391,6 +404,7 @@ def run_evaluation(config: EvalConfig, console: Console | None = None) -> dict:
             summary["skipped"] = sum(reasons.values())
             summary["skipped_reasons"] = reasons
             summary["items_per_second"] = summary["items"] / max(per_benchmark_seconds[name], 1e-9)
+            summary["protocol"] = protocols[name]
         metrics[OVERALL]["skipped"] = len(skipped)
         metrics[OVERALL]["skipped_reasons"] = dict(sorted(Counter(row.reason for row in skipped).items()))
         metrics[OVERALL]["items_per_second"] = len(outcomes) / max(seconds, 1e-9)
@@ -398,6 +412,16 @@ def run_evaluation(config: EvalConfig, console: Console | None = None) -> dict:
             n=config.n,
             ks=ks,
             aggregation=config.aggregation,
+            protocol=protocol_tags["protocol"],
+            judge=(
+                {
+                    "model": config.judge.model,
+                    "base_url": config.judge.base_url,
+                    "calls": evaluator.judge.calls,
+                }
+                if evaluator.judge is not None
+                else None
+            ),
             evaluated_items=len(outcomes),
             seconds=round(seconds, 3),
             items_per_second=len(outcomes) / max(seconds, 1e-9),
