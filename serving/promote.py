@@ -7,7 +7,10 @@ the version (tags `promotion.decision`, `promotion.reasons`) and leaves the cham
 current champion again changes nothing. `rollback` moves `champion` back to `previous`.
 
 Evaluation metrics travel as model-version tags `eval.<metric>` (copied from the evaluation run's `overall/`
-metrics by `attach_eval_metrics`), so a decision never depends on which run is still around.
+metrics by `attach_eval_metrics`), so a decision never depends on which run is still around. The protocol the
+numbers were measured under (the evaluation run's `protocol` tag: each benchmark's prompts, scoring,
+CircularEval and judge) travels as the version tag `eval_protocol`; numbers measured under different protocols
+are never compared: the candidate is rejected, with the two protocols in the reason.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ log = logging.getLogger(__name__)
 
 CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous"
 EVAL_TAG_PREFIX = "eval."
+PROTOCOL_TAG = "eval_protocol"
+"""Model-version tag: the evaluation protocol (`vlpipe.components.evaluate.config.protocol_record`)."""
+RUN_PROTOCOL_TAG = "protocol"
+"""The evaluation run's tag holding the same value."""
 DEFAULT_EVAL_METRICS = ("pass_at_1", "best_of_n", "majority", "oracle")
 
 
@@ -83,6 +90,26 @@ def eval_metrics_of(client, name: str, version: str) -> dict[str, float]:
     return {k[len(EVAL_TAG_PREFIX) :]: float(v) for k, v in tags.items() if k.startswith(EVAL_TAG_PREFIX)}
 
 
+def protocol_of(client, name: str, version: str) -> str | None:
+    """The `eval_protocol` tag of a model version (None: not recorded, an evaluation from before protocols)."""
+    return client.get_model_version(name, version).tags.get(PROTOCOL_TAG)
+
+
+def check_protocol(candidate: str | None, champion: str | None) -> list[str]:
+    """Why the candidate's numbers cannot be compared with the champion's (empty when they can).
+
+    Both unrecorded (evaluations from before protocols were recorded) compare as before; one recorded and the
+    other not, or two different protocols, refuse.
+    """
+    if candidate == champion:
+        return []
+    return [
+        f"protocol: the candidate was evaluated under {candidate or '(not recorded)'!r} but the champion under "
+        f"{champion or '(not recorded)'!r}; numbers from different evaluation protocols are not comparable. "
+        "Evaluate both with the same benchmarks, protocols and judge (or re-evaluate the champion) first"
+    ]
+
+
 def attach_eval_metrics(
     name: str, version: str, eval_run_id: str, metrics: tuple[str, ...] = DEFAULT_EVAL_METRICS
 ) -> dict[str, float]:
@@ -92,7 +119,8 @@ def attach_eval_metrics(
         ValueError: when the run has none of the metrics.
     """
     client = _client()
-    run_metrics = client.get_run(eval_run_id).data.metrics
+    run = client.get_run(eval_run_id)
+    run_metrics = run.data.metrics
     found = {m: run_metrics[f"overall/{m}"] for m in metrics if f"overall/{m}" in run_metrics}
     if not found:
         raise ValueError(
@@ -101,6 +129,9 @@ def attach_eval_metrics(
     for metric, value in found.items():
         client.set_model_version_tag(name, version, f"{EVAL_TAG_PREFIX}{metric}", str(value))
     client.set_model_version_tag(name, version, "eval_run_id", eval_run_id)
+    protocol = run.data.tags.get(RUN_PROTOCOL_TAG)
+    if protocol:
+        client.set_model_version_tag(name, version, PROTOCOL_TAG, protocol)
     return found
 
 
@@ -131,7 +162,8 @@ def check_gates(
 
 
 def promote(name: str, version: str | int, config: PromotionConfig = PromotionConfig()) -> Decision:
-    """Promote a model version to `champion` if it passes every gate against the current champion.
+    """Promote a model version to `champion` if it passes every gate against the current champion, evaluated
+    under the same protocol (`check_protocol`).
 
     On success: the old champion gets `previous`, the candidate gets `champion`, and `challenger` is removed
     if it pointed at the candidate. On failure nothing moves; the reasons are stored on the version.
@@ -155,6 +187,10 @@ def promote(name: str, version: str | int, config: PromotionConfig = PromotionCo
     candidate_metrics = eval_metrics_of(client, name, version)
     champion_metrics = eval_metrics_of(client, name, champion) if champion else None
     failures = check_gates(candidate_metrics, champion_metrics, config)
+    if champion is not None:
+        failures = (
+            check_protocol(protocol_of(client, name, version), protocol_of(client, name, champion)) + failures
+        )
     if failures:
         client.set_model_version_tag(name, version, "promotion.decision", "rejected")
         client.set_model_version_tag(name, version, "promotion.reasons", json.dumps(failures))

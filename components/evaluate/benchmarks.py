@@ -153,6 +153,7 @@ class BenchmarkItem:
                 answer_type=self.answer_type,
                 choices=dict(self.options),
                 precision=self.precision,
+                reference=self.answer,
                 judge=judge,
             )
         return extract_free(text)

@@ -297,13 +297,15 @@ def extract_mathvista(
     answer_type: str,
     choices: Mapping[str, str],
     precision: int | None,
+    reference: str,
     judge: Judge | None,
 ) -> str | None:
     """A MathVista answer in canonical form (`MathVista_auxeval` + `post_check`): the raw response as
-    `post_check` reads it (VLMEvalKit's prefetch); else the judge's extraction (up to 5 replies) read the same
-    way; without a judge, the rule-based fallback (`can_infer` for multi_choice, `rule_extract_number`)."""
+    `post_check` reads it when that matches the reference (VLMEvalKit's prefetch); else the judge's extraction
+    (the first of up to 5 replies) read the same way; without a judge, the rule-based fallback (`can_infer` for
+    multi_choice, `rule_extract_number` for numbers)."""
     value = mathvista_value(prediction, question_type, answer_type, choices)
-    if value is not None:
+    if value is not None and value == reference:
         return value
     if judge is not None:
         prompt = mathvista_judge_prompt(question, prediction)
@@ -313,7 +315,7 @@ def extract_mathvista(
                 return mathvista_value(reply.strip(), question_type, answer_type, choices)
         return None
     if question_type == "multi_choice":
-        return None
+        return value  # the letter can_infer found (a wrong one), or None
     return rule_extract_number(prediction, answer_type, precision)
 
 

@@ -20,6 +20,7 @@ from vlpipe.serving.promote import (
     check_gates,
     eval_metrics_of,
     promote,
+    protocol_of,
 )
 from vlpipe.tracking.runs import child_run
 
@@ -79,6 +80,9 @@ def promotion_markdown(result: dict[str, Any]) -> str:
         "",
         f"Champion before: {before}; after: {after}.",
         "",
+        f"Evaluation protocol: candidate `{result.get('protocol') or 'not recorded'}`; champion "
+        f"`{result.get('champion_protocol') or ('–' if not result['champion_before'] else 'not recorded')}`.",
+        "",
         "| metric | candidate | champion | gate | result |",
         "|---|---|---|---|---|",
         *(
@@ -128,6 +132,8 @@ def promote_version(config: PromoteConfig, *, model_uri: str, parent_run_id: str
             "champion_after": decision.champion_after,
             "reasons": decision.reasons,
             "rows": gate_rows(config, candidate, champion),
+            "protocol": protocol_of(client, name, version),
+            "champion_protocol": protocol_of(client, name, before) if before and before != version else None,
             "mlflow_run_id": run_id,
         }
         mlflow.log_params(

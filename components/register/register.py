@@ -60,6 +60,10 @@ def lineage_tags(
             tags[f"eval.{key}"] = f"{overall[key]:.4f}"
     if "n" in eval_metrics:
         tags["eval.n"] = str(eval_metrics["n"])
+    if eval_metrics.get(
+        "protocol"
+    ):  # what the promotion gate compares (`vlpipe.serving.promote.PROTOCOL_TAG`)
+        tags["eval_protocol"] = str(eval_metrics["protocol"])
     return {k: v for k, v in tags.items() if v}
 
 

@@ -270,6 +270,10 @@ def test_end_to_end_writes_metrics_items_and_a_nested_mlflow_run(workdir, tmp_pa
     assert run.data.metrics["overall/best_of_n"] == metrics["overall"]["best_of_n"]
     assert run.data.metrics["mini/skipped"] == 1.0
     assert run.data.params["n"] == "4" and run.data.params["benchmark.mini.format"] == "tsv"
+    # The protocol each benchmark was scored under, recorded with the numbers (what the promotion gate compares).
+    assert run.data.tags["protocol"] == metrics["protocol"] == "demo=demo;mini=vlpipe"
+    assert run.data.tags["protocol.mini"] == metrics["benchmarks"]["mini"]["protocol"] == "vlpipe"
+    assert run.data.params["benchmark.mini.protocol"] == "vlpipe" and metrics["judge"] is None
     history = client.get_metric_history(run.info.run_id, "overall/best_of_k")
     assert sorted(m.step for m in history) == [1, 2, 4]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}

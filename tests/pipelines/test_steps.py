@@ -127,7 +127,7 @@ def test_lineage_tags_tie_the_version_to_runs_data_and_results(monkeypatch):
             "lineage": {"sft": "r2", "critic": "r6", "prm-data": "r5", "prm": "r4"},
         },
         mixture_meta={"sft_manifest_sha256": "f" * 64, "other": "x"},
-        eval_metrics=_metrics(),
+        eval_metrics={**_metrics(), "protocol": "counting=demo"},
     )
     assert tags == {
         "pipeline_run_id": "parent",
@@ -147,6 +147,7 @@ def test_lineage_tags_tie_the_version_to_runs_data_and_results(monkeypatch):
         "eval.majority": "0.2500",
         "eval.oracle": "0.7500",
         "eval.n": "8",
+        "eval_protocol": "counting=demo",
     }
 
 

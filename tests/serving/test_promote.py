@@ -11,10 +11,12 @@ from vlpipe.serving.promote import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS,
+    PROTOCOL_TAG,
     Gate,
     PromotionConfig,
     attach_eval_metrics,
     check_gates,
+    check_protocol,
     promote,
     rollback,
 )
@@ -30,8 +32,8 @@ def registry(tmp_path, monkeypatch):
     client.create_registered_model(NAME)
     exp = client.create_experiment("eval", artifact_location=(tmp_path / "art").as_uri())
 
-    def add_version(pass_at_1: float, best_of_n: float) -> str:
-        run = client.create_run(exp)
+    def add_version(pass_at_1: float, best_of_n: float, protocol: str | None = None) -> str:
+        run = client.create_run(exp, tags={"protocol": protocol} if protocol else None)
         client.log_metric(run.info.run_id, "overall/pass_at_1", pass_at_1)
         client.log_metric(run.info.run_id, "overall/best_of_n", best_of_n)
         src = tmp_path / f"model-{run.info.run_id}"
@@ -104,3 +106,31 @@ def test_attach_eval_metrics_needs_an_eval_run(registry):
     run = client.create_run(exp)
     with pytest.raises(ValueError, match="is it an eval run"):
         attach_eval_metrics(NAME, "1", run.info.run_id)
+
+
+def test_protocol_check_by_hand():
+    assert check_protocol("mmb=vlmevalkit-mcq+circular+rule", "mmb=vlmevalkit-mcq+circular+rule") == []
+    assert check_protocol(None, None) == []  # both from before protocols were recorded
+    [reason] = check_protocol("mmb=vlmevalkit-mcq+circular+judge:gpt-x", "mmb=vlmevalkit-mcq+circular+rule")
+    assert reason.startswith(
+        "protocol: the candidate was evaluated under 'mmb=vlmevalkit-mcq+circular+judge:gpt-x'"
+    )
+    assert "champion under 'mmb=vlmevalkit-mcq+circular+rule'" in reason and "not comparable" in reason
+    assert "(not recorded)" in check_protocol("demo=demo", None)[0]
+
+
+def test_gate_refuses_numbers_measured_under_another_protocol(registry):
+    client, add_version = registry
+    rule, judged = "mv=vlmevalkit-mathvista+rule", "mv=vlmevalkit-mathvista+judge:gpt-x"
+    v1 = add_version(pass_at_1=0.50, best_of_n=0.60, protocol=rule)
+    assert promote(NAME, v1).decision == "promoted"
+    assert client.get_model_version(NAME, v1).tags[PROTOCOL_TAG] == rule
+    # Better numbers, but from a judge: not comparable with the champion's rule-based ones.
+    v2 = add_version(pass_at_1=0.70, best_of_n=0.80, protocol=judged)
+    rejected = promote(NAME, v2)
+    assert rejected.decision == "rejected" and len(rejected.reasons) == 1
+    assert rejected.reasons[0].startswith("protocol:") and judged in rejected.reasons[0]
+    assert _alias(client, CHAMPION) == v1
+    # The same protocol: compared, and promoted.
+    v3 = add_version(pass_at_1=0.55, best_of_n=0.65, protocol=rule)
+    assert promote(NAME, v3).decision == "promoted" and _alias(client, CHAMPION) == v3
