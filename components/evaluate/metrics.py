@@ -117,7 +117,7 @@ def summarize(outcomes: Sequence[ItemOutcome], ks: Sequence[int]) -> dict:
         ks: the k of Best-of-k, majority@k and oracle@k; the largest is N.
 
     Returns:
-        `items`, `pass_at_1`, `best_of_n`, `majority`, `oracle` (the last three at k = N), `sample_accuracy`
+        `items` (questions: a CircularEval group is one), `rows` (outcomes), `pass_at_1`, `best_of_n`, `majority`, `oracle` (the last three at k = N), `sample_accuracy`
         (the fraction of correct samples), `best_of_k`, `majority_at_k`, `oracle_at_k` (dicts k -> accuracy),
         `prm_score_correct_mean`, `prm_score_incorrect_mean` (None when undefined), `correct_samples`,
         `incorrect_samples`.

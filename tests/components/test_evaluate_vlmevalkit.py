@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from vlpipe.components.evaluate.benchmarks import load_benchmark
 from vlpipe.components.evaluate.config import BenchmarkSpec, EvalConfig, JudgeSettings, protocol_record
-from vlpipe.components.evaluate.judge import OpenAIJudge
+from vlpipe.components.evaluate.judge import JudgeError, OpenAIJudge
 from vlpipe.components.evaluate.metrics import ItemOutcome, compute_metrics
 from vlpipe.components.evaluate.vlmevalkit import (
     MCQ_INSTRUCTION_EN,
@@ -352,3 +352,50 @@ def test_protocol_settings_defaults_and_record():
     assert protocol_record(judged).startswith("MMBench_DEV_EN=vlmevalkit-mcq+circular+judge:gpt-x;")
     # The resolved protocol survives the stage's re-validation of a dumped config.
     assert EvalConfig.model_validate(config.model_dump()) == config
+
+
+class _FlakyJudge(BaseHTTPRequestHandler):
+    """Answers with the next status of `statuses` (200: a verdict)."""
+
+    statuses: list[int] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        status = type(self).statuses.pop(0)
+        data = json.dumps(
+            {"choices": [{"message": {"content": "B"}}]} if status == 200 else {"error": "x"}
+        ).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_judge_retries_server_errors_and_stops_on_a_refusal(monkeypatch):
+    monkeypatch.delenv("VLPIPE_TEST_JUDGE_KEY", raising=False)
+    monkeypatch.setattr("vlpipe.components.evaluate.judge.time.sleep", lambda seconds: None)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyJudge)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        settings = JudgeSettings(
+            base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", model="m",
+            api_key_env="VLPIPE_TEST_JUDGE_KEY", timeout_s=5, max_retries=1,
+        )  # fmt: skip
+        _FlakyJudge.statuses = [503, 200]
+        assert OpenAIJudge(settings)("prompt") == "B"  # one retry after the 503
+        _FlakyJudge.statuses = [503, 503]
+        assert (
+            OpenAIJudge(settings)("prompt") is None
+        )  # retries spent: no verdict (the answer counts as unread)
+        _FlakyJudge.statuses = [401]
+        with pytest.raises(JudgeError, match=r"HTTP 401.*\$VLPIPE_TEST_JUDGE_KEY"):
+            OpenAIJudge(settings)("prompt")
+        assert _FlakyJudge.statuses == []
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
