@@ -70,6 +70,8 @@ def metrics_markdown(metrics: dict[str, Any]) -> str:
     overall = metrics[OVERALL]
     ks = ", ".join(f"{k}: {v:.3f}" for k, v in overall["best_of_k"].items())
     lines += ["", f"Best-of-k (overall): {ks}"]
+    if metrics.get("protocol"):  # what the numbers may be compared with (docs/evaluation.md#protocols-...)
+        lines += ["", f"Protocol: `{metrics['protocol']}`"]
     return "\n".join(lines) + "\n"
 
 
