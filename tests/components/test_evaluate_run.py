@@ -363,3 +363,75 @@ def test_empty_benchmark_fails_before_any_model_or_run(tmp_path, monkeypatch):
     path.write_text("policy: p\n")
     result = CliRunner().invoke(app, ["--config", str(path)])
     assert result.exit_code == 2 and "prm" in result.output
+
+
+@pytest.mark.slow
+def test_circular_mmbench_with_a_judge_through_the_stage(workdir, tmp_path, monkeypatch):
+    """VLMEvalKit's MCQ protocol through `run_evaluation`: CircularEval groups in the metrics, the judge called
+    where the rules fail (and only there), the protocol recorded in metrics.json and on the MLflow run."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from tests.components.test_evaluate_vlmevalkit import MMB_COLUMNS, _FakeJudge, _png_b64, _tsv
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    prm = load_checkpoint(workdir / "prm")
+    with torch.no_grad():  # every step scores 0.5: Best-of-k picks sample 0
+        prm.model.lm_head.weight[[PRMScorer(prm).plus_id, PRMScorer(prm).minus_id]] = 0.0
+    save_checkpoint(tmp_path / "flat-prm", prm.model, prm.tokenizer, prm.image_cfg)
+    image = _png_b64()
+    rows = [
+        dict(index=1, question="Which animal?", hint="nan", A="cat", B="dog", answer="B", image=image, split="dev"),
+        dict(index=1000001, question="Which animal?", hint="", A="dog", B="cat", answer="A", image="1", split="dev"),
+        dict(index=2, question="Which is bigger?", hint="", A="sun", B="moon", answer="A", image=image, split="dev"),
+        dict(index=1000002, question="Which is bigger?", hint="", A="moon", B="sun", answer="B", image="2",
+             split="dev"),
+    ]  # fmt: skip
+    path = _tsv(tmp_path / "MMBench_DEV_EN.tsv", MMB_COLUMNS, rows)
+    scripted = {  # (item, sampled) -> answers; n = 2
+        ("1", False): ["B"], ("1", True): ["B", "A"],
+        ("1000001", False): ["the barking one"], ("1000001", True): ["A", "B"],  # the judge reads the greedy one
+        ("2", False): ["A"], ("2", True): ["B", "A"],
+        ("1000002", False): ["A"], ("1000002", True): ["B", "B"],  # greedy wrong: group 2 fails pass@1
+    }  # fmt: skip
+    policy_tok = load_checkpoint(workdir / "policy").tokenizer
+
+    def fake_generate(model, prompts, *, do_sample=False, **kwargs):
+        texts = [t for p in prompts[: 1 if do_sample else None] for t in scripted[(p.sample_id, do_sample)]]
+        return [policy_tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    monkeypatch.setattr("vlpipe.components.evaluate.stage.generate", fake_generate)
+    _FakeJudge.requests, _FakeJudge.verdicts = [], {"Answer: the barking one": "A"}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeJudge)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        config = EvalConfig(
+            policy=str(workdir / "policy"), prm=str(tmp_path / "flat-prm"), n=2, output_dir=str(tmp_path / "out"),
+            benchmarks=[{"name": "MMBench_DEV_EN", "path": path, "format": "tsv", "protocol": "vlmevalkit-mcq"}],
+            judge={"base_url": f"http://127.0.0.1:{server.server_address[1]}/v1", "model": "fake-judge",
+                   "timeout_s": 5, "max_retries": 0},
+        )  # fmt: skip
+        metrics = run_evaluation(config)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    m = metrics["benchmarks"]["MMBench_DEV_EN"]
+    assert (m["items"], m["rows"]) == (2, 4)
+    # Group 1: greedy B ✓ and "the barking one" -> judge A ✓; group 2: A ✓, A ✗ -> 1/2.
+    assert m["pass_at_1"] == 0.5
+    # Sample 0 (ties): group 1 B ✓ A ✓; group 2 B ✗ -> 1/2. oracle@2: group 2 has A ✓ and B ✓ -> 2/2.
+    assert m["best_of_n"] == 0.5 and m["oracle_at_k"] == {"1": 0.5, "2": 1.0}
+    assert len(_FakeJudge.requests) == 1 and metrics["judge"]["calls"] == 1
+    assert "Answer: the barking one" in _FakeJudge.requests[0]["messages"][0]["content"]
+    label = "MMBench_DEV_EN=vlmevalkit-mcq+circular+judge:fake-judge"
+    assert metrics["protocol"] == label and m["protocol"] == "vlmevalkit-mcq+circular+judge:fake-judge"
+    from mlflow import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(metrics["mlflow"]["run_id"])
+    assert (
+        run.data.tags["protocol"] == label and run.data.params["benchmark.MMBench_DEV_EN.circular"] == "True"
+    )
+    record = json.loads((tmp_path / "out/items.jsonl").read_text().splitlines()[1])
+    assert record["group"] == "1" and record["greedy"]["extracted"] == "A"
