@@ -2,8 +2,9 @@
 uses a judge model (`vlpipe.components.evaluate.vlmevalkit`).
 
 The API key is read from the environment variable the settings name, at request time, and is never logged or
-recorded; the endpoint's URL and model are recorded with the metrics. Replies are cached by prompt (the N
-samples of an item often repeat), and bounded in size and time.
+recorded; the endpoint's URL and model are recorded with the metrics. Redirects are not followed (they would
+carry the key elsewhere). Replies are cached by prompt (the N samples of an item often repeat), and bounded in
+size and time.
 """
 
 from __future__ import annotations
@@ -21,6 +22,16 @@ logger = logging.getLogger(__name__)
 
 MAX_REPLY_BYTES = 1024 * 1024
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are refused: following one would send the API key to wherever it points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 class JudgeError(RuntimeError):
@@ -55,7 +66,7 @@ class OpenAIJudge:
             self.calls += 1
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=s.timeout_s) as response:
+                with _OPENER.open(request, timeout=s.timeout_s) as response:
                     payload = json.loads(response.read(MAX_REPLY_BYTES + 1)[:MAX_REPLY_BYTES])
                 content = payload["choices"][0]["message"]["content"]
                 return content if isinstance(content, str) else None

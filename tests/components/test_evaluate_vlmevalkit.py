@@ -366,6 +366,8 @@ class _FlakyJudge(BaseHTTPRequestHandler):
             {"choices": [{"message": {"content": "B"}}]} if status == 200 else {"error": "x"}
         ).encode()
         self.send_response(status)
+        if 300 <= status < 400:
+            self.send_header("Location", "http://127.0.0.1:1/v1/chat/completions")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -393,6 +395,9 @@ def test_judge_retries_server_errors_and_stops_on_a_refusal(monkeypatch):
         )  # retries spent: no verdict (the answer counts as unread)
         _FlakyJudge.statuses = [401]
         with pytest.raises(JudgeError, match=r"HTTP 401.*\$VLPIPE_TEST_JUDGE_KEY"):
+            OpenAIJudge(settings)("prompt")
+        _FlakyJudge.statuses = [302]  # a redirect is not followed (it would carry the key elsewhere)
+        with pytest.raises(JudgeError, match="HTTP 302"):
             OpenAIJudge(settings)("prompt")
         assert _FlakyJudge.statuses == []
     finally:
