@@ -30,7 +30,7 @@ def _summary_table(metrics: dict) -> Table:
     scopes = [*metrics["benchmarks"].items(), ("overall", metrics["overall"])]
     for name, m in scopes:
         table.add_row(
-            name,
+            name if "protocol" not in m else f"{name} ({m['protocol']})",
             str(m["items"]),
             str(m["skipped"]),
             f"{m['pass_at_1']:.3f}",
@@ -55,12 +55,14 @@ def eval_command(
 ) -> None:
     """Run the Best-of-N evaluation described by an `EvalConfig` file and print its metrics.
 
-    Exits with code 2 on an invalid config and 1 on unusable benchmark data (the message names the file).
+    Exits with code 2 on an invalid config and 1 on unusable benchmark data (the message names the file) or a
+    judge endpoint that refuses its requests.
     """
     from pydantic import ValidationError
 
     from vlpipe.components.evaluate.benchmarks import BenchmarkError
     from vlpipe.components.evaluate.config import load_eval_config
+    from vlpipe.components.evaluate.judge import JudgeError
     from vlpipe.components.evaluate.stage import run_evaluation
 
     try:
@@ -69,7 +71,7 @@ def eval_command(
         raise typer.BadParameter(str(exc), param_hint="--config") from exc
     try:
         metrics = run_evaluation(cfg, console)
-    except (BenchmarkError, FileNotFoundError) as exc:
+    except (BenchmarkError, FileNotFoundError, JudgeError) as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(1) from exc
     console.print(_summary_table(metrics))
