@@ -31,6 +31,7 @@ content.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 from typing import Any
@@ -39,6 +40,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from vlpipe.serving.limits import ServingLimits, request_id
 
+_SERIAL = itertools.count()
 logger = logging.getLogger("vlpipe.serving.requests")
 
 _MESSAGES = {
@@ -104,6 +106,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._opened_at = self.loop.time()
+        self._serial = next(_SERIAL)  # ties in loop time (same loop iteration) go to the earlier connection
         self._start_reading("header", self.header_timeout_s)
         self._make_room()
 
@@ -168,7 +171,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         slow = [c for c in peers if c._reading_since is not None]
         overdue = [c for c in slow if now - (c._reading_since or now) >= self.slow_grace_s]
         if len(slow) >= self.max_slow_connections and overdue:
-            oldest = min(overdue, key=lambda c: c._reading_since or now)
+            oldest = min(overdue, key=lambda c: (c._reading_since or now, c._serial))
             oldest._stop_reading()
             oldest._timed_out("too_many_slow_connections")
             peers.remove(oldest)
@@ -179,10 +182,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 if c._reading_since is None and (c.cycle is None or c.cycle.response_complete)
             ]
             if idle:
-                victim = min(idle, key=lambda c: c._opened_at)
+                victim = min(idle, key=lambda c: (c._opened_at, c._serial))
             else:
                 overdue = [c for c in overdue if c in peers]
-                victim = min(overdue, key=lambda c: c._reading_since or now) if overdue else self
+                victim = min(overdue, key=lambda c: (c._reading_since or now, c._serial)) if overdue else self
             logger.info("connection closed: reason=too_many_connections (%d open)", len(self.connections))
             victim.transport.close()
 

@@ -438,11 +438,12 @@ def test_the_oldest_slow_connection_is_closed_when_too_many_are_slow(server):
         try:
             for sock in slow:
                 sock.sendall(b"POST /v1/models/vlpipe:predict HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-            time.sleep(1.2)
+            # Past the 1 s grace with margin: on a loaded machine the server may see the headers late.
+            time.sleep(2.5)
             with httpx.Client(base_url=url, timeout=10) as fresh:
                 assert fresh.get("/v2/health/live").status_code == 200
-            data, elapsed = _read_until_closed(slow[0], 5)
-            assert data.startswith(b"HTTP/1.1 408") and elapsed < 5
+            data, elapsed = _read_until_closed(slow[0], 10)
+            assert data.startswith(b"HTTP/1.1 408") and elapsed < 10  # far below the 30 s header timeout
         finally:
             for sock in slow:
                 sock.close()
