@@ -269,7 +269,9 @@ class JsonlReader:
             for number, raw, size in _bounded_lines(f, cap, digest):
                 if raw is None:
                     self.lines += 1
-                    yield JsonlLine(number, error=self._error(number, "line_too_long", _too_long(size, cap)))
+                    yield JsonlLine(
+                        number, error=self._error(number, "line_too_long", line_too_long_detail(size, cap))
+                    )
                 elif raw.strip():
                     self.lines += 1
                     yield self._parse(number, raw)
@@ -315,7 +317,8 @@ def _bounded_lines(f, cap: int, digest) -> Iterator[tuple[int, bytes | None, int
         yield number, (None if skipping else bytes(pending)), size
 
 
-def _too_long(size: int, cap: int) -> str:
+def line_too_long_detail(size: int, cap: int) -> str:
+    """The quarantine detail of a JSONL line above the per-line cap."""
     return f"line has {size} bytes, above max_line_bytes {cap}; split the record or raise max_line_bytes"
 
 

@@ -89,21 +89,14 @@ class _Tally:
     images: list[int] = field(default_factory=list)
     tiles: list[int] = field(default_factory=list)
     video_frames: list[int] = field(default_factory=list)
-    rows: list[dict] = field(default_factory=list)
 
     def summary(self, quarantine: Quarantine, name: str, repeat_time: float) -> dict:
-        entries = [e for e in quarantine.entries if e["dataset"] == name]
-        by_reason: dict[str, dict] = {}
-        for e in entries:
-            slot = by_reason.setdefault(e["reason"], {"count": 0, "examples": []})
-            slot["count"] += 1
-            if len(slot["examples"]) < EXAMPLES_PER_REASON:
-                slot["examples"].append({"line": e["line"], "detail": e["detail"]})
+        by_reason = _reasons(quarantine, name)
         mean_tokens = float(np.mean(self.tokens)) if self.tokens else 0.0
         return {
             "records": self.records,
             "usable": self.usable,
-            "quarantined": len(entries),
+            "quarantined": sum(slot["count"] for slot in by_reason.values()),
             "reasons": by_reason,
             "tokens": _distribution(self.tokens),
             "images_per_record": _distribution(self.images),
@@ -112,6 +105,19 @@ class _Tally:
             "multimodal": any(n > 0 for n in self.images) or bool(self.video_frames),
             "estimated_epoch_tokens": round(mean_tokens * self.usable * repeat_time),
         }
+
+
+def _reasons(quarantine: Quarantine, dataset: str) -> dict[str, dict]:
+    """A dataset's quarantine entries by reason: the count and the first examples (line, detail)."""
+    by_reason: dict[str, dict] = {}
+    for e in quarantine.entries:
+        if e["dataset"] != dataset:
+            continue
+        slot = by_reason.setdefault(e["reason"], {"count": 0, "examples": []})
+        slot["count"] += 1
+        if len(slot["examples"]) < EXAMPLES_PER_REASON:
+            slot["examples"].append({"line": e["line"], "detail": e["detail"]})
+    return by_reason
 
 
 def _distribution(values: list[int]) -> dict:
@@ -282,14 +288,7 @@ def check_records(source: str, mode: Literal["mpo", "prm"], *, image_root: str |
     quarantine = records.quarantine
     datasets = {}
     for s in records.sources:
-        reasons: dict[str, dict] = {}
-        for e in quarantine.entries:
-            if e["dataset"] != s.name:
-                continue
-            slot = reasons.setdefault(e["reason"], {"count": 0, "examples": []})
-            slot["count"] += 1
-            if len(slot["examples"]) < EXAMPLES_PER_REASON:
-                slot["examples"].append({"line": e["line"], "detail": e["detail"]})
+        reasons = _reasons(quarantine, s.name)
         bad = sum(slot["count"] for slot in reasons.values())
         datasets[s.name] = {
             "records": s.file.total_lines,

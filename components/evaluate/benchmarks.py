@@ -436,6 +436,17 @@ def _row_images(value: str, by_index: dict[str, str], source: str) -> list[bytes
     return images
 
 
+def _images_by_index(rows: list[dict]) -> dict[str, str]:
+    """Each row's inline image by its `index`, for rows whose `image` cell references another row's
+    (VLMEvalKit's de-duplication: a short cell equal to another row's index)."""
+    return {
+        str(r["index"]).strip(): r["image"]
+        for r in rows
+        if r.get("index") is not None and not _blank(r.get("image"))
+        and len(r["image"].strip()) > _IMAGE_REFERENCE_MAX_LEN
+    }  # fmt: skip
+
+
 def load_tsv(spec: BenchmarkSpec) -> LoadedBenchmark:
     """Load a VLMEvalKit-style TSV benchmark (see `BenchmarkSpec.format`).
 
@@ -452,14 +463,7 @@ def load_tsv(spec: BenchmarkSpec) -> LoadedBenchmark:
     columns, rows = _tsv_rows(text, spec.path)
     option_columns = [c for c in OPTION_LETTERS if c in columns]
     has_images = "image" in columns
-    by_index = {}
-    if has_images:
-        by_index = {
-            str(r["index"]).strip(): r["image"]
-            for r in rows
-            if r.get("index") is not None and not _blank(r.get("image"))
-            and len(r["image"].strip()) > _IMAGE_REFERENCE_MAX_LEN
-        }  # fmt: skip
+    by_index = _images_by_index(rows) if has_images else {}
     for number, row in enumerate(rows, start=2):  # line 1 is the header
         if spec.limit is not None and len(loaded.items) >= spec.limit:
             break
@@ -639,14 +643,7 @@ def load_vlmevalkit(spec: BenchmarkSpec) -> LoadedBenchmark:
         )
     option_columns = [c for c in OPTION_LETTERS if c in columns]
     has_images = "image" in columns
-    by_index = {}
-    if has_images:
-        by_index = {
-            str(r["index"]).strip(): r["image"]
-            for r in rows
-            if r.get("index") is not None and not _blank(r.get("image"))
-            and len(r["image"].strip()) > _IMAGE_REFERENCE_MAX_LEN
-        }  # fmt: skip
+    by_index = _images_by_index(rows) if has_images else {}
     bad_groups: dict[str, str] = {}
     for number, row in enumerate(rows, start=2):
         if not spec.circular and spec.limit is not None and len(loaded.items) >= spec.limit:

@@ -37,8 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from vlpipe.model.data.corpus import (
     caption_conversation,
     load_photos,
+    number_word,
     photo_conversation,
     photo_crop,
+    plural,
     text_conversation,
 )
 from vlpipe.model.data.reasoning import (
@@ -230,8 +232,7 @@ def _write_video_task(
     """Clips of a scene whose 1-4 shapes appear one after another; the question counts them at the end."""
     from dataclasses import replace
 
-    from vlpipe.model.data.corpus import number_word, plural
-    from vlpipe.model.video import encode_clip
+    from vlpipe.model.video import encode_clip  # PyAV: imported only when a video task is asked for
 
     every = [(c, k) for c in COLOURS for k in KINDS]
     for split, n in (("train", sizes.video_train), ("test", sizes.video_test)):

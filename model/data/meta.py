@@ -27,6 +27,7 @@ from vlpipe.model.files import (
     DatasetRoots,
     NotRegularFileError,
     ReadLimits,
+    line_too_long_detail,
     open_regular,
     parse_json_line,
 )
@@ -304,13 +305,7 @@ def read_dataset(
     except NotRegularFileError as exc:
         raise MetaError(f"dataset {name!r}: annotation {exc}; point at a JSONL file") from exc
     for number, size in index.too_long:
-        quarantine.add(
-            name,
-            number,
-            "line_too_long",
-            f"line has {size} bytes, above max_line_bytes {limits.max_line_bytes}; split the record or raise "
-            "max_line_bytes",
-        )
+        quarantine.add(name, number, "line_too_long", line_too_long_detail(size, limits.max_line_bytes))
     if spec.length is not None and spec.length != index.lines:
         raise MetaError(
             f"dataset {name!r}: meta says length {spec.length} but {spec.annotation} has {index.lines} lines; "
