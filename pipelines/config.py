@@ -438,6 +438,7 @@ class PipelineConfig(_Strict):
             )
         if service.mlflow_tracking_uri:
             _check_url("deploy.service.mlflow_tracking_uri", service.mlflow_tracking_uri)
+        self._check_deploy_runtime()
         if not deploy.enabled:
             return
         if "storage_uri" not in deploy.service and deploy.artifacts_destination is None:
@@ -457,6 +458,29 @@ class PipelineConfig(_Strict):
                 f"deploy.service.s3 points at {service.s3.endpoint_url} but the pipeline's steps use "
                 f"cluster.env.AWS_ENDPOINT_URL = {pipeline_s3}: the predictor must read the S3 the pipeline "
                 "writes (set deploy.service.s3.endpoint and use_https)"
+            )
+
+    def _check_deploy_runtime(self) -> None:
+        """`huggingface-vllm` serves only V2PE δ = 1: a random or composed init writes δ = 1 and no stage
+        changes it, so only a local `init.checkpoint` can say otherwise now (a remote one is read by the deploy
+        step, which checks the registered checkpoint itself)."""
+        from vlpipe.serving.deploy import V2PE_CONFIG_KEY, VLLM_RUNTIME
+
+        checkpoint = self.init.checkpoint
+        if self.deploy.runtime != VLLM_RUNTIME or checkpoint is None or "://" in checkpoint:
+            return
+        config_path = Path(checkpoint) / "config.json"
+        if not config_path.is_file():
+            return  # the init step reports a missing checkpoint
+        try:
+            delta = json.loads(config_path.read_text()).get(V2PE_CONFIG_KEY, 1.0)
+        except (ValueError, AttributeError):
+            return  # the init step reports an unreadable checkpoint
+        if delta != 1:
+            raise ValueError(
+                f"deploy.runtime: {VLLM_RUNTIME} serves only checkpoints with V2PE δ = 1, but init.checkpoint "
+                f"({checkpoint}) has {V2PE_CONFIG_KEY}={delta!r}; set deploy.runtime: vlpipe (its predictor "
+                "applies the checkpoint's δ)"
             )
 
     # -- what each step receives ---------------------------------------------------------------------------

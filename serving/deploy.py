@@ -14,6 +14,16 @@ at the patched generation, and promotes at 100%. If a step is not ready within i
 it rolls back: `canaryTrafficPercent: 0` (all traffic back on the previous revision at once), then the previous
 predictor spec is restored, so the bad spec is not rolled out again.
 
+Two runtimes (`ServingDeployment.runtime`): `vlpipe` (default) runs vlpipe's own predictor as above, with the
+`serve` settings (`vlpipe.serving.limits.ServingLimits` overrides) as `vlpipe serve` flags; `huggingface-vllm` puts
+the checkpoint on KServe's Hugging Face serving runtime (`kserve-huggingfaceserver`, `modelFormat: huggingface`)
+with its vLLM backend: `predictor.model` with `storageUri` (the checkpoint directory itself, `config.json` at its
+root) and the runtime's arguments (`--model_name`, `--backend=vllm`, `--dtype`, vLLM engine flags). vLLM serves
+vlpipe's transformers-format checkpoints (`InternVLForConditionalGeneration`, no remote code) with integer
+positions and no PRM: only checkpoints whose V2PE δ is 1 and deployments without `best_of` (`prm_uri`) may use
+it (`vllm_runtime_problems`, `check_vllm_checkpoint`). Canary, promotion and rollback are the same patches of
+`spec.predictor` for both.
+
 Templates of the ServiceAccount, the S3 Secret (placeholders only, never values) and the InferenceService
 live in `infra/k8s/serving/`; `render_template` fills their `${...}` placeholders.
 """
@@ -21,16 +31,19 @@ live in `infra/k8s/serving/`; `render_template` fills their `${...}` placeholder
 from __future__ import annotations
 
 import copy
+import json
 import string
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from vlpipe.serving.limits import ServingLimits
 
 if TYPE_CHECKING:
     from kserve import KServeClient, V1beta1InferenceService
@@ -44,6 +57,29 @@ TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "infra" / "k8s" / "serving"
 DEFAULT_CANARY_STEPS = (10, 50, 100)
 _DNS_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 _DNS_1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+Runtime = Literal["vlpipe", "huggingface-vllm"]
+VLPIPE_RUNTIME, VLLM_RUNTIME = "vlpipe", "huggingface-vllm"
+HF_MODEL_FORMAT = "huggingface"  # the ClusterServingRuntime's supportedModelFormats name
+HF_SERVING_RUNTIME = "kserve-huggingfaceserver"
+V2PE_CONFIG_KEY = (
+    "v2pe_delta"  # the checkpoint config key (vlpipe.model.build.V2PE_CONFIG_KEY; a test checks)
+)
+VLLM_ARCHITECTURES = ("InternVLForConditionalGeneration",)
+"""Checkpoint architectures vLLM serves natively that vlpipe writes (vLLM maps transformers' InternVL format to
+its `interns1` model; OpenGVLab's remote-code `InternVLChatModel` is another format vlpipe does not write)."""
+VLLM_LIMIT_FLAGS: dict[str, Callable[[Any], str]] = {
+    # The images of one prompt: vLLM refuses a request with more (400), as vlpipe's max_images does.
+    "max_images": lambda value: "--limit-mm-per-prompt=" + json.dumps({"image": int(value)}),
+}
+"""`ServingLimits` fields with a vLLM engine equivalent, and the flag each becomes; the others are refused."""
+_NO_VLLM_EQUIVALENT = {
+    "max_tokens": "vLLM has no server cap on a request's max_tokens (deploy.vllm.max_model_len bounds prompt "
+    "and answer together, a different limit)",
+    "default_max_tokens": "vLLM answers up to the context length when a request gives no max_tokens",
+    "max_best_of": "best_of needs a PRM, which only the vlpipe runtime runs",
+    "max_image_pixels": "vLLM's InternVL processor tiles any image size; it has no pixel cap",
+}
 
 
 def serving_image(package_version: str | None = None) -> str:
@@ -89,6 +125,167 @@ class S3Settings(BaseModel):
         }
 
 
+class VLLMSettings(BaseModel):
+    """vLLM engine settings of the `huggingface-vllm` runtime (flags of KServe's Hugging Face server).
+
+    Attributes:
+        dtype: `--dtype` of the weights. The server turns `auto` into float16 on a GPU, which is not the
+            bf16 vlpipe exports (`registry.save_dtype`): say the dtype.
+        max_model_len: `--max_model_len`, the context length (prompt + answer, image tokens included); None:
+            the checkpoint's `max_position_embeddings`.
+        gpu_memory_utilization: `--gpu-memory-utilization`, the share of GPU memory vLLM may take (its
+            default when None).
+        enforce_eager: `--enforce-eager` (no CUDA graphs).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: Literal["bfloat16", "float16", "float32", "auto"] = "bfloat16"
+    max_model_len: int | None = Field(default=None, gt=0)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    enforce_eager: bool = False
+
+
+def serve_overrides(serve: dict[str, Any], where: str = "serve") -> dict[str, Any]:
+    """`serve` checked against `ServingLimits` (unknown keys and bad values refused), as the validated values
+    of the keys it sets, in the order `ServingLimits` declares them.
+
+    Raises:
+        ValueError: naming `<where>.<key>` and what is wrong.
+    """
+    try:
+        limits = ServingLimits.model_validate(serve)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first.get("loc", ()))
+        problem = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        if first.get("type") == "extra_forbidden":
+            problem = f"not a serving limit (known: {', '.join(ServingLimits.model_fields)})"
+        raise ValueError(f"{where}.{key}: {problem}" if key else f"{where}: {problem}") from None
+    return {name: getattr(limits, name) for name in ServingLimits.model_fields if name in serve}
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def serve_args(serve: dict[str, Any]) -> list[str]:
+    """`vlpipe serve` flags for `ServingLimits` overrides: `--<field with _ as -> <value>` for every set field."""
+    args: list[str] = []
+    for name, value in serve.items():
+        args += [f"--{name.replace('_', '-')}", _flag_value(value)]
+    return args
+
+
+def vllm_runtime_problems(
+    *, serve: dict[str, Any], prm_uri: str | None, gpus: int, keys: dict[str, str] | None = None
+) -> list[str]:
+    """Why a deployment cannot use the `huggingface-vllm` runtime (empty when it can).
+
+    Args:
+        serve: the `ServingLimits` overrides.
+        prm_uri: the PRM for `best_of`, if any.
+        gpus: GPUs per replica.
+        keys: how to name `runtime`, `serve`, `prm_uri` and `gpus` in messages (a recipe's `deploy.runtime`, ...).
+    """
+    names = {"runtime": "runtime", "serve": "serve", "prm_uri": "prm_uri", "gpus": "gpus", **(keys or {})}
+    fix = f"or set {names['runtime']}: vlpipe"
+    problems = []
+    if prm_uri is not None:
+        problems.append(
+            f"{names['prm_uri']} is set: Best-of-N with a PRM (best_of) runs only in vlpipe's predictor, not on "
+            f"{names['runtime']}: {VLLM_RUNTIME}; remove {names['prm_uri']} {fix}"
+        )
+    for key in serve:
+        if key not in VLLM_LIMIT_FLAGS:
+            why = _NO_VLLM_EQUIVALENT.get(key, "vLLM has no equivalent setting")
+            problems.append(
+                f"{names['serve']}.{key} does not apply to {names['runtime']}: {VLLM_RUNTIME} ({why}); "
+                f"remove it {fix} (vLLM maps only: {', '.join(VLLM_LIMIT_FLAGS)})"
+            )
+    if gpus < 1:
+        problems.append(
+            f"{names['runtime']}: {VLLM_RUNTIME} runs vLLM on GPUs: set {names['gpus']} ≥ 1 {fix}"
+        )
+    return problems
+
+
+def check_vllm_checkpoint(config: dict[str, Any], source: str, runtime_key: str = "runtime") -> None:
+    """Refuse a checkpoint vLLM would serve differently from vlpipe: its V2PE δ must be 1 (vLLM's positions
+    are integers) and its architecture one vLLM serves natively.
+
+    Args:
+        config: the checkpoint's `config.json`.
+        source: where it was read (for the message).
+        runtime_key: how to name the runtime setting in the message.
+
+    Raises:
+        ValueError: naming the checkpoint, the value and the fix.
+    """
+    delta = config.get(V2PE_CONFIG_KEY, 1.0)
+    if not isinstance(delta, int | float) or float(delta) != 1.0:
+        raise ValueError(
+            f"{source} has V2PE δ {V2PE_CONFIG_KEY}={delta!r}: {runtime_key}: {VLLM_RUNTIME} serves only δ = 1 "
+            "(vLLM's visual tokens take integer positions); set "
+            f"{runtime_key}: vlpipe, whose predictor applies the checkpoint's δ"
+        )
+    architectures = config.get("architectures") or []
+    if not any(a in VLLM_ARCHITECTURES for a in architectures):
+        raise ValueError(
+            f"{source} is a {architectures or 'model without architectures'} checkpoint; {runtime_key}: "
+            f"{VLLM_RUNTIME} serves vlpipe's transformers-format InternVL ({', '.join(VLLM_ARCHITECTURES)}); "
+            f"export it with vlpipe.model.checkpoint.export_checkpoint or set {runtime_key}: vlpipe"
+        )
+
+
+MLFLOW_CHECKPOINT_ARTIFACT = "checkpoint"  # vlpipe.serving.pyfunc.CHECKPOINT_ARTIFACT (kept import-light)
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
+def served_checkpoint(storage_uri: str, storage_options: dict | None = None) -> tuple[str, dict[str, Any]]:
+    """The checkpoint directory behind `storage_uri` and its `config.json`: a registered vlpipe MLflow model's
+    `checkpoint` artifact (read from its `MLmodel`), or `storage_uri` itself when it is a checkpoint. KServe's
+    Hugging Face runtime needs that directory (`config.json` at its root), not the MLflow model around it.
+
+    Raises:
+        FileNotFoundError: no `config.json` there (or an MLflow model without a `checkpoint` artifact).
+        ValueError: a `config.json` that is not a bounded JSON object.
+    """
+    from vlpipe.model.storage import filesystem, join
+
+    fs, root = filesystem(storage_uri, storage_options)
+    checkpoint = storage_uri
+    mlmodel = root.rstrip("/") + "/MLmodel"
+    if fs.isfile(mlmodel):
+        spec = yaml.safe_load(fs.cat_file(mlmodel)) or {}
+        try:
+            relative = spec["flavors"]["python_function"]["artifacts"][MLFLOW_CHECKPOINT_ARTIFACT]["path"]
+        except (KeyError, TypeError):
+            raise FileNotFoundError(
+                f"{storage_uri} is an MLflow model without a '{MLFLOW_CHECKPOINT_ARTIFACT}' artifact; register "
+                "checkpoints with vlpipe.serving.pyfunc.log_checkpoint_model"
+            ) from None
+        checkpoint = join(storage_uri, str(relative))
+    fs, path = filesystem(join(checkpoint, "config.json"), storage_options)
+    if not fs.isfile(path):
+        raise FileNotFoundError(
+            f"{checkpoint} has no config.json; point at a vlpipe checkpoint or MLflow model"
+        )
+    if int(fs.info(path).get("size") or 0) > MAX_CONFIG_BYTES:
+        raise ValueError(
+            f"{checkpoint}/config.json is over {MAX_CONFIG_BYTES} bytes; not a checkpoint config"
+        )
+    try:
+        config = json.loads(fs.cat_file(path))
+    except ValueError:
+        raise ValueError(f"{checkpoint}/config.json is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{checkpoint}/config.json is not a JSON object")
+    return checkpoint, config
+
+
 class ServingDeployment(BaseModel):
     """One InferenceService of the predictor.
 
@@ -107,6 +304,11 @@ class ServingDeployment(BaseModel):
         canary_traffic_percent: traffic share of the latest revision; None: all of it.
         mlflow_tracking_uri: set `MLFLOW_TRACKING_URI` in the container (for an MLflow `prm_uri`).
         labels: extra labels on the InferenceService.
+        runtime: `vlpipe` (vlpipe's predictor container) or `huggingface-vllm` (KServe's Hugging Face runtime
+            with the vLLM backend; δ = 1 checkpoints without `prm_uri`).
+        serve: `ServingLimits` overrides (`{max_images: 2, ...}`), `vlpipe serve` flags of the predictor; on
+            `huggingface-vllm` only those with a vLLM equivalent (`VLLM_LIMIT_FLAGS`).
+        vllm: the vLLM engine settings (only with `runtime: huggingface-vllm`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -127,6 +329,14 @@ class ServingDeployment(BaseModel):
     canary_traffic_percent: int | None = Field(default=None, ge=0, le=100)
     mlflow_tracking_uri: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    runtime: Runtime = VLPIPE_RUNTIME
+    serve: dict[str, Any] = Field(default_factory=dict)
+    vllm: VLLMSettings = VLLMSettings()
+
+    @field_validator("serve")
+    @classmethod
+    def _serve_is_serving_limits(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return serve_overrides(value)
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -134,18 +344,39 @@ class ServingDeployment(BaseModel):
             raise ValueError(
                 f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
             )
+        if self.runtime == VLLM_RUNTIME:
+            problems = vllm_runtime_problems(serve=self.serve, prm_uri=self.prm_uri, gpus=self.gpus)
+            if problems:
+                raise ValueError("; ".join(problems))
+        elif "vllm" in self.model_fields_set and self.vllm != VLLMSettings():
+            raise ValueError(
+                f"vllm settings apply to runtime: {VLLM_RUNTIME}; remove them or set that runtime"
+            )
         return self
 
 
 # -- manifests -------------------------------------------------------------------------------------------------
-def inference_service(config: ServingDeployment) -> V1beta1InferenceService:
-    """The InferenceService as KServe's typed object (what `KServeClient.create` takes)."""
-    from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec, constants
+def _resources(config: ServingDeployment, cpu_limit: bool = False) -> Any:
+    from kubernetes import client as k8s
+
+    requests = {"cpu": config.cpu, "memory": config.memory}
+    limits = {"memory": config.memory}
+    if cpu_limit:
+        limits["cpu"] = config.cpu
+    if config.gpus:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(config.gpus)
+    return k8s.V1ResourceRequirements(requests=requests, limits=limits)
+
+
+def _vlpipe_predictor(config: ServingDeployment) -> Any:
+    """vlpipe's own predictor: a custom container running `vlpipe serve`."""
+    from kserve import V1beta1PredictorSpec
     from kubernetes import client as k8s
 
     args = ["--model-uri", MODEL_MOUNT, "--name", config.model_name, "--host", "0.0.0.0", "--port", "8080"]
     if config.prm_uri is not None:
         args += ["--prm-uri", config.prm_uri]
+    args += serve_args(config.serve)
     env = [
         k8s.V1EnvVar(name="STORAGE_URI", value=config.storage_uri),
         k8s.V1EnvVar(name="AWS_ENDPOINT_URL", value=config.s3.endpoint_url),
@@ -162,10 +393,6 @@ def inference_service(config: ServingDeployment) -> V1beta1InferenceService:
     ]
     if config.mlflow_tracking_uri is not None:
         env.append(k8s.V1EnvVar(name="MLFLOW_TRACKING_URI", value=config.mlflow_tracking_uri))
-    requests = {"cpu": config.cpu, "memory": config.memory}
-    limits = {"memory": config.memory}
-    if config.gpus:
-        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(config.gpus)
     container = k8s.V1Container(
         name=CONTAINER_NAME,
         image=config.image,
@@ -173,19 +400,73 @@ def inference_service(config: ServingDeployment) -> V1beta1InferenceService:
         args=args,
         env=env,
         ports=[k8s.V1ContainerPort(container_port=8080, protocol="TCP")],
-        resources=k8s.V1ResourceRequirements(requests=requests, limits=limits),
+        resources=_resources(config),
         readiness_probe=k8s.V1Probe(
             http_get=k8s.V1HTTPGetAction(path=f"/v2/models/{config.model_name}/ready", port=8080),
             period_seconds=10,
         ),
     )
-    predictor = V1beta1PredictorSpec(
+    return V1beta1PredictorSpec(
         containers=[container],
         service_account_name=config.service_account,
         min_replicas=config.min_replicas,
         max_replicas=config.max_replicas,
         canary_traffic_percent=config.canary_traffic_percent,
     )
+
+
+def vllm_args(config: ServingDeployment) -> list[str]:
+    """The Hugging Face server's arguments (kserve/kserve `python/huggingfaceserver/huggingfaceserver/__main__.py`;
+    vLLM's engine flags are parsed by the same parser): the route name, the vLLM backend, the dtype, one
+    tensor-parallel rank per GPU, the engine settings and the mapped serving limits."""
+    settings = config.vllm
+    args = [f"--model_name={config.model_name}", "--backend=vllm", f"--dtype={settings.dtype}"]
+    if config.gpus > 1:
+        args.append(f"--tensor-parallel-size={config.gpus}")
+    if settings.max_model_len is not None:
+        args.append(f"--max_model_len={settings.max_model_len}")
+    if settings.gpu_memory_utilization is not None:
+        args.append(f"--gpu-memory-utilization={settings.gpu_memory_utilization}")
+    if settings.enforce_eager:
+        args.append("--enforce-eager")
+    args += [VLLM_LIMIT_FLAGS[name](value) for name, value in config.serve.items()]
+    return args
+
+
+def _vllm_predictor(config: ServingDeployment) -> Any:
+    """KServe's Hugging Face runtime with the vLLM backend: `predictor.model` with `modelFormat: huggingface`.
+
+    KServe's storage initializer downloads `storageUri` into `/mnt/models` (the server's default `--model_dir`)
+    with the service account's S3 secret; the runtime's own container, probes and ports apply.
+    """
+    from kserve import V1beta1ModelFormat, V1beta1ModelSpec, V1beta1PredictorSpec
+
+    model = V1beta1ModelSpec(
+        name=CONTAINER_NAME,  # the model spec is the runtime's container: the name KServe gives it anyway
+        model_format=V1beta1ModelFormat(name=HF_MODEL_FORMAT),
+        runtime=HF_SERVING_RUNTIME,
+        storage_uri=config.storage_uri,
+        args=vllm_args(config),
+        # KServe merges these into the runtime's container, whose own limits (cpu 1, 2Gi) would otherwise
+        # stay below the requests.
+        resources=_resources(config, cpu_limit=True),
+    )
+    return V1beta1PredictorSpec(
+        model=model,
+        service_account_name=config.service_account,
+        min_replicas=config.min_replicas,
+        max_replicas=config.max_replicas,
+        canary_traffic_percent=config.canary_traffic_percent,
+    )
+
+
+def inference_service(config: ServingDeployment) -> V1beta1InferenceService:
+    """The InferenceService as KServe's typed object (what `KServeClient.create` takes): vlpipe's predictor
+    container, or the Hugging Face runtime with vLLM (`config.runtime`)."""
+    from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, constants
+    from kubernetes import client as k8s
+
+    predictor = _vllm_predictor(config) if config.runtime == VLLM_RUNTIME else _vlpipe_predictor(config)
     return V1beta1InferenceService(
         api_version=constants.KSERVE_V1BETA1,
         kind=constants.KSERVE_KIND_INFERENCESERVICE,

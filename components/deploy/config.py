@@ -2,13 +2,15 @@
 
 A recipe's `deploy.service` is a `vlpipe.serving.deploy.ServingDeployment` whose `storage_uri` may be left out: the
 step then serves the registered champion's own files, found through the MLflow registry (`storage_uri_of`).
+`deploy.runtime` chooses vlpipe's predictor or KServe's Hugging Face runtime with vLLM, `deploy.serve` sets the
+predictor's `ServingLimits`, `deploy.vllm` the vLLM engine; what each runtime supports is in docs/serving.md.
 """
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vlpipe.components.pipeline_run.config import TaskConfig
 
@@ -61,6 +63,12 @@ class DeploySettings(BaseModel):
             --artifacts-destination s3://...`): a version's `mlflow-artifacts:/<path>` location is
             `<artifacts_destination>/<path>` there. Not needed when the registry hands out `s3://` locations.
         canary: the traffic steps of a rollout onto an existing InferenceService (a new one takes 100% at once).
+        runtime: `vlpipe` (vlpipe's predictor, the default) or `huggingface-vllm` (KServe's Hugging Face runtime
+            with the vLLM backend: checkpoints with V2PE δ = 1, no `service.prm_uri`, only `serve` keys vLLM
+            has an equivalent for).
+        serve: `vlpipe.serving.limits.ServingLimits` overrides (`{max_images: 2, max_tokens: 512}`), rendered as
+            `vlpipe serve --<key with - for _> <value>` flags; unknown keys and bad values fail at recipe load.
+        vllm: `vlpipe.serving.deploy.VLLMSettings` (dtype, max_model_len, ...), for `runtime: huggingface-vllm`.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -69,6 +77,53 @@ class DeploySettings(BaseModel):
     service: dict[str, Any] = Field(default_factory=dict)
     artifacts_destination: str | None = Field(None, pattern=r"^s3://[^/]+(/.*)?$")
     canary: CanarySettings = CanarySettings()
+    runtime: Literal["vlpipe", "huggingface-vllm"] = "vlpipe"
+    serve: dict[str, Any] = Field(default_factory=dict)
+    vllm: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("serve")
+    @classmethod
+    def _serve_is_serving_limits(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from vlpipe.serving.deploy import serve_overrides
+
+        return serve_overrides(value, where="deploy.serve")
+
+    @field_validator("vllm")
+    @classmethod
+    def _vllm_settings(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from vlpipe.serving.deploy import VLLMSettings
+
+        VLLMSettings.model_validate(value)
+        return value
+
+    @model_validator(mode="after")
+    def _runtime_fits(self) -> Self:
+        from vlpipe.serving.deploy import VLLM_RUNTIME, vllm_runtime_problems
+
+        for key in ("runtime", "serve", "vllm"):
+            if key in self.service:
+                raise ValueError(f"deploy.service.{key}: set it as deploy.{key}, not under deploy.service")
+        if self.runtime != VLLM_RUNTIME:
+            if self.vllm:
+                raise ValueError(
+                    f"deploy.vllm applies to deploy.runtime: {VLLM_RUNTIME}; remove it or set that runtime"
+                )
+            return self
+        keys = {
+            "runtime": "deploy.runtime",
+            "serve": "deploy.serve",
+            "prm_uri": "deploy.service.prm_uri",
+            "gpus": "deploy.service.gpus",
+        }
+        problems = vllm_runtime_problems(
+            serve=self.serve,
+            prm_uri=self.service.get("prm_uri"),
+            gpus=gpus if isinstance(gpus := self.service.get("gpus", 1), int) else 1,
+            keys=keys,
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     def serving_deployment(self, storage_uri: str | None = None) -> Any:
         """The `ServingDeployment`, with `storage_uri` when the service does not fix one.
@@ -78,7 +133,7 @@ class DeploySettings(BaseModel):
         """
         from vlpipe.serving.deploy import ServingDeployment
 
-        service = dict(self.service)
+        service = {**self.service, "runtime": self.runtime, "serve": self.serve, "vllm": self.vllm}
         if "storage_uri" not in service:
             service["storage_uri"] = storage_uri or PLACEHOLDER_STORAGE_URI
         return ServingDeployment.model_validate(service)

@@ -1,7 +1,9 @@
 """The `deploy-model` step: the champion as a KServe InferenceService, rolled out as a canary.
 
 validate settings → child MLflow run `deploy` → check the version is still the champion → where its files are
-on S3 (`config.storage_uri_of`) → the `ServingDeployment` → KServe (in-cluster config): a new InferenceService
+on S3 (`config.storage_uri_of`) → for `runtime: huggingface-vllm`, the checkpoint inside the registered MLflow
+model and its `config.json`, refused unless its V2PE δ is 1 (`vlpipe.serving.deploy.check_vllm_checkpoint`) →
+the `ServingDeployment` → KServe (in-cluster config): a new InferenceService
 is created and must become Ready; an existing one gets the new predictor as a canary (`canary_rollout`: 10 →
 50 → 100% by default) → tags on the model version (`deployment.*`), the manifest and a Markdown report.
 
@@ -93,7 +95,8 @@ def deploy_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"### `{result['name']}` version {result['version']}: {result['status']}",
         "",
-        f"InferenceService `{result['namespace']}/{result['isvc']}`, image `{result['image']}`",
+        f"InferenceService `{result['namespace']}/{result['isvc']}`, runtime `{result.get('runtime', 'vlpipe')}`, "
+        f"image `{result['image']}`",
         "",
         f"Storage URI: `{result['storage_uri']}`",
         "",
@@ -139,7 +142,9 @@ def deploy_champion(
         The outcome: name, version, status, InferenceService, storage URI, steps.
 
     Raises:
-        ValueError: the version is not the champion, or its files are not on S3 (user errors: no retry).
+        ValueError: the version is not the champion, its files are not on S3, or the `huggingface-vllm`
+            runtime cannot serve its checkpoint (V2PE δ ≠ 1, another architecture): user errors, no retry.
+        FileNotFoundError: no checkpoint where the registry says (`huggingface-vllm`).
         RuntimeError: the rollout failed and was rolled back.
     """
     from dataclasses import asdict
@@ -148,7 +153,13 @@ def deploy_champion(
     import yaml
     from mlflow import MlflowClient
 
-    from vlpipe.serving.deploy import inference_service_manifest
+    from vlpipe.serving.deploy import (
+        HF_SERVING_RUNTIME,
+        VLLM_RUNTIME,
+        check_vllm_checkpoint,
+        inference_service_manifest,
+        served_checkpoint,
+    )
     from vlpipe.serving.promote import CHAMPION
     from vlpipe.tracking.runs import tracking_uri
 
@@ -167,15 +178,21 @@ def deploy_champion(
                 f"{name} version {version} is not the champion ({champion or 'no version'} is): not deploying it"
             )
         storage_uri = storage_uri_of(config.deploy, registry.get_model_version_download_uri(name, version))
+        if config.deploy.runtime == VLLM_RUNTIME:
+            # vLLM reads the checkpoint directory itself; its δ is known only now (the recipe may not say).
+            storage_uri, checkpoint_config = served_checkpoint(storage_uri)
+            check_vllm_checkpoint(checkpoint_config, storage_uri, runtime_key="deploy.runtime")
         service = config.deploy.serving_deployment(storage_uri)
         service = service.model_copy(
             update={"labels": {**service.labels, "vlpipe/model": name, "vlpipe/model-version": version}}
         )
+        image = f"{HF_SERVING_RUNTIME} runtime's" if service.runtime == VLLM_RUNTIME else service.image
         mlflow.log_params(
             {
                 "isvc": f"{service.namespace}/{service.name}",
                 "storage_uri": storage_uri,
-                "image": service.image,
+                "runtime": service.runtime,
+                "image": image,
                 "gpus": service.gpus,
                 "canary_steps": ",".join(map(str, config.deploy.canary.steps)),
             }
@@ -194,7 +211,8 @@ def deploy_champion(
             "status": status,
             "isvc": service.name,
             "namespace": service.namespace,
-            "image": service.image,
+            "runtime": service.runtime,
+            "image": image,
             "storage_uri": storage_uri,
             "steps": [asdict(step) for step in rollout.steps],
             "reason": rollout.reason,
