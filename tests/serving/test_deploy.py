@@ -1,5 +1,6 @@
 """The InferenceService manifest, its templates, and apply / canary / promotion / rollback against a stubbed
-Kubernetes API: a real `KServeClient` whose `CustomObjectsApi` is an in-memory fake recording every call."""
+Kubernetes API: a real `KServeClient` whose `CustomObjectsApi` is an in-memory fake recording every call. The
+rollout tests run for both runtimes (vlpipe's predictor container, KServe's Hugging Face runtime with vLLM)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ from importlib.metadata import version
 
 import pytest
 import yaml
-from kserve import KServeClient, V1beta1InferenceService, constants
+from kserve import (
+    KServeClient,
+    V1beta1InferenceService,
+    V1beta1ModelFormat,
+    V1beta1ModelSpec,
+    V1beta1PredictorSpec,
+    constants,
+)
+from kserve import models as kserve_models
 from kubernetes.client import ApiClient
+from kubernetes.client import models as k8s_models
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
@@ -27,12 +37,33 @@ from vlpipe.serving.deploy import (
     render_template,
     rollback,
     s3_secret_manifest,
+    serve_args,
+    serve_overrides,
     service_account_manifest,
     wait_ready,
 )
+from vlpipe.serving.limits import ServingLimits
 
 OLD = ServingDeployment(name="vlpipe-2b", namespace="models", storage_uri="s3://models/internvl3-2b/sft-v1")
 NEW = OLD.model_copy(update={"storage_uri": "s3://models/internvl3-2b/sft-v2", "prm_uri": "s3://models/prm"})
+RUNTIMES = ("vlpipe", "huggingface-vllm")
+
+
+def _pair(runtime: str) -> tuple[ServingDeployment, ServingDeployment]:
+    """The old and new deployment of a rollout on `runtime` (the PRM only where the runtime has Best-of-N)."""
+    if runtime == "vlpipe":
+        return OLD, NEW
+    old = ServingDeployment.model_validate(OLD.model_dump() | {"runtime": runtime})
+    new = ServingDeployment.model_validate(old.model_dump() | {"storage_uri": NEW.storage_uri})
+    return old, new
+
+
+def _storage_uri(obj: dict) -> str:
+    """Where the predictor's checkpoint comes from, on either runtime."""
+    predictor = obj["spec"]["predictor"]
+    if "model" in predictor:
+        return predictor["model"]["storageUri"]
+    return _env(predictor["containers"][0])["STORAGE_URI"]
 
 
 class FakeCustomObjectsApi:
@@ -170,6 +201,188 @@ def test_typed_object_is_the_same_manifest():
     assert ApiClient().sanitize_for_serialization(isvc) == inference_service_manifest(NEW)
 
 
+VLLM = ServingDeployment(
+    name="internvl3-2b",
+    namespace="models",
+    storage_uri="s3://models/internvl3-2b/v3/artifacts/checkpoint",
+    runtime="huggingface-vllm",
+    gpus=2,
+    cpu="8",
+    memory="48Gi",
+    min_replicas=1,
+    max_replicas=3,
+    serve={"max_images": 2},
+    vllm={"max_model_len": 8192, "gpu_memory_utilization": 0.85},
+)
+
+
+def test_vllm_inference_service_is_a_kserve_object():
+    """KServe's Hugging Face runtime (`kserve-huggingfaceserver`, config/runtimes/kserve-huggingfaceserver.yaml:
+    supportedModelFormats `huggingface`) with the vLLM backend (huggingfaceserver/__main__.py: `--backend`,
+    `--model_name`, `--dtype`, `--max_model_len`; vLLM's engine flags on the same parser)."""
+    isvc = inference_service(VLLM)
+    assert isinstance(isvc, V1beta1InferenceService)
+    predictor = isvc.spec.predictor
+    assert isinstance(predictor, V1beta1PredictorSpec) and predictor.containers is None
+    model = predictor.model
+    assert isinstance(model, V1beta1ModelSpec) and isinstance(model.model_format, V1beta1ModelFormat)
+    assert model.model_format.name == "huggingface" and model.runtime == "kserve-huggingfaceserver"
+    manifest = inference_service_manifest(VLLM)
+    # The manifest reads back into KServe's own models unchanged: every field one the SDK knows, of its type.
+    again = typed(manifest, "V1beta1InferenceService")
+    assert ApiClient().sanitize_for_serialization(again) == manifest
+    spec = manifest["spec"]["predictor"]
+    assert set(spec) == {"model", "serviceAccountName", "minReplicas", "maxReplicas"}
+    assert spec["serviceAccountName"] == "vlpipe-serving" and (spec["minReplicas"], spec["maxReplicas"]) == (
+        1,
+        3,
+    )
+    assert spec["model"] == {
+        "name": "kserve-container",
+        "modelFormat": {"name": "huggingface"},
+        "runtime": "kserve-huggingfaceserver",
+        "storageUri": "s3://models/internvl3-2b/v3/artifacts/checkpoint",
+        "args": [
+            "--model_name=vlpipe",
+            "--backend=vllm",
+            "--dtype=bfloat16",  # the exported checkpoints' dtype; the server's "auto" would be float16
+            "--tensor-parallel-size=2",  # one rank per GPU
+            "--max_model_len=8192",
+            "--gpu-memory-utilization=0.85",
+            '--limit-mm-per-prompt={"image": 2}',  # serve.max_images
+        ],
+        "resources": {
+            "requests": {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "2"},
+            "limits": {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "2"},
+        },
+    }
+    assert manifest["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
+    assert "AWS_" not in str(manifest)  # KServe's storage initializer reads the service account's S3 secret
+
+
+_PLAIN_TYPES = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object}
+
+
+def typed(value, type_name: str):
+    """`value` (a manifest dict) built into KServe's / Kubernetes' SDK models, strictly: a key the model does not
+    declare, a value of the wrong type or a missing required field fails. (`kserve.ApiClient.deserialize` does
+    the same but cannot reach the Kubernetes models that KServe's refer to.)"""
+    if value is None:
+        return None
+    if type_name.startswith("list["):
+        assert isinstance(value, list), f"{type_name}: {value!r}"
+        return [typed(v, type_name[5:-1]) for v in value]
+    if type_name.startswith("dict("):
+        assert isinstance(value, dict), f"{type_name}: {value!r}"
+        inner = type_name[type_name.index(",") + 1 : -1].strip()
+        return {k: typed(v, inner) for k, v in value.items()}
+    if type_name in _PLAIN_TYPES:
+        assert isinstance(value, _PLAIN_TYPES[type_name]), f"{type_name}: {value!r}"
+        return value
+    cls = getattr(kserve_models, type_name, None) or getattr(k8s_models, type_name)
+    by_json = {json_key: attr for attr, json_key in cls.attribute_map.items()}
+    unknown = set(value) - set(by_json)
+    assert not unknown, f"{type_name} has no field(s) {sorted(unknown)}"
+    return cls(**{by_json[k]: typed(v, cls.openapi_types[by_json[k]]) for k, v in value.items()})
+
+
+def test_the_strict_reader_refuses_wrong_manifests():
+    manifest = inference_service_manifest(VLLM)
+    wrong = copy.deepcopy(manifest)
+    wrong["spec"]["predictor"]["model"]["modelFormat"]["nam"] = "huggingface"  # a typo
+    with pytest.raises(AssertionError, match="V1beta1ModelFormat has no field"):
+        typed(wrong, "V1beta1InferenceService")
+    wrong = copy.deepcopy(manifest)
+    wrong["spec"]["predictor"]["minReplicas"] = "one"
+    with pytest.raises(AssertionError, match="int: 'one'"):
+        typed(wrong, "V1beta1InferenceService")
+    wrong = inference_service_manifest(NEW)
+    del wrong["spec"]["predictor"]["containers"][0]["name"]  # required by the Kubernetes model
+    with pytest.raises(ValueError, match="`name`, must not be `None`"):
+        typed(wrong, "V1beta1InferenceService")
+    assert typed(inference_service_manifest(NEW), "V1beta1InferenceService").spec.predictor.containers
+
+
+def test_vllm_defaults_one_gpu_no_limits():
+    minimal = ServingDeployment(name="m", storage_uri="s3://b/ckpt", runtime="huggingface-vllm")
+    assert inference_service(minimal).spec.predictor.model.args == [
+        "--model_name=vlpipe", "--backend=vllm", "--dtype=bfloat16",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
+        (
+            {"prm_uri": "s3://models/prm"},
+            "prm_uri is set: Best-of-N with a PRM \\(best_of\\) runs only in vlpipe's predictor.*set runtime: vlpipe",
+        ),
+        ({"serve": {"max_best_of": 4}}, "serve.max_best_of does not apply.*best_of needs a PRM"),
+        (
+            {"serve": {"max_tokens": 512}},
+            "serve.max_tokens does not apply.*no server cap on a request's max_tokens",
+        ),
+        (
+            {"serve": {"max_body_bytes": 1024}},
+            "serve.max_body_bytes does not apply.*vLLM maps only: max_images",
+        ),
+        ({"gpus": 0}, "runs vLLM on GPUs: set gpus ≥ 1"),
+    ],
+)
+def test_vllm_runtime_refuses_what_it_cannot_serve(update, message):
+    with pytest.raises(ValidationError, match=message):
+        ServingDeployment.model_validate(VLLM.model_dump() | update)
+
+
+def test_vllm_settings_need_the_vllm_runtime():
+    with pytest.raises(ValidationError, match="vllm settings apply to runtime: huggingface-vllm"):
+        ServingDeployment.model_validate(OLD.model_dump() | {"vllm": {"max_model_len": 4096}})
+    with pytest.raises(ValidationError, match="dtype"):
+        ServingDeployment.model_validate(VLLM.model_dump() | {"vllm": {"dtype": "int8"}})
+
+
+def test_serve_settings_are_vlpipe_serve_flags():
+    config = ServingDeployment.model_validate(
+        OLD.model_dump() | {"serve": {"max_tokens": 512, "header_timeout_s": 5, "max_images": "2"}}
+    )
+    args = _container(inference_service_manifest(config))["args"]
+    # In ServingLimits' field order, values as validated ("2" → 2, 5 → 5.0), after the fixed flags.
+    assert args[8:] == ["--max-images", "2", "--max-tokens", "512", "--header-timeout-s", "5.0"]
+    assert args[:8] == [
+        "--model-uri",
+        "/mnt/models",
+        "--name",
+        "vlpipe",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8080",
+    ]
+
+
+def test_every_serving_limit_renders_generically():
+    """Whatever fields ServingLimits has (new ones too), each set field is one `--<name with ->` flag."""
+    every = {name: getattr(ServingLimits(), name) for name in ServingLimits.model_fields}
+    args = serve_args(serve_overrides(every))
+    flags = args[::2]
+    assert flags == [f"--{name.replace('_', '-')}" for name in ServingLimits.model_fields]
+    assert args[1::2] == [str(value) for value in every.values()]
+
+
+@pytest.mark.parametrize(
+    ("serve", "message"),
+    [
+        ({"max_tokenz": 512}, "serve.max_tokenz: not a serving limit \\(known: max_body_bytes, "),
+        ({"max_tokens": 0}, "serve.max_tokens: Input should be greater than 0"),
+        ({"max_tokens": "many"}, "serve.max_tokens: Input should be a valid integer"),
+        ({"max_tokens": 8}, "serve: default_max_tokens \\(256\\) must not exceed max_tokens \\(8\\)"),
+    ],
+)
+def test_unknown_or_bad_serve_settings_are_refused(serve, message):
+    with pytest.raises(ValidationError, match=message):
+        ServingDeployment.model_validate(OLD.model_dump() | {"serve": serve})
+
+
 @pytest.mark.parametrize(
     "update",
     [
@@ -253,51 +466,58 @@ def test_merge_patch_round_trips():
 
 
 # -- apply, canary, promotion, rollback --------------------------------------------------------------------------
-def test_apply_creates_then_patches_only_what_changed():
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_apply_creates_then_patches_only_what_changed(runtime):
+    old, new = _pair(runtime)
     api = FakeCustomObjectsApi()
     client = _client(api)
-    created = apply_inference_service(OLD, client)
-    assert api.calls[0][0] == "create" and api.calls[0][2] == inference_service_manifest(OLD)
+    created = apply_inference_service(old, client)
+    assert api.calls[0][0] == "create" and api.calls[0][2] == inference_service_manifest(old)
     assert created["metadata"]["generation"] == 1
-    assert apply_inference_service(OLD, client)["metadata"]["generation"] == 1  # unchanged: no patch at all
+    assert apply_inference_service(old, client)["metadata"]["generation"] == 1  # unchanged: no patch at all
     assert api.patches() == []
-    apply_inference_service(NEW.model_copy(update={"labels": {"team": "vlm"}}), client)
+    apply_inference_service(new.model_copy(update={"labels": {"team": "vlm"}}), client)
     (patch,) = api.patches()
     assert patch["metadata"] == {"labels": {"team": "vlm"}}
-    assert set(patch["spec"]["predictor"]) == {"containers"}  # lists are replaced whole by a merge patch
+    if runtime == "vlpipe":
+        assert set(patch["spec"]["predictor"]) == {"containers"}  # lists are replaced whole by a merge patch
+    else:
+        assert patch["spec"]["predictor"] == {"model": {"storageUri": new.storage_uri}}
     stored = api.objects["models", "vlpipe-2b"]
-    assert stored["spec"] == inference_service_manifest(NEW)["spec"]
+    assert stored["spec"] == inference_service_manifest(new)["spec"]
     assert stored["metadata"]["generation"] == 2
 
 
-def test_canary_rollout_promotes_step_by_step():
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_canary_rollout_promotes_step_by_step(runtime):
+    old, new = _pair(runtime)
     api = FakeCustomObjectsApi()
     client = _client(api)
-    apply_inference_service(OLD, client)
+    apply_inference_service(old, client)
     clock = FakeClock()
-    result = canary_rollout(NEW, client, poll_interval_s=5, sleep=clock.sleep, clock=clock)
+    result = canary_rollout(new, client, poll_interval_s=5, sleep=clock.sleep, clock=clock)
     assert result.promoted and result.reason is None
     assert [(s.percent, s.ready) for s in result.steps] == [(10, True), (50, True), (100, True)]
     first, *rest = api.patches()
     assert first["spec"]["predictor"]["canaryTrafficPercent"] == 10
-    assert _env(first["spec"]["predictor"]["containers"][0])["STORAGE_URI"] == NEW.storage_uri
+    assert _storage_uri(apply_merge_patch(inference_service_manifest(old), first)) == new.storage_uri
     assert rest == [{"spec": {"predictor": {"canaryTrafficPercent": p}}} for p in (50, 100)]
-    stored = api.objects["models", "vlpipe-2b"]["spec"]["predictor"]
-    assert (
-        stored["canaryTrafficPercent"] == 100
-        and _env(stored["containers"][0])["STORAGE_URI"] == NEW.storage_uri
-    )
-    assert result.previous_predictor == inference_service_manifest(OLD)["spec"]["predictor"]
+    stored = api.objects["models", "vlpipe-2b"]
+    assert stored["spec"]["predictor"]["canaryTrafficPercent"] == 100
+    assert _storage_uri(stored) == new.storage_uri
+    assert result.previous_predictor == inference_service_manifest(old)["spec"]["predictor"]
     assert clock.sleeps == []  # ready at once: no waiting
 
 
-def test_canary_rolls_back_when_a_step_is_not_ready_in_time():
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_canary_rolls_back_when_a_step_is_not_ready_in_time(runtime):
+    old, new = _pair(runtime)
     api = FakeCustomObjectsApi(ready=lambda obj: obj["spec"]["predictor"].get("canaryTrafficPercent") != 50)
     client = _client(api)
-    apply_inference_service(OLD, client)
+    apply_inference_service(old, client)
     clock = FakeClock()
     result = canary_rollout(
-        NEW, client, step_timeout_s=60, poll_interval_s=10, sleep=clock.sleep, clock=clock
+        new, client, step_timeout_s=60, poll_interval_s=10, sleep=clock.sleep, clock=clock
     )
     assert not result.promoted and result.reason == "not ready at 50% within 60 s"
     assert [(s.percent, s.ready) for s in result.steps] == [(10, True), (50, False)]
@@ -305,22 +525,44 @@ def test_canary_rolls_back_when_a_step_is_not_ready_in_time():
     *_, to_zero, restore = api.patches()
     assert to_zero == {"spec": {"predictor": {"canaryTrafficPercent": 0}}}
     assert restore["spec"]["predictor"]["canaryTrafficPercent"] is None  # the previous spec had none
-    assert api.objects["models", "vlpipe-2b"]["spec"] == inference_service_manifest(OLD)["spec"]
+    assert api.objects["models", "vlpipe-2b"]["spec"] == inference_service_manifest(old)["spec"]
+    assert _storage_uri(api.objects["models", "vlpipe-2b"]) == old.storage_uri
 
 
-def test_canary_rolls_back_when_the_api_fails_mid_rollout():
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_canary_rolls_back_when_the_api_fails_mid_rollout(runtime):
+    old, new = _pair(runtime)
+
     def fail_at_100(body):
         if body == {"spec": {"predictor": {"canaryTrafficPercent": 100}}}:
             raise ApiException(status=500, reason="Internal Server Error")
 
     api = FakeCustomObjectsApi(fail_patch=fail_at_100)
     client = _client(api)
-    apply_inference_service(OLD, client)
-    result = canary_rollout(NEW, client, sleep=lambda s: None)
+    apply_inference_service(old, client)
+    result = canary_rollout(new, client, sleep=lambda s: None)
     assert not result.promoted and result.reason.startswith("step 100%: ApiException")
     assert [s.percent for s in result.steps] == [10, 50]
     assert api.patches()[-2] == {"spec": {"predictor": {"canaryTrafficPercent": 0}}}
-    assert api.objects["models", "vlpipe-2b"]["spec"] == inference_service_manifest(OLD)["spec"]
+    assert api.objects["models", "vlpipe-2b"]["spec"] == inference_service_manifest(old)["spec"]
+
+
+def test_a_canary_can_switch_runtimes_and_rolls_back_to_the_previous_one():
+    """vlpipe's container → the vLLM runtime: the patch swaps `containers` for `model`; a failed step puts the
+    container predictor back whole."""
+    old, (_, new) = OLD, _pair("huggingface-vllm")
+    api = FakeCustomObjectsApi(ready=lambda obj: "model" not in obj["spec"]["predictor"])
+    client = _client(api)
+    apply_inference_service(old, client)
+    clock = FakeClock()
+    result = canary_rollout(
+        new, client, step_timeout_s=30, poll_interval_s=10, sleep=clock.sleep, clock=clock
+    )
+    assert not result.promoted and result.reason == "not ready at 10% within 30 s"
+    first = api.patches()[0]["spec"]["predictor"]
+    assert first["containers"] is None and first["model"]["modelFormat"] == {"name": "huggingface"}
+    assert first["canaryTrafficPercent"] == 10
+    assert api.objects["models", "vlpipe-2b"]["spec"] == inference_service_manifest(old)["spec"]
 
 
 def test_canary_needs_an_existing_service_and_valid_steps():
@@ -332,10 +574,12 @@ def test_canary_needs_an_existing_service_and_valid_steps():
             canary_rollout(NEW, client, steps=steps)
 
 
-def test_promote_and_rollback_are_patches():
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_promote_and_rollback_are_patches(runtime):
+    old, _ = _pair(runtime)
     api = FakeCustomObjectsApi()
     client = _client(api)
-    apply_inference_service(OLD.model_copy(update={"canary_traffic_percent": 10}), client)
+    apply_inference_service(old.model_copy(update={"canary_traffic_percent": 10}), client)
     assert promote(client, "vlpipe-2b", "models")["spec"]["predictor"]["canaryTrafficPercent"] == 100
     assert rollback(client, "vlpipe-2b", "models")["spec"]["predictor"]["canaryTrafficPercent"] == 0
     assert api.patches()[-2:] == [
@@ -344,10 +588,12 @@ def test_promote_and_rollback_are_patches():
     ]
 
 
-def test_wait_ready_checks_generation_and_traffic():
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_wait_ready_checks_generation_and_traffic(runtime):
+    old, _ = _pair(runtime)
     api = FakeCustomObjectsApi()
     client = _client(api)
-    created = apply_inference_service(OLD.model_copy(update={"canary_traffic_percent": 10}), client)
+    created = apply_inference_service(old.model_copy(update={"canary_traffic_percent": 10}), client)
     generation = created["metadata"]["generation"]
     clock = FakeClock()
     kwargs = {"timeout_s": 30, "poll_interval_s": 10, "sleep": clock.sleep, "clock": clock}
