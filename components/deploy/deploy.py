@@ -184,7 +184,10 @@ def deploy_champion(
             check_vllm_checkpoint(checkpoint_config, storage_uri, runtime_key="deploy.runtime")
         service = config.deploy.serving_deployment(storage_uri)
         service = service.model_copy(
-            update={"labels": {**service.labels, "vlpipe/model": name, "vlpipe/model-version": version}}
+            update={
+                "storage_uri": storage_uri,  # for vLLM, also a fixed one's checkpoint inside its MLflow model
+                "labels": {**service.labels, "vlpipe/model": name, "vlpipe/model-version": version},
+            }
         )
         image = f"{HF_SERVING_RUNTIME} runtime's" if service.runtime == VLLM_RUNTIME else service.image
         mlflow.log_params(
