@@ -19,7 +19,9 @@ with placeholder paths for what the pipeline wires at run time; cross-stage rule
 - promotion gates name metrics the register step records (`eval.<metric>` version tags), each once;
 - deployment validates its service with `vlpipe.serving.deploy.ServingDeployment`, needs S3 storage (a fixed
   `storage_uri` or the MLflow server's S3 artifact destination), the cluster's MLflow server (the registry the
-  champion is found in) and the same S3 endpoint as the pipeline's steps.
+  champion is found in) and the same S3 endpoint as the pipeline's steps; `deploy.serve` is checked against
+  `ServingLimits`, and `deploy.runtime: huggingface-vllm` refuses a PRM, limits vLLM has no flag for, CPU serving
+  and a local `init.checkpoint` whose V2PE δ is not 1 (the deploy step checks the registered checkpoint's δ).
 
 Torch-free: `load_recipe` runs on any machine.
 """
