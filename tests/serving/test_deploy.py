@@ -601,3 +601,25 @@ def test_wait_ready_checks_generation_and_traffic(runtime):
     assert not wait_ready(client, "vlpipe-2b", "models", generation, percent=50, **kwargs)  # wrong split
     assert not wait_ready(client, "vlpipe-2b", "models", generation + 1, **kwargs)  # not yet observed
     assert clock.now == 60
+
+
+def test_serve_flags_are_the_ones_vlpipe_serve_takes():
+    """The rendered flags parse with `vlpipe serve`'s own command line, to the values they came from. Until
+    `vlpipe serve` has a flag per ServingLimits field (issue #20's engine work) there is nothing to parse."""
+    from typer.main import get_command
+
+    from vlpipe.pipelines.cli import app
+
+    command = get_command(app).get_command(None, "serve")
+    options = {opt for param in command.params for opt in getattr(param, "opts", ())}
+    every = {name: getattr(ServingLimits(), name) for name in ServingLimits.model_fields}
+    flags = {f"--{name.replace('_', '-')}": name for name in every}
+    missing = sorted(set(flags) - options)
+    if len(missing) == len(flags):
+        pytest.skip("vlpipe serve has no ServingLimits flags yet")
+    assert not missing, f"vlpipe serve lacks {missing}"
+    context = command.make_context(
+        "serve", ["--model-uri", "/mnt/models", *serve_args(serve_overrides(every))]
+    )
+    params = {k: v for k, v in context.params.items() if k in every}
+    assert params == every
