@@ -62,9 +62,8 @@ Runtime = Literal["vlpipe", "huggingface-vllm"]
 VLPIPE_RUNTIME, VLLM_RUNTIME = "vlpipe", "huggingface-vllm"
 HF_MODEL_FORMAT = "huggingface"  # the ClusterServingRuntime's supportedModelFormats name
 HF_SERVING_RUNTIME = "kserve-huggingfaceserver"
-V2PE_CONFIG_KEY = (
-    "v2pe_delta"  # the checkpoint config key (vlpipe.model.build.V2PE_CONFIG_KEY; a test checks)
-)
+# The checkpoint config key of the inference V2PE δ (vlpipe.model.build.V2PE_CONFIG_KEY; a test checks).
+V2PE_CONFIG_KEY = "v2pe_delta"
 VLLM_ARCHITECTURES = ("InternVLForConditionalGeneration",)
 """Checkpoint architectures vLLM serves natively that vlpipe writes (vLLM maps transformers' InternVL format to
 its `interns1` model; OpenGVLab's remote-code `InternVLChatModel` is another format vlpipe does not write)."""
