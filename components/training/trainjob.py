@@ -625,6 +625,23 @@ def step_pod() -> tuple[str, tuple[str, str] | None]:
     return namespace, (name, uid) if name and uid else None
 
 
+def render_stage_trainjob(
+    launch: TrainJobLaunch, *, stage: str, task: str, run_key: str, namespace: str, work_dir: str
+) -> dict[str, Any]:
+    """The manifest `run_stage_trainjob` would create for `task` of the run `run_key` (no owner: a review copy,
+    or one to apply by hand)."""
+    trainjob = build_trainjob(
+        launch,
+        stage=stage,
+        name=trainjob_name(run_key, task),
+        namespace=namespace,
+        config_file=f"{work_dir.rstrip('/')}/{STAGE_CONFIG_FILE}",
+        summary_file=f"{work_dir.rstrip('/')}/{STAGE_SUMMARY_FILE}",
+        run_key=run_key,
+    )
+    return trainjob_manifest(trainjob)
+
+
 def run_stage_trainjob(
     stage: str,
     config: Any,
