@@ -139,8 +139,12 @@ class TrainJobFailed(RuntimeError):
         self.name, self.reason, self.message = name, reason, message
 
 
-class StepCancelled(Exception):
-    """The step received SIGTERM (Kubeflow Pipelines cancelled the run, or the pod is being stopped)."""
+class StepCancelled(BaseException):
+    """The step received SIGTERM (Kubeflow Pipelines cancelled the run, or the pod is being stopped).
+
+    A `BaseException`, like `KeyboardInterrupt`: the signal may arrive inside code that handles `Exception`
+    (best-effort log streaming), which must not swallow a cancellation.
+    """
 
 
 # -- the TrainJob ------------------------------------------------------------------------------------------------
