@@ -679,3 +679,23 @@ def test_compiled_pipeline_gives_training_steps_dev_shm_and_multi_node_steps_the
     launch = json.loads(body["pretrain"]["inputs"]["parameters"]["launch"]["runtimeValue"]["constant"])
     assert TrainJobLaunch.model_validate(launch).nodes == 4
     assert "launch" not in body["sft"]["inputs"]["parameters"]
+
+
+def test_a_trainjob_deleted_by_someone_else_fails_the_step(tmp_path):
+    def delete_on_second_read(cluster: FakeCluster) -> None:
+        name = trainjob_name("r", "sft")
+        if cluster.calls.count(("trainjobs", "get", name)) == 2:
+            del cluster.objects[name]  # e.g. `kubectl delete trainjob`
+
+    cluster = FakeCluster(["Running"], on_get=delete_on_second_read)
+    manifest = render_stage_trainjob(
+        _launch("internvl3-8b", "sft"), stage="sft", task="sft", run_key="r", namespace=NAMESPACE,
+        work_dir=str(tmp_path),
+    )  # fmt: skip
+    clock = FakeClock()
+    with pytest.raises(TrainJobFailed, match="Deleted: the TrainJob was deleted while the step waited"):
+        run_trainjob(
+            TrainJobApi(cluster, cluster, NAMESPACE), manifest, poll_seconds=5.0, timeout_s=None,
+            clock=clock, sleep=clock.sleep, write=lambda line: None,
+        )  # fmt: skip
+    assert clock.sleeps == [5.0]
