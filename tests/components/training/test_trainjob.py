@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from kubernetes.client import V1Container, V1ObjectMeta, V1Pod, V1PodList, V1PodSpec, V1PodStatus
+from kubernetes.client import ApiClient, V1Container, V1ObjectMeta, V1Pod, V1PodList, V1PodSpec, V1PodStatus
 from kubernetes.client.rest import ApiException
 
 from vlpipe.components.training.trainjob import (
@@ -699,3 +700,148 @@ def test_a_trainjob_deleted_by_someone_else_fails_the_step(tmp_path):
             clock=clock, sleep=clock.sleep, write=lambda line: None,
         )  # fmt: skip
     assert clock.sleeps == [5.0]
+
+
+# -- the real kubernetes client over HTTP ------------------------------------------------------------------------------
+class _ApiServer:
+    """A Kubernetes API server on 127.0.0.1 for one TrainJob's life: the real `kubernetes` client talks HTTP to it.
+    Each request is recorded as (resource, Kubernetes verb): POST create, GET on an item get, GET on a collection
+    list, PATCH patch, DELETE delete."""
+
+    def __init__(self, script: list[Any]) -> None:
+        import http.server
+        import threading
+
+        self.fake = FakeCluster(script)
+        self.requests: list[tuple[str, str, str]] = []  # (resource, verb, content type)
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> dict:
+                length = int(self.headers.get("Content-Length") or 0)
+                return json.loads(self.rfile.read(length) or b"{}")
+
+            def _send(self, status: int, payload: Any, content_type: str = "application/json") -> None:
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def _route(self, method: str) -> None:
+                from urllib.parse import parse_qs, urlparse
+
+                url = urlparse(self.path)
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                parts = url.path.strip("/").split("/")
+                group = "/apis/trainer.kubeflow.org/v1alpha1/namespaces/vlpipe/trainjobs"
+                try:
+                    if url.path.startswith(group):
+                        name = parts[6] if len(parts) > 6 else None
+                        verb = {"POST": "create", "PATCH": "patch", "DELETE": "delete"}.get(method, "get")
+                        server.requests.append(("trainjobs", verb, self.headers.get("Content-Type", "")))
+                        args = ("trainer.kubeflow.org", "v1alpha1", "vlpipe", "trainjobs")
+                        if verb == "create":
+                            self._send(201, server.fake.create_namespaced_custom_object(*args, self._body()))
+                        elif verb == "get":
+                            self._send(200, server.fake.get_namespaced_custom_object(*args, name))
+                        elif verb == "patch":
+                            self._send(
+                                200, server.fake.patch_namespaced_custom_object(*args, name, self._body())
+                            )
+                        else:
+                            assert self._body().get("propagationPolicy") or query.get("propagationPolicy")
+                            self._send(200, server.fake.delete_namespaced_custom_object(*args, name))
+                    elif url.path == "/api/v1/namespaces/vlpipe/pods" and method == "GET":
+                        server.requests.append(("pods", "list", ""))
+                        pods = server.fake.list_namespaced_pod("vlpipe", query["labelSelector"])
+                        self._send(200, ApiClient().sanitize_for_serialization(pods))
+                    elif url.path.endswith("/log") and method == "GET":
+                        server.requests.append(("pods/log", "get", ""))
+                        # the client sends Python's `True`; the API server parses it with Go's ParseBool
+                        assert query["container"] == "node" and query["follow"] in ("true", "True")
+                        stream = server.fake.read_namespaced_pod_log(parts[5], "vlpipe", "node", True, False)
+                        self._send(200, b"".join(stream.stream(4096)), "text/plain")
+                    else:
+                        self._send(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+                except ApiException as exc:
+                    self._send(exc.status, {"kind": "Status", "code": exc.status, "reason": exc.reason})
+
+            def do_GET(self):
+                self._route("GET")
+
+            def do_POST(self):
+                self._route("POST")
+
+            def do_PATCH(self):
+                self._route("PATCH")
+
+            def do_DELETE(self):
+                self._route("DELETE")
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> _ApiServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+    def api(self) -> TrainJobApi:
+        from kubernetes import client
+
+        configuration = client.Configuration(host=f"http://127.0.0.1:{self.httpd.server_address[1]}")
+        configuration.retries = 0
+        api_client = client.ApiClient(configuration)
+        return TrainJobApi(client.CustomObjectsApi(api_client), client.CoreV1Api(api_client), NAMESPACE)
+
+
+def _run_over_http(server: _ApiServer, base: Path, lines: list[str]) -> dict:
+    clock = FakeClock()
+    return run_stage_trainjob(
+        "mpo", _stage_config("internvl3-8b", "mpo", base / "run-1" / "mpo"), _launch("internvl3-8b", "mpo", base),
+        task="mpo", run_key="run-1", api=server.api(), clock=clock, sleep=clock.sleep, write=lines.append,
+    )  # fmt: skip
+
+
+def test_over_http_the_real_client_makes_exactly_the_calls_the_runner_role_allows(tmp_path, step_pod_env):
+    """Re-attach (409, get, merge-patch of the owner), follow, stream logs, then fail and delete: through the real
+    `kubernetes` client and an HTTP server on 127.0.0.1; the Kubernetes verbs it used are the Role's, exactly."""
+    used: set[tuple[str, str]] = set()
+    for script in (["Running", "Complete"], ["Running", ("Failed", "FailedJobs", "a node failed")]):
+        base = tmp_path / str(len(used))
+        with _ApiServer(script) as server:
+            name = trainjob_name("run-1", "mpo")
+            server.fake.objects[name] = _recreate(server.fake, name, base)  # the first try's, still running
+            lines: list[str] = []
+            call = functools.partial(_run_over_http, server, base, lines)
+            if isinstance(script[-1], tuple):
+                with pytest.raises(TrainJobFailed, match="FailedJobs: a node failed"):
+                    call()
+                assert server.fake.objects == {}  # deleted through the API
+            else:
+                assert call() == server.fake.rank0
+                assert server.fake.objects[name]["metadata"]["ownerReferences"][0]["uid"] == STEP_POD[1]
+            assert f"[{name}-node-0-0-x0] step 2 loss 2.1" in lines
+            patches = [ctype for res, verb, ctype in server.requests if verb == "patch"]
+            assert patches == ["application/merge-patch+json"]
+            used |= {(res, verb) for res, verb, _ in server.requests}
+    role = next(
+        doc for doc in yaml.safe_load_all((ROOT / "infra" / "k8s" / "base" / "rbac.yaml").read_text())
+        if doc["kind"] == "Role"
+    )  # fmt: skip
+    granted = {(res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]}
+    launcher = {("trainjobs", v) for v in ("create", "get", "patch", "delete")} | {
+        ("pods", "list"),
+        ("pods/log", "get"),
+    }
+    assert used == launcher
+    assert {(res, verb) for res, verb in granted if res in ("trainjobs", "pods", "pods/log")} == launcher
