@@ -163,12 +163,13 @@ def run_stage_processes(
         vlpipe.components.training.trainjob.TrainJobFailed: the TrainJob failed (its reason in the message).
     """
     if launch:
-        from vlpipe.components.training.entrypoint import COMPLETE_FILE
+        from vlpipe.components.training.entrypoint import COMPLETE_FILE, run_stage
         from vlpipe.components.training.trainjob import TrainJobLaunch, run_stage_trainjob
 
         spec = TrainJobLaunch.model_validate_json(launch)
-        done = Path(config.resolved_work_dir) / COMPLETE_FILE
-        if spec.nodes > 1 and not done.exists():  # a finished stage is read back below, without a TrainJob
+        if spec.nodes > 1:
+            if (Path(config.resolved_work_dir) / COMPLETE_FILE).exists():
+                return run_stage(stage, config)  # finished (a retried step): its summary, no TrainJob, no GPU
             return run_stage_trainjob(
                 stage, config, spec, task=task or stage, run_key=run_key or "standalone"
             )

@@ -140,6 +140,7 @@ class FakeCluster:
             b"weights trained on " + str(obj["spec"]["trainer"]["numNodes"]).encode()
         )
         summary.write_text(json.dumps(self.rank0))
+        (summary.parent / "complete.json").write_text(json.dumps({"config": config, "summary": self.rank0}))
 
     # CoreV1Api
     def list_namespaced_pod(self, namespace, label_selector):
@@ -571,9 +572,9 @@ def test_success_becomes_the_step_s_model_output_and_metrics(tmp_path, step_pod_
     recipe = load_recipe("internvl3-8b")
     launch = _launch("internvl3-8b", "mpo", tmp_path / "work", ("stages.mpo.trainjob.poll_seconds=0.01",))
     model, metrics = _Artifact(tmp_path / "model"), _Artifact(tmp_path / "metrics", directory=False)
-    summary = run_training_task(
-        "mpo",
-        json.dumps(recipe.stage_settings("mpo")),
+    arguments = dict(
+        stage="mpo",
+        config_json=json.dumps(recipe.stage_settings("mpo")),
         preset="8b",
         parent_run_id="parent-run",
         run_key="run-1",
@@ -585,6 +586,7 @@ def test_success_becomes_the_step_s_model_output_and_metrics(tmp_path, step_pod_
         metrics=metrics,
         launch=launch.model_dump_json(),
     )
+    summary = run_training_task(**arguments)
     assert summary == cluster.rank0
     assert (tmp_path / "model" / "model.safetensors").read_bytes() == b"weights trained on 4"
     assert model.metadata["mlflow_run_id"] == "rank0-run"
@@ -592,6 +594,12 @@ def test_success_becomes_the_step_s_model_output_and_metrics(tmp_path, step_pod_
     assert metrics.logged == {"steps": 12.0, "loss_first": 2.5, "loss_last": 1.25}
     (created,) = [c for c in cluster.calls if c[1] == "create"]
     assert created[2] == trainjob_name("run-1", "mpo")
+    # A retry after the TrainJob is gone (deleted by hand): the work directory holds the finished run.
+    cluster.objects.clear()
+    calls, again = len(cluster.calls), _Artifact(tmp_path / "model-again")
+    summary = run_training_task(**{**arguments, "model": again})
+    assert summary == cluster.rank0 and len(cluster.calls) == calls  # no TrainJob, no API call
+    assert (tmp_path / "model-again" / "model.safetensors").read_bytes() == b"weights trained on 4"
 
 
 class _Artifact:
