@@ -168,6 +168,9 @@ def run_stage_processes(
 
         spec = TrainJobLaunch.model_validate_json(launch)
         if spec.nodes > 1:
+            # a global batch (e.g. from the `<stage>_global_batch_size` parameter) that does not divide over the
+            # nodes fails here, before any GPU is held, not on every node
+            config.trainer.accumulation_steps(spec.nodes * spec.processes_per_node)
             if (Path(config.resolved_work_dir) / COMPLETE_FILE).exists():
                 return run_stage(stage, config)  # finished (a retried step): its summary, no TrainJob, no GPU
             return run_stage_trainjob(

@@ -593,6 +593,12 @@ def test_success_becomes_the_step_s_model_output_and_metrics(tmp_path, step_pod_
     assert metrics.logged == {"steps": 12.0, "loss_first": 2.5, "loss_last": 1.25}
     (created,) = [c for c in cluster.calls if c[1] == "create"]
     assert created[2] == trainjob_name("run-1", "mpo")
+    # A pipeline parameter's global batch that does not divide over 4 nodes x 8 GPUs: refused before a TrainJob.
+    with pytest.raises(
+        ValueError, match=r"global_batch_size \(100\) is not divisible by .* world size \(32\)"
+    ):
+        run_training_task(**{**arguments, "global_batch_size": 100, "run_key": "run-2"})
+    assert len([c for c in cluster.calls if c[1] == "create"]) == 1
     # A retry after the TrainJob is gone (deleted by hand): the work directory holds the finished run.
     cluster.objects.clear()
     calls, again = len(cluster.calls), _Artifact(tmp_path / "model-again")
