@@ -273,6 +273,13 @@ def _check_against_published_schema(manifest: dict) -> None:
     assert manifest["apiVersion"] == f"{CRD['group']}/{CRD['version']}" and manifest["kind"] == CRD["kind"]
     name = manifest["metadata"]["name"]  # the CRD's CEL rules on the name
     assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63
+    # Trainer v2.3's validating webhook (pkg/runtime/framework/plugins/jobset/jobset.go): a domain-prefixed
+    # manager, patches only of the torch runtime's `node` job and container, and no env in the `node` container
+    # (the trainer's env goes in spec.trainer.env)
+    for patch in manifest["spec"]["runtimePatches"]:
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.[a-z]+/[A-Za-z0-9._/-]+", patch["manager"])
+        pod = _pod_spec(manifest)
+        assert all(c["name"] == "node" and "env" not in c for c in pod["containers"])
 
 
 # -- the TrainJob --------------------------------------------------------------------------------------------------
