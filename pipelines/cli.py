@@ -412,6 +412,47 @@ def recipe_list() -> None:
         print(name)
 
 
+trainjob_app = typer.Typer(help="Kubeflow Trainer TrainJobs of multi-node stages.", no_args_is_help=True)
+app.add_typer(trainjob_app, name="trainjob")
+
+
+@trainjob_app.command("render")
+def trainjob_render(
+    recipe: str = typer.Option(..., help="Recipe name or YAML file."),
+    stage: str = typer.Option(..., help="A training stage: pretrain, sft, mpo, critic or prm."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    namespace: str = typer.Option("vlpipe", help="The TrainJob's namespace (the pipeline's)."),
+    run_key: str = typer.Option("manual", help="The pipeline run it belongs to (names it and its work dir)."),
+) -> None:
+    """Print, as YAML, the TrainJob the stage's step would create (also for a one-node stage, to review)."""
+    import yaml
+
+    from vlpipe.components.stages import STAGES
+    from vlpipe.components.training.task import stage_work_dir
+    from vlpipe.components.training.trainjob import render_stage_trainjob
+
+    config = _recipe(recipe, set_)
+    if stage not in config.trained_stages:
+        raise typer.BadParameter(
+            f"{config.name} trains {', '.join(config.trained_stages)}", param_hint="--stage"
+        )
+    try:
+        launch = config.trainjob_launch(stage)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    entry = STAGES[stage]
+    manifest = render_stage_trainjob(
+        launch,
+        stage=entry.trains_as or stage,
+        task=entry.task,
+        run_key=run_key,
+        namespace=namespace,
+        work_dir=stage_work_dir(launch.work_volume.mount_path, run_key, stage),
+    )
+    print(yaml.safe_dump(manifest, sort_keys=False, width=110), end="")
+
+
 @app.command("bench")
 def bench(out: str = typer.Option(".vlpipe/bench", help="Where JSON results go.")) -> None:
     """Run the benchmarks that exist and write JSON results under `out`."""

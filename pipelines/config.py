@@ -13,7 +13,9 @@ with placeholder paths for what the pipeline wires at run time; cross-stage rule
 - each stage's global batch divides into micro-batches over its GPUs; bf16 and NCCL need GPUs;
 - evaluation and PRM agree: Best-of-N needs n ≥ 2, and the PRM was trained on sequences at least as long as
   the prompts the evaluation admits; a GPU device or half precision needs GPUs;
-- a training step that retries needs the work volume (a retried pod resumes from the checkpoints there);
+- a training step that retries needs the work volume (a retried pod resumes from the checkpoints there), and so
+  does a stage on several nodes (`nodes > 1`: a TrainJob whose nodes share the work directory), whose global
+  batch divides into nodes x GPUs x micro-batch;
 - nothing in the recipe is a credential: secrets are referenced by Kubernetes secret name, plain environment
   variables must not look like credentials, and URLs must not carry user info;
 - promotion gates name metrics the register step records (`eval.<metric>` version tags), each once;
@@ -50,6 +52,7 @@ from vlpipe.components.promote.config import PromoteConfig
 from vlpipe.components.register.config import RegisterConfig, RegisterSettings
 from vlpipe.components.stages import STAGES as STAGE_TABLE
 from vlpipe.components.stages import TRAINING_STAGES, owned_keys_in
+from vlpipe.components.training.config import TrainJobSettings
 from vlpipe.serving.promote import DEFAULT_EVAL_METRICS, PromotionConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
@@ -149,7 +152,7 @@ class ClusterConfig(_Strict):
         work_volume: the PVC for the training steps' resumable work directories.
         service_account: the Kubernetes ServiceAccount the run's pods use (`vlpipe submit` passes it to
             Kubeflow); its RBAC must allow what the steps do (`infra/k8s/base/rbac.yaml`:
-            `vlpipe-pipeline-runner` may manage InferenceServices and PyTorchJobs). Default: Kubeflow's.
+            `vlpipe-pipeline-runner` may manage InferenceServices and TrainJobs). Default: Kubeflow's.
         model_store: where steps publish their checkpoints (`s3://bucket/prefix`): each `Model` artifact
             then points at `<store>/<run>/<task>/<output>` instead of holding a copy
             (`vlpipe.components.pipeline_run.model_store`); set as `VLPIPE_MODEL_STORE` on every step.
@@ -200,13 +203,22 @@ class StageTask(_Strict):
     """A training stage in a recipe.
 
     Attributes:
-        resources: the step's pod.
+        resources: the step's pod; with `nodes > 1`, each node's (GPUs, CPU, memory per node).
+        nodes: training nodes. More than one: the step runs the stage as a Kubeflow Trainer TrainJob across
+            them (`vlpipe.components.training.trainjob`; needs `cluster.work_volume`, a ReadWriteMany PVC every
+            node mounts). The global batch divides into nodes x GPUs x micro-batch.
+        trainjob: the TrainJob's runtime, extra environment (NCCL) and deadline (`TrainJobSettings`).
+        shm_size: size limit of the memory-backed `/dev/shm` of the step (and of every node); None: up to the
+            pod's memory limit.
         config: the stage's settings: a stage config (see `vlpipe.components.training.config`) without the keys the
             pipeline sets (the stage table's `owned`: paths, `data.meta`/`data.path`, tracking names and parent
             run).
     """
 
     resources: Resources = Resources()
+    nodes: int = Field(1, ge=1, le=1024)
+    trainjob: TrainJobSettings = TrainJobSettings()
+    shm_size: str | None = Field(None, pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$")
     config: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -352,11 +364,13 @@ class PipelineConfig(_Strict):
         if owned:
             raise ValueError(f"{where}.config sets {owned}; the pipeline sets them")
         cfg = self.stage_config(stage)
-        world = step.resources.world_size
+        world = step.nodes * step.resources.world_size
         try:
             cfg.trainer.accumulation_steps(world)
         except ValueError as exc:
-            raise _prefix(where, exc) from exc
+            nodes = f"{step.nodes} nodes x {step.resources.world_size} GPUs: " if step.nodes > 1 else ""
+            raise _prefix(where, ValueError(f"{nodes}{exc}")) from exc
+        self._check_nodes(stage, step)
         if step.resources.gpus == 0:
             if cfg.trainer.precision == "bf16":
                 raise ValueError(f"{where}: trainer.precision bf16 needs GPUs (resources.gpus > 0)")
@@ -367,6 +381,24 @@ class PipelineConfig(_Strict):
                 f"{where}.resources.retries needs cluster.work_volume: without it a retried pod "
                 "starts from step 0"
             )
+
+    def _check_nodes(self, stage: str, step: StageTask) -> None:
+        """A multi-node stage's shared work location and its TrainJob's environment."""
+        where = _stage_key(stage)
+        if step.nodes > 1 and self.cluster.work_volume is None:
+            raise ValueError(
+                f"{where}.nodes = {step.nodes} needs cluster.work_volume: a ReadWriteMany PVC every node mounts "
+                "(the stage config, resumable checkpoints, final model and summary are shared there)"
+            )
+        for name, value in step.trainjob.env.items():
+            if _CREDENTIAL_NAME.search(name):
+                raise ValueError(
+                    f"{where}.trainjob.env.{name} looks like a credential; TrainJobs and compiled pipelines hold "
+                    "env values in plain text. Put it in a Kubernetes secret and list it under cluster.secrets"
+                )
+            if name in _RESERVED_ENV:
+                raise ValueError(f"{where}.trainjob.env.{name} is set by the pipeline; remove it")
+            _check_url(f"{where}.trainjob.env.{name}", value)
 
     def _check_prm_data(self) -> None:
         if self.prm_data is None:
@@ -534,6 +566,54 @@ class PipelineConfig(_Strict):
             )
         except (ValidationError, ValueError) as exc:
             raise _prefix(f"{_stage_key(stage)}.config", exc) from exc
+
+    def trainjob_launch(self, stage: str, commit: str = "") -> Any:
+        """What the stage's step needs to create its TrainJob (`TrainJobLaunch`): the stage's nodes and per-node
+        resources, the release image, the runtime, the environment every step gets plus the stage's, the
+        secrets as references, the work volume, `/dev/shm`, GPU placement and the deadline.
+
+        Raises:
+            ValueError: the recipe has no work volume (a TrainJob's nodes share the work directory there).
+        """
+        from vlpipe.components.release import IMAGE
+        from vlpipe.components.training.trainjob import SecretRef, TrainJobLaunch
+
+        step, cluster = self.stage_step(stage), self.cluster
+        if cluster.work_volume is None:
+            raise ValueError(
+                f"{_stage_key(stage)}: a TrainJob needs cluster.work_volume (shared by its nodes)"
+            )
+        env = dict(cluster.env)
+        if cluster.tracking_uri:
+            env["MLFLOW_TRACKING_URI"] = cluster.tracking_uri
+        if cluster.model_store:
+            env["VLPIPE_MODEL_STORE"] = cluster.model_store
+        if commit:
+            env["VLPIPE_GIT_COMMIT"] = commit
+        env.update(step.trainjob.env)
+        gpus = step.resources.gpus
+        return TrainJobLaunch(
+            nodes=step.nodes,
+            gpus=gpus,
+            cpu=step.resources.cpu,
+            memory=step.resources.memory,
+            accelerator_type=cluster.accelerator_type,
+            shm_size=step.shm_size,
+            image=IMAGE,
+            runtime=step.trainjob.runtime,
+            env=env,
+            secrets=[
+                SecretRef(env=name, secret=secret.secret, key=key)
+                for secret in cluster.secrets
+                for name, key in secret.env.items()
+            ],
+            work_volume=cluster.work_volume.model_dump(),
+            node_selector=cluster.node_selector if gpus else {},
+            tolerations=[t.model_dump() for t in cluster.tolerations] if gpus else [],
+            service_account=cluster.service_account,
+            deadline_seconds=step.trainjob.deadline_seconds,
+            poll_seconds=step.trainjob.poll_seconds,
+        )
 
     def prm_data_settings(self) -> tuple[dict[str, Any], TaskConfig]:
         """What the `sample-prm-data` component receives: the sampling settings and the tracking settings."""

@@ -25,8 +25,12 @@ parallel with MPO on the prepared step-labelled file, or, when the recipe has a 
 solutions sampled from the MPO policy and labelled step by step (`sample-prm-data`). `promote-model` gates the registered version (`models:/<name>/<version>`, the register
 step's output) against the champion with the recipe's `promotion.gates`; its output (`promoted`, `rejected`,
 `already_champion`) is the condition of `deploy-model`, which exists only in recipes with `deploy.enabled`
-(it needs a cluster with KServe) and is bounded in time by its canary's step timeouts. Extension point:
-multi-node training would replace a training task by a TrainJob (not done here).
+(it needs a cluster with KServe) and is bounded in time by its canary's step timeouts.
+
+Training steps get a memory-backed `/dev/shm` (NCCL and DataLoader workers outgrow the 64 MiB default). A stage
+with `nodes > 1` trains as a Kubeflow Trainer TrainJob: its step receives the TrainJob's settings (`launch`),
+its pod's name, uid and namespace through the downward API (the TrainJob's owner), and asks for no GPUs itself
+(it creates the TrainJob and waits; `vlpipe.components.training.trainjob`).
 
 Each task's component comes from the stage table (`vlpipe.components.stages.STAGES`); the edges are here.
 """
@@ -41,6 +45,7 @@ from kfp import dsl, kubernetes
 
 from vlpipe.components.pipeline_run.component import finish_pipeline_run, start_pipeline_run
 from vlpipe.components.stages import STAGES
+from vlpipe.components.training.trainjob import POD_ENV
 from vlpipe.pipelines.config import PipelineConfig, Resources
 from vlpipe.pipelines.parameters import recipe_parameters
 
@@ -166,6 +171,11 @@ class _Builder:
         inputs = {"mixture": mixture} if "mixture" in accepted else {}
         if steps is not None and "steps" in accepted:
             inputs["steps"] = steps
+        resources = step.resources
+        if step.nodes > 1:  # the TrainJob's nodes train; this step's pod creates it and waits
+            inputs["launch"] = _json(self.recipe.trainjob_launch(stage, self.commit))
+            default = self.recipe.cluster.default_resources
+            resources = default.model_copy(update={"gpus": 0, "retries": step.resources.retries})
         task = STAGES[stage].load_component()(
             config=_json(self.recipe.stage_settings(stage)),
             preset=self.recipe.preset,
@@ -176,7 +186,13 @@ class _Builder:
             **inputs,
             **self.parameter_inputs(stage),
         )
-        return self.configure(task, step.resources, work_volume=True, cache=True)
+        kubernetes.empty_dir_mount(
+            task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=step.shm_size
+        )
+        if step.nodes > 1:
+            for field, env in POD_ENV.items():
+                kubernetes.use_field_path_as_env(task, env_name=env, field_path=f"metadata.{field}")
+        return self.configure(task, resources, work_volume=True, cache=True)
 
     def prm_data(self, *, policy: Any, data: Any) -> Any:
         settings, step = self.recipe.prm_data_settings()

@@ -21,6 +21,7 @@ def critic(
     lr: float = -1.0,
     max_steps: int = -1,
     global_batch_size: int = -1,
+    launch: str = "",
 ):
     """The PRM's base: SFT continued from the policy's SFT checkpoint (a critic stronger than the policy).
 
@@ -30,6 +31,7 @@ def critic(
         work_root: the work volume's mount path ("" locally: under VLPIPE_HOME).
         world_size: training processes (GPUs) on the node.
         lr, max_steps, global_batch_size: the pipeline parameters of this stage (-1: the recipe's value).
+        launch: the stage's TrainJob settings when it trains on several nodes ("": on this step's node).
     """
     from vlpipe.components.training.task import run_training_task
 
@@ -46,4 +48,5 @@ def critic(
         lr=lr,
         max_steps=max_steps,
         global_batch_size=global_batch_size,
+        launch=launch,
     )

@@ -20,6 +20,7 @@ def mpo(
     lr: float = -1.0,
     max_steps: int = -1,
     global_batch_size: int = -1,
+    launch: str = "",
 ):
     """Mixed preference optimisation (DPO + BCO + LM) against the frozen starting policy.
 
@@ -29,6 +30,7 @@ def mpo(
         work_root: the work volume's mount path ("" locally: under VLPIPE_HOME).
         world_size: training processes (GPUs) on the node.
         lr, max_steps, global_batch_size: the pipeline parameters of this stage (-1: the recipe's value).
+        launch: the stage's TrainJob settings when it trains on several nodes ("": on this step's node).
     """
     from vlpipe.components.training.task import run_training_task
 
@@ -45,4 +47,5 @@ def mpo(
         lr=lr,
         max_steps=max_steps,
         global_batch_size=global_batch_size,
+        launch=launch,
     )

@@ -21,6 +21,7 @@ def prm(
     lr: float = -1.0,
     max_steps: int = -1,
     global_batch_size: int = -1,
+    launch: str = "",
 ):
     """Process reward model training on step-labelled solutions (VisualPRM format).
 
@@ -30,6 +31,7 @@ def prm(
         work_root: the work volume's mount path ("" locally: under VLPIPE_HOME).
         world_size: training processes (GPUs) on the node.
         lr, max_steps, global_batch_size: the pipeline parameters of this stage (-1: the recipe's value).
+        launch: the stage's TrainJob settings when it trains on several nodes ("": on this step's node).
         steps: the `sample-prm-data` output (on-policy solutions); without it, the prepared `prm/train.jsonl`.
     """
     from vlpipe.components.training.task import run_training_task
@@ -47,5 +49,6 @@ def prm(
         lr=lr,
         max_steps=max_steps,
         global_batch_size=global_batch_size,
+        launch=launch,
         steps=steps,
     )

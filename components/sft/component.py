@@ -21,6 +21,7 @@ def sft(
     lr: float = -1.0,
     max_steps: int = -1,
     global_batch_size: int = -1,
+    launch: str = "",
 ):
     """Supervised fine-tuning on the SFT mixture (packing, square averaging, JPEG augmentation).
 
@@ -30,6 +31,7 @@ def sft(
         work_root: the work volume's mount path ("" locally: under VLPIPE_HOME).
         world_size: training processes (GPUs) on the node.
         lr, max_steps, global_batch_size: the pipeline parameters of this stage (-1: the recipe's value).
+        launch: the stage's TrainJob settings when it trains on several nodes ("": on this step's node).
     """
     from vlpipe.components.training.task import run_training_task
 
@@ -46,5 +48,6 @@ def sft(
         lr=lr,
         max_steps=max_steps,
         global_batch_size=global_batch_size,
+        launch=launch,
         mixture=mixture,
     )

@@ -12,6 +12,7 @@ is derived: `global_batch_size / (micro_batch_size * world_size)`, which must di
 
 from __future__ import annotations
 
+import re
 from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -180,6 +181,37 @@ class TrackingConfig(_Strict):
     tags: dict[str, str] = Field(default_factory=dict)
     log_model: bool = True
     system_metrics: bool = True
+
+
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class TrainJobSettings(_Strict):
+    """How a stage with `nodes > 1` runs as a Kubeflow Trainer TrainJob (a recipe's `stages.<name>.trainjob`).
+
+    Attributes:
+        runtime: the `ClusterTrainingRuntime` the TrainJob references; `torch-distributed` (installed with
+            Kubeflow Trainer) gives every node torchrun's rendezvous settings (`PET_NNODES`, `PET_NODE_RANK`,
+            `PET_MASTER_ADDR`, ...).
+        env: extra environment variables on every node, e.g. NCCL settings (`NCCL_IB_HCA`,
+            `NCCL_SOCKET_IFNAME`); never credentials (those are the cluster's secrets).
+        deadline_seconds: the TrainJob's `activeDeadlineSeconds`: past it Kubeflow Trainer stops the pods
+            and the TrainJob (and the step) fails with reason `DeadlineExceeded`. None: no deadline.
+        poll_seconds: how often the step reads the TrainJob's status.
+    """
+
+    runtime: str = Field("torch-distributed", pattern=_K8S_NAME, max_length=253)
+    env: dict[str, str] = Field(default_factory=dict)
+    deadline_seconds: int | None = Field(None, ge=60)
+    poll_seconds: float = Field(15.0, gt=0, le=600, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _env_names(self) -> Self:
+        bad = [name for name in self.env if not re.match(_ENV_NAME, name)]
+        if bad:
+            raise ValueError(f"trainjob.env: invalid environment variable names {bad}")
+        return self
 
 
 def is_meta_file(uri: str) -> bool:

@@ -14,8 +14,9 @@ directory makes a retried task (a new pod, an empty artifact directory) find the
 validation calls it with placeholders, the component with the real values.
 
 One GPU (or the CPU) trains in-process; `world_size > 1` launches `torch.distributed.run` with one process
-per GPU on this node. Multi-node training (a Kubeflow Trainer TrainJob per stage) is an extension point, not
-implemented.
+per GPU on this node. A stage with `nodes > 1` (the recipe's `stages.<name>.nodes`; the component's `launch`
+input) runs as a Kubeflow Trainer TrainJob across the nodes instead (`vlpipe.components.training.trainjob`):
+the step creates it, streams its logs and waits, and then publishes the checkpoint the same way.
 """
 
 from __future__ import annotations
@@ -147,12 +148,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_stage_processes(stage: str, config: Any, world_size: int) -> dict[str, Any]:
-    """Run the stage in this process (`world_size` 1) or one process per GPU under `torch.distributed.run`.
+def run_stage_processes(
+    stage: str, config: Any, world_size: int, *, launch: str = "", task: str = "", run_key: str = ""
+) -> dict[str, Any]:
+    """Run the stage in this process (`world_size` 1), one process per GPU under `torch.distributed.run`, or,
+    when `launch` asks for more than one node, as a TrainJob across the nodes.
+
+    Args:
+        launch: a `TrainJobLaunch` as JSON ("" or one node: on this node).
+        task, run_key: name the TrainJob (a retried step finds its own).
 
     Raises:
         subprocess.CalledProcessError: a distributed run failed (its output is in the step's log).
+        vlpipe.components.training.trainjob.TrainJobFailed: the TrainJob failed (its reason in the message).
     """
+    if launch:
+        from vlpipe.components.training.entrypoint import COMPLETE_FILE, run_stage
+        from vlpipe.components.training.trainjob import TrainJobLaunch, run_stage_trainjob
+
+        spec = TrainJobLaunch.model_validate_json(launch)
+        if spec.nodes > 1:
+            # a global batch (e.g. from the `<stage>_global_batch_size` parameter) that does not divide over the
+            # nodes fails here, before any GPU is held, not on every node
+            config.trainer.accumulation_steps(spec.nodes * spec.processes_per_node)
+            if (Path(config.resolved_work_dir) / COMPLETE_FILE).exists():
+                return run_stage(stage, config)  # finished (a retried step): its summary, no TrainJob, no GPU
+            return run_stage_trainjob(
+                stage, config, spec, task=task or stage, run_key=run_key or "standalone"
+            )
     if world_size <= 1:
         from vlpipe.components.training.entrypoint import run_stage
 
@@ -189,6 +212,7 @@ def run_training_task(
     lr: float = -1.0,
     max_steps: int = -1,
     global_batch_size: int = -1,
+    launch: str = "",
 ) -> dict[str, Any]:
     """The training components' entrypoint.
 
@@ -211,6 +235,8 @@ def run_training_task(
             JSONL to train on instead of the prepared one; its images are under its metadata's `image_root`.
         lr, max_steps, global_batch_size: the pipeline parameters `<stage>_lr`, ... (-1: the recipe's value;
             `max_steps` 0: the recipe's epochs decide), validated with the stage's config class.
+        launch: the stage's TrainJob settings (`TrainJobLaunch` JSON) when the recipe gives it `nodes > 1`
+            ("": train on this node).
 
     Returns:
         The stage's summary.
@@ -249,7 +275,9 @@ def run_training_task(
         parent_run_id=parent_run_id,
     )
     check_preset(init_dir, preset)
-    summary = run_stage_processes(config.stage, config, world_size)  # the critic trains as sft
+    summary = run_stage_processes(  # the critic trains as sft
+        config.stage, config, world_size, launch=launch, task=STAGES[stage].task, run_key=run_key
+    )
     publish_checkpoint(config.output, model)
     if mixture is not None:
         expected = mixture.metadata.get(f"{stage}_manifest_sha256")

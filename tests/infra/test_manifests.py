@@ -145,7 +145,7 @@ def test_kustomizations_render_the_expected_resources(rendered):
 # Custom resources (no schema in kubernetes_validate): the fields their controllers need.
 CUSTOM_RESOURCE_FIELDS = {
     ("serving.kserve.io/v1beta1", "InferenceService"): ("spec.predictor",),
-    ("kubeflow.org/v1", "PyTorchJob"): ("spec.pytorchReplicaSpecs",),
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): ("spec.runtimeRef",),
 }
 
 
@@ -518,17 +518,17 @@ def test_network_policies_admit_the_namespace_to_mlflow_and_only_mlflow_to_postg
 
 # -- RBAC -------------------------------------------------------------------------------------------------------
 EXPECTED_RUNNER_RULES = [
-    {
-        "apiGroups": ["kubeflow.org"],
-        "resources": ["pytorchjobs"],
-        "verbs": ["create", "get", "list", "watch", "patch", "delete"],
+    {  # exactly the launcher's calls (components/training/trainjob.py: TrainJobApi)
+        "apiGroups": ["trainer.kubeflow.org"],
+        "resources": ["trainjobs"],
+        "verbs": ["create", "get", "patch", "delete"],
     },
     {
         "apiGroups": ["serving.kserve.io"],
         "resources": ["inferenceservices"],
         "verbs": ["create", "get", "list", "watch", "patch", "update", "delete"],
     },
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
 ]
 

@@ -274,17 +274,35 @@ def test_gpu_toleration_secret_volume_and_env_settings_are_in_the_ir(compiled):
     executors = spec["deploymentSpec"]["executors"]
     k8s = platform["deploymentSpec"]["executors"]
     for stage in ("pretrain", "sft", "mpo", "prm"):
-        resources = executors[f"exec-{stage}"]["container"]["resources"]
+        # internvl3-8b trains every stage on several nodes: the step's pod creates a TrainJob and waits, the
+        # TrainJob's nodes get the GPUs, tolerations and node selector (tests/components/training/test_trainjob.py)
+        assert recipe.stage_step(stage).nodes > 1
+        assert "accelerator" not in executors[f"exec-{stage}"]["container"]["resources"]
+        launch = json.loads(
+            body_tasks(spec)[stage]["inputs"]["parameters"]["launch"]["runtimeValue"]["constant"]
+        )
+        assert (launch["gpus"], launch["memory"]) == (8, "800Gi")
+        assert launch["tolerations"] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "value": None, "effect": "NoSchedule"}
+        ]
+        assert launch["node_selector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+        assert k8s[f"exec-{stage}"]["pvcMount"][0]["mountPath"] == "/mnt/vlpipe-work"
+    one_node, one_node_recipe = (
+        load_ir(compiled["internvl3-1b"]["internvl3-recipe"]),
+        load_recipe("internvl3-1b"),
+    )
+    for stage in ("sft", "mpo", "prm"):  # one node: the step's pod trains
+        assert one_node_recipe.stage_step(stage).nodes == 1
+        resources = one_node[0]["deploymentSpec"]["executors"][f"exec-{stage}"]["container"]["resources"]
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
         assert resources["accelerator"]["resourceCount"] == "8"
         assert resources["resourceMemoryLimit"] == "800Gi"
-        assert k8s[f"exec-{stage}"]["tolerations"] == [
+        one_node_k8s = one_node[1]["deploymentSpec"]["executors"][f"exec-{stage}"]
+        assert one_node_k8s["tolerations"] == [
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
         ]
-        assert k8s[f"exec-{stage}"]["pvcMount"][0]["mountPath"] == "/mnt/vlpipe-work"
-        assert k8s[f"exec-{stage}"]["nodeSelector"]["labels"] == {
-            "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"
-        }
+        assert one_node_k8s["pvcMount"][0]["mountPath"] == "/mnt/vlpipe-work"
+        assert one_node_k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert executors["exec-evaluate"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
     # CPU steps get no GPU and no GPU toleration.
     assert "accelerator" not in executors["exec-prepare-data"]["container"].get("resources", {})
