@@ -191,6 +191,20 @@ _TABLE = (
         recipe_key="eval",
         owned=("policy", "prm", "output_dir", "mlflow.parent_run_id"),
     ),
+    # A benchmark with `shards` > 1 runs as `evaluate-shard` tasks (one pod each) and `merge-evaluation`, which
+    # records the `eval` run; `evaluate` is both in one pod (vlpipe.components.evaluate.stage).
+    Stage(
+        "eval-shard",
+        task="evaluate-shard",
+        component=f"{_C}.evaluate.component:evaluate_shard",
+        entry=f"{_C}.evaluate.stage:evaluate_shards",
+    ),
+    Stage(
+        "eval-merge",
+        task="merge-evaluation",
+        component=f"{_C}.evaluate.component:merge_evaluation",
+        entry=f"{_C}.evaluate.stage:merge_evaluation",
+    ),
     Stage(
         "register",
         task="register-model",

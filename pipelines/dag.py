@@ -5,6 +5,7 @@ internvl3-recipe  start-pipeline-run → prepare-data → init-model → mix-dat
                   (init-model: random, composed from ViT + LLM, or an existing checkpoint (`init.checkpoint`);
                   pretrain, sft or mpo switched off (`null`): the next stage starts from the one before)
                   sft → mpo, sft → prm;  mpo + prm → evaluate → register-model (+ mpo, prm, mix-data)
+                  (a benchmark with `shards: K`: evaluate = ParallelFor(evaluate-shard × K) → merge-evaluation)
                   with `prm_data`: mpo → sample-prm-data → prm (the PRM learns the policy's own mistakes)
                   with `critic`: sft → critic → prm (the PRM starts from a stronger model than the policy)
                   register-model → promote-model → [if promoted] deploy-model
@@ -201,15 +202,39 @@ class _Builder:
         return self.stage("prm", init=base, data=data, steps=steps)
 
     def evaluate(self, *, policy: Any, prm_model: Any, data: Any) -> Any:
-        task = STAGES["eval"].load_component()(
-            config=_json(self.recipe.eval_settings()),
-            preset=self.recipe.preset,
-            policy=policy,
-            prm=prm_model,
-            data=data,
-            **self.parameter_inputs("eval"),
-        )
-        return self.configure(task, self.recipe.eval.resources, cache=True)
+        """The evaluation: one `evaluate` task, or, when a benchmark has `shards` > 1, an `evaluate-shard` task
+        per shard (`dsl.ParallelFor`, each in its own pod with the eval resources) and `merge-evaluation`
+        over their parts (`dsl.Collected`). Either task's outputs are `results`, `metrics`, `table`, `report`."""
+        config = _json(self.recipe.eval_settings())
+        cfg = self.recipe.eval_config()
+        if not cfg.sharded:
+            task = STAGES["eval"].load_component()(
+                config=config,
+                preset=self.recipe.preset,
+                policy=policy,
+                prm=prm_model,
+                data=data,
+                **self.parameter_inputs("eval"),
+            )
+            return self.configure(task, self.recipe.eval.resources, cache=True)
+        # The loop's items are constants and its other inputs pipeline parameters and artifacts: kfp.local
+        # 2.17 replaces a task-output *parameter* input of a ParallelFor body with the loop item
+        # (kfp/local/orchestrator/task_spec_utils.py, create_parameter_loop_iteration_task_spec).
+        with dsl.ParallelFor([s.model_dump() for s in cfg.shard_plan], name="eval-shards") as shard:
+            part = STAGES["eval-shard"].load_component()(
+                config=config,
+                preset=self.recipe.preset,
+                benchmark=shard.benchmark,
+                index=shard.index,
+                count=shard.count,
+                policy=policy,
+                prm=prm_model,
+                data=data,
+                **self.parameter_inputs("eval"),
+            )
+            self.configure(part, self.recipe.eval.resources, cache=True)
+        merge = STAGES["eval-merge"].load_component()(parts=dsl.Collected(part.outputs["part"]))
+        return self.configure(merge, cache=True)
 
     def register(self, parent: Any, *, policy: Any, prm_model: Any, mixture: Any, results: Any) -> Any:
         task = STAGES["register"].load_component()(
