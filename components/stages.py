@@ -170,6 +170,20 @@ _TABLE = (
         recipe_key="prm_data",
         owned=("policy", "output"),
     ),
+    # `prm_data.config.shards` > 1: `sample-prm-data-shard` tasks (one pod each) and `merge-prm-data`, which
+    # records the `prm-data` run (vlpipe.components.prm_data.stage).
+    Stage(
+        "prm-data-shard",
+        task="sample-prm-data-shard",
+        component=f"{_C}.prm_data.component:sample_prm_data_shard",
+        entry=f"{_C}.prm_data.stage:sample_prm_shard",
+    ),
+    Stage(
+        "prm-data-merge",
+        task="merge-prm-data",
+        component=f"{_C}.prm_data.component:merge_prm_data",
+        entry=f"{_C}.prm_data.stage:merge_prm_data",
+    ),
     Stage(
         "prm",
         task="prm",

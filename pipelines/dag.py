@@ -6,7 +6,8 @@ internvl3-recipe  start-pipeline-run → prepare-data → init-model → mix-dat
                   pretrain, sft or mpo switched off (`null`): the next stage starts from the one before)
                   sft → mpo, sft → prm;  mpo + prm → evaluate → register-model (+ mpo, prm, mix-data)
                   (a benchmark with `shards: K`: evaluate = ParallelFor(evaluate-shard × K) → merge-evaluation)
-                  with `prm_data`: mpo → sample-prm-data → prm (the PRM learns the policy's own mistakes)
+                  with `prm_data`: mpo → sample-prm-data → prm (the PRM learns the policy's own mistakes;
+                  `shards: K`: ParallelFor(sample-prm-data-shard × K) → merge-prm-data)
                   with `critic`: sft → critic → prm (the PRM starts from a stronger model than the policy)
                   register-model → promote-model → [if promoted] deploy-model
 sft-mpo           start-pipeline-run → prepare-data → importer(checkpoint_uri) → mix-data → sft → mpo
@@ -180,15 +181,36 @@ class _Builder:
         return self.configure(task, step.resources, work_volume=True, cache=True)
 
     def prm_data(self, *, policy: Any, data: Any) -> Any:
+        """On-policy PRM data: one `sample-prm-data` task, or, with `prm_data.config.shards` K > 1, K
+        `sample-prm-data-shard` tasks (`dsl.ParallelFor`, each in its own pod) and `merge-prm-data` over their
+        parts. Either task's outputs are `steps` and `metrics`."""
         settings, step = self.recipe.prm_data_settings()
-        task = STAGES["prm-data"].load_component()(
-            config=_json(settings),
-            step=_json(step),
-            preset=self.recipe.preset,
-            policy=policy,
-            data=data,
+        shards = self.recipe.prm_data_config().shards
+        resources = self.recipe.prm_data.resources
+        if shards == 1:
+            task = STAGES["prm-data"].load_component()(
+                config=_json(settings),
+                step=_json(step),
+                preset=self.recipe.preset,
+                policy=policy,
+                data=data,
+            )
+            return self.configure(task, resources, cache=True)
+        # Loop items and constants only, as in `evaluate` (kfp.local's ParallelFor and task-output parameters).
+        with dsl.ParallelFor(list(range(shards)), name="prm-data-shards") as index:
+            part = STAGES["prm-data-shard"].load_component()(
+                config=_json(settings),
+                preset=self.recipe.preset,
+                index=index,
+                count=shards,
+                policy=policy,
+                data=data,
+            )
+            self.configure(part, resources, cache=True)
+        merge = STAGES["prm-data-merge"].load_component()(
+            step=_json(step), parts=dsl.Collected(part.outputs["part"]), data=data
         )
-        return self.configure(task, self.recipe.prm_data.resources, cache=True)
+        return self.configure(merge, cache=True)
 
     def prm(self, *, sft_model: Any, policy: Any, data: Any) -> Any:
         """The PRM: from the SFT checkpoint (or the `critic` stage's, more SFT from it) on the prepared step
@@ -220,13 +242,11 @@ class _Builder:
         # The loop's items are constants and its other inputs pipeline parameters and artifacts: kfp.local
         # 2.17 replaces a task-output *parameter* input of a ParallelFor body with the loop item
         # (kfp/local/orchestrator/task_spec_utils.py, create_parameter_loop_iteration_task_spec).
-        with dsl.ParallelFor([s.model_dump() for s in cfg.shard_plan], name="eval-shards") as shard:
+        with dsl.ParallelFor([s.model_dump_json() for s in cfg.shard_plan], name="eval-shards") as shard:
             part = STAGES["eval-shard"].load_component()(
                 config=config,
                 preset=self.recipe.preset,
-                benchmark=shard.benchmark,
-                index=shard.index,
-                count=shard.count,
+                shard=shard,
                 policy=policy,
                 prm=prm_model,
                 data=data,

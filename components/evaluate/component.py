@@ -49,9 +49,7 @@ def evaluate(
 def evaluate_shard(
     config: str,
     preset: str,
-    benchmark: str,
-    index: int,
-    count: int,
+    shard: str,
     policy: Input[Model],
     prm: Input[Model],
     data: Input[Dataset],
@@ -59,21 +57,19 @@ def evaluate_shard(
     n: int = -1,
     temperature: float = -1.0,
 ):
-    """One shard of a sharded evaluation: the `index`-th of `count` runs of whole generation batches of
-    `benchmark`, its per-item results in `part` (merged by `merge-evaluation`).
+    """One shard of a sharded evaluation: the `index`-th of `count` runs of whole generation batches of a
+    benchmark, its per-item results in `part` (merged by `merge-evaluation`).
 
     Args:
         config, preset, n, temperature: as `evaluate`.
-        benchmark, index, count: the shard.
+        shard: the shard, an `EvalShard` (`{"benchmark", "index", "count"}`) as JSON.
     """
     from vlpipe.components.evaluate.task import run_eval_shard_task
 
     run_eval_shard_task(
         config,
         preset=preset,
-        benchmark=benchmark,
-        index=index,
-        count=count,
+        shard=shard,
         policy=policy,
         prm=prm,
         data=data,

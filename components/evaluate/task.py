@@ -221,9 +221,7 @@ def run_eval_shard_task(
     config_json: str,
     *,
     preset: str,
-    benchmark: str,
-    index: int,
-    count: int,
+    shard: str,
     policy: Any,
     prm: Any,
     data: Any,
@@ -235,8 +233,8 @@ def run_eval_shard_task(
 
     Args:
         config_json, preset, policy, prm, data, n, temperature: as `run_eval_task`.
-        benchmark, index, count: the shard (`EvalShard`): the `index`-th of `count` runs of the benchmark's
-            generation batches.
+        shard: the shard, an `EvalShard` as JSON: the `index`-th of `count` runs of the benchmark's generation
+            batches.
         part: output `Dataset` artifact (a directory: `items.jsonl`, `part.json`), read by `merge-evaluation`.
 
     Returns:
@@ -256,9 +254,9 @@ def run_eval_shard_task(
         n=n,
         temperature=temperature,
     )
-    shard = EvalShard(benchmark=benchmark, index=index, count=count)
-    manifest = evaluate_shards(config, [shard], part.path)
-    part.metadata.update({**shard.model_dump(), "items": manifest["shards"][0]["items"]})
+    picked = EvalShard.model_validate_json(shard)
+    manifest = evaluate_shards(config, [picked], part.path)
+    part.metadata.update({**picked.model_dump(), "items": manifest["shards"][0]["items"]})
     return manifest
 
 
