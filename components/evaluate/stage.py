@@ -171,11 +171,10 @@ class _Evaluator:
         )
         return [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
 
-    def evaluate(self, loaded: LoadedBenchmark) -> tuple[list[ItemOutcome], list[dict], list[SkippedRow]]:
-        """Evaluate every item of a loaded benchmark; returns outcomes, per-item records and items skipped
-        while preparing (e.g. prompts longer than `max_length`)."""
+    def evaluate(self, loaded: LoadedBenchmark) -> tuple[list[dict], list[SkippedRow]]:
+        """Evaluate every item of a loaded benchmark (or of a shard's slice of it); returns the per-item
+        records and the items skipped while preparing (e.g. prompts longer than `max_length`)."""
         c = self.config
-        outcomes: list[ItemOutcome] = []
         records: list[dict] = []
         skipped: list[SkippedRow] = []
         for batch in _chunks(loaded.items, c.batch_items):
@@ -190,13 +189,10 @@ class _Evaluator:
             if not prepared:
                 continue
             greedy = self._generate([p.prompt for p in prepared], sample=False)
-            for p, greedy_text in zip(prepared, greedy, strict=True):
-                outcome, record = self._evaluate_item(p, greedy_text)
-                outcomes.append(outcome)
-                records.append(record)
-        return outcomes, records, skipped
+            records += [self._evaluate_item(p, text) for p, text in zip(prepared, greedy, strict=True)]
+        return records, skipped
 
-    def _evaluate_item(self, p: PreparedItem, greedy_text: str) -> tuple[ItemOutcome, dict]:
+    def _evaluate_item(self, p: PreparedItem, greedy_text: str) -> dict:
         c, item = self.config, p.item
         if self.judge is not None:  # replies cached per item: the same verdicts in any shard
             self.judge.clear_cache()
@@ -249,7 +245,7 @@ class _Evaluator:
             "majority_correct": vote is not None and correct[vote],
             "oracle": any(correct),
         }
-        return outcome, record
+        return record
 
 
 def _table(records: list[dict]) -> dict[str, list]:
@@ -398,7 +394,7 @@ def evaluate_shards(
     with (part_dir / "items.jsonl").open("w", encoding="utf-8") as f:
         for shard, b, items, skipped in slices:
             t0 = time.perf_counter()
-            _, records, bad = evaluator.evaluate(LoadedBenchmark(b.spec, items))
+            records, bad = evaluator.evaluate(LoadedBenchmark(b.spec, items))
             seconds = time.perf_counter() - t0
             _report_skipped(console, bad)
             _progress(
