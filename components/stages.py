@@ -170,6 +170,20 @@ _TABLE = (
         recipe_key="prm_data",
         owned=("policy", "output"),
     ),
+    # `prm_data.config.shards` > 1: `sample-prm-data-shard` tasks (one pod each) and `merge-prm-data`, which
+    # records the `prm-data` run (vlpipe.components.prm_data.stage).
+    Stage(
+        "prm-data-shard",
+        task="sample-prm-data-shard",
+        component=f"{_C}.prm_data.component:sample_prm_data_shard",
+        entry=f"{_C}.prm_data.stage:sample_prm_shard",
+    ),
+    Stage(
+        "prm-data-merge",
+        task="merge-prm-data",
+        component=f"{_C}.prm_data.component:merge_prm_data",
+        entry=f"{_C}.prm_data.stage:merge_prm_data",
+    ),
     Stage(
         "prm",
         task="prm",
@@ -190,6 +204,20 @@ _TABLE = (
         summary=("overall/pass_at_1", "overall/best_of_n", "overall/majority", "overall/oracle"),
         recipe_key="eval",
         owned=("policy", "prm", "output_dir", "mlflow.parent_run_id"),
+    ),
+    # A benchmark with `shards` > 1 runs as `evaluate-shard` tasks (one pod each) and `merge-evaluation`, which
+    # records the `eval` run; `evaluate` is both in one pod (vlpipe.components.evaluate.stage).
+    Stage(
+        "eval-shard",
+        task="evaluate-shard",
+        component=f"{_C}.evaluate.component:evaluate_shard",
+        entry=f"{_C}.evaluate.stage:evaluate_shards",
+    ),
+    Stage(
+        "eval-merge",
+        task="merge-evaluation",
+        component=f"{_C}.evaluate.component:merge_evaluation",
+        entry=f"{_C}.evaluate.stage:merge_evaluation",
     ),
     Stage(
         "register",

@@ -5,7 +5,9 @@ internvl3-recipe  start-pipeline-run → prepare-data → init-model → mix-dat
                   (init-model: random, composed from ViT + LLM, or an existing checkpoint (`init.checkpoint`);
                   pretrain, sft or mpo switched off (`null`): the next stage starts from the one before)
                   sft → mpo, sft → prm;  mpo + prm → evaluate → register-model (+ mpo, prm, mix-data)
-                  with `prm_data`: mpo → sample-prm-data → prm (the PRM learns the policy's own mistakes)
+                  (a benchmark with `shards: K`: evaluate = ParallelFor(evaluate-shard × K) → merge-evaluation)
+                  with `prm_data`: mpo → sample-prm-data → prm (the PRM learns the policy's own mistakes;
+                  `shards: K`: ParallelFor(sample-prm-data-shard × K) → merge-prm-data)
                   with `critic`: sft → critic → prm (the PRM starts from a stronger model than the policy)
                   register-model → promote-model → [if promoted] deploy-model
 sft-mpo           start-pipeline-run → prepare-data → importer(checkpoint_uri) → mix-data → sft → mpo
@@ -195,15 +197,36 @@ class _Builder:
         return self.configure(task, resources, work_volume=True, cache=True)
 
     def prm_data(self, *, policy: Any, data: Any) -> Any:
+        """On-policy PRM data: one `sample-prm-data` task, or, with `prm_data.config.shards` K > 1, K
+        `sample-prm-data-shard` tasks (`dsl.ParallelFor`, each in its own pod) and `merge-prm-data` over their
+        parts. Either task's outputs are `steps` and `metrics`."""
         settings, step = self.recipe.prm_data_settings()
-        task = STAGES["prm-data"].load_component()(
-            config=_json(settings),
-            step=_json(step),
-            preset=self.recipe.preset,
-            policy=policy,
-            data=data,
+        shards = self.recipe.prm_data_config().shards
+        resources = self.recipe.prm_data.resources
+        if shards == 1:
+            task = STAGES["prm-data"].load_component()(
+                config=_json(settings),
+                step=_json(step),
+                preset=self.recipe.preset,
+                policy=policy,
+                data=data,
+            )
+            return self.configure(task, resources, cache=True)
+        # Loop items and constants only, as in `evaluate` (kfp.local's ParallelFor and task-output parameters).
+        with dsl.ParallelFor(list(range(shards)), name="prm-data-shards") as index:
+            part = STAGES["prm-data-shard"].load_component()(
+                config=_json(settings),
+                preset=self.recipe.preset,
+                index=index,
+                count=shards,
+                policy=policy,
+                data=data,
+            )
+            self.configure(part, resources, cache=True)
+        merge = STAGES["prm-data-merge"].load_component()(
+            step=_json(step), parts=dsl.Collected(part.outputs["part"]), data=data
         )
-        return self.configure(task, self.recipe.prm_data.resources, cache=True)
+        return self.configure(merge, cache=True)
 
     def prm(self, *, sft_model: Any, policy: Any, data: Any) -> Any:
         """The PRM: from the SFT checkpoint (or the `critic` stage's, more SFT from it) on the prepared step
@@ -217,15 +240,37 @@ class _Builder:
         return self.stage("prm", init=base, data=data, steps=steps)
 
     def evaluate(self, *, policy: Any, prm_model: Any, data: Any) -> Any:
-        task = STAGES["eval"].load_component()(
-            config=_json(self.recipe.eval_settings()),
-            preset=self.recipe.preset,
-            policy=policy,
-            prm=prm_model,
-            data=data,
-            **self.parameter_inputs("eval"),
-        )
-        return self.configure(task, self.recipe.eval.resources, cache=True)
+        """The evaluation: one `evaluate` task, or, when a benchmark has `shards` > 1, an `evaluate-shard` task
+        per shard (`dsl.ParallelFor`, each in its own pod with the eval resources) and `merge-evaluation`
+        over their parts (`dsl.Collected`). Either task's outputs are `results`, `metrics`, `table`, `report`."""
+        config = _json(self.recipe.eval_settings())
+        cfg = self.recipe.eval_config()
+        if not cfg.sharded:
+            task = STAGES["eval"].load_component()(
+                config=config,
+                preset=self.recipe.preset,
+                policy=policy,
+                prm=prm_model,
+                data=data,
+                **self.parameter_inputs("eval"),
+            )
+            return self.configure(task, self.recipe.eval.resources, cache=True)
+        # The loop's items are constants and its other inputs pipeline parameters and artifacts: kfp.local
+        # 2.17 replaces a task-output *parameter* input of a ParallelFor body with the loop item
+        # (kfp/local/orchestrator/task_spec_utils.py, create_parameter_loop_iteration_task_spec).
+        with dsl.ParallelFor([s.model_dump_json() for s in cfg.shard_plan], name="eval-shards") as shard:
+            part = STAGES["eval-shard"].load_component()(
+                config=config,
+                preset=self.recipe.preset,
+                shard=shard,
+                policy=policy,
+                prm=prm_model,
+                data=data,
+                **self.parameter_inputs("eval"),
+            )
+            self.configure(part, self.recipe.eval.resources, cache=True)
+        merge = STAGES["eval-merge"].load_component()(parts=dsl.Collected(part.outputs["part"]))
+        return self.configure(merge, cache=True)
 
     def register(self, parent: Any, *, policy: Any, prm_model: Any, mixture: Any, results: Any) -> Any:
         task = STAGES["register"].load_component()(

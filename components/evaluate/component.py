@@ -43,3 +43,52 @@ def evaluate(
         n=n,
         temperature=temperature,
     )
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def evaluate_shard(
+    config: str,
+    preset: str,
+    shard: str,
+    policy: Input[Model],
+    prm: Input[Model],
+    data: Input[Dataset],
+    part: Output[Dataset],
+    n: int = -1,
+    temperature: float = -1.0,
+):
+    """One shard of a sharded evaluation: the `index`-th of `count` runs of whole generation batches of a
+    benchmark, its per-item results in `part` (merged by `merge-evaluation`).
+
+    Args:
+        config, preset, n, temperature: as `evaluate`.
+        shard: the shard, an `EvalShard` (`{"benchmark", "index", "count"}`) as JSON.
+    """
+    from vlpipe.components.evaluate.task import run_eval_shard_task
+
+    run_eval_shard_task(
+        config,
+        preset=preset,
+        shard=shard,
+        policy=policy,
+        prm=prm,
+        data=data,
+        part=part,
+        n=n,
+        temperature=temperature,
+    )
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def merge_evaluation(
+    parts: Input[list[Dataset]],
+    results: Output[Dataset],
+    metrics: Output[Metrics],
+    table: Output[Markdown],
+    report: Output[HTML],
+):
+    """The metrics, Best-of-k curve, tables, plots and MLflow run of a sharded evaluation, from the union of
+    its `evaluate-shard` parts: the outputs `evaluate` gives for the same items and seeds."""
+    from vlpipe.components.evaluate.task import run_eval_merge_task
+
+    run_eval_merge_task(parts=parts, results=results, metrics=metrics, table=table, report=report)

@@ -7,6 +7,7 @@ torch. Invalid settings fail when the file is loaded, before any checkpoint is r
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -48,6 +49,10 @@ class BenchmarkSpec(BaseModel):
         circular: CircularEval (an item counts only if every rotation of its options is answered right); only
             with `vlmevalkit-mcq`; default as VLMEvalKit decides: on when the name contains mmbench, ccbench,
             circular or mmcr (case-insensitive).
+        shards: K, the pods this benchmark's items are spread over in a pipeline (`evaluate-shard` tasks, one
+            GPU each, then `merge-evaluation`); the items are cut on generation-batch boundaries
+            (`batch_items`) into K contiguous runs of whole batches, so the numbers equal a one-pod run's
+            (docs/evaluation.md#sharded-evaluation). 1 (default): no fan-out.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -60,6 +65,7 @@ class BenchmarkSpec(BaseModel):
     video_frames: int = Field(default=8, ge=1, le=64, description="Frames sampled from a row's video.")
     protocol: Protocol | None = None
     circular: bool | None = None
+    shards: int = Field(default=1, ge=1, le=256)
 
     @model_validator(mode="before")
     @classmethod
@@ -143,6 +149,43 @@ class MLflowSettings(BaseModel):
     tags: dict[str, str] = Field(default_factory=lambda: {"stage": "eval"})
 
 
+class EvalShard(BaseModel):
+    """One shard of a benchmark: the `index`-th of `count` contiguous runs of its generation batches.
+
+    Attributes:
+        benchmark: the benchmark's name.
+        index: which run (0-based).
+        count: how many runs the benchmark is cut into (its `shards`; 1: the whole benchmark).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    benchmark: str = Field(pattern=_NAME_PATTERN, max_length=64)
+    index: int = Field(ge=0)
+    count: int = Field(ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> Self:
+        if self.index >= self.count:
+            raise ValueError(
+                f"shard index {self.index} of benchmark {self.benchmark!r} must be below its count {self.count}"
+            )
+        return self
+
+    def batch_range(self, batches: int) -> range:
+        """The batches (of `batches`) this shard evaluates: balanced contiguous runs, in order.
+
+        Raises:
+            ValueError: more shards than batches (the message says what to lower).
+        """
+        if self.count > batches:
+            raise ValueError(
+                f"benchmark {self.benchmark!r}: shards ({self.count}) exceeds its {batches} generation batches; "
+                "lower its shards or batch_items"
+            )
+        return range(self.index * batches // self.count, (self.index + 1) * batches // self.count)
+
+
 class EvalConfig(BaseModel):
     """The Best-of-N evaluation: policy and PRM checkpoints, benchmarks, sampling and scoring settings.
 
@@ -157,7 +200,8 @@ class EvalConfig(BaseModel):
         seed: sampling seed; each item's samples use a seed derived from it, the benchmark name and item id,
             so an item's samples do not change with `limit`, `batch_items` or the order of benchmarks.
         aggregation: how step scores become an answer score (`mean`, `min` or `last`).
-        batch_items: items whose greedy answers are generated in one batch.
+        batch_items: items whose greedy answers are generated in one batch (also the unit a benchmark's
+            `shards` are cut in).
         output_dir: where `metrics.json`, `items.jsonl` and the plots go (local or `s3://`).
         device: `auto` (CUDA when available), `cpu` or `cuda`.
         dtype: weights' dtype at inference.
@@ -193,7 +237,31 @@ class EvalConfig(BaseModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"benchmark names must be unique; repeated: {', '.join(duplicates)}")
+        for b in self.benchmarks:
+            # With `limit` the batch count is known now (at least this many: a circular group is several rows);
+            # without, `evaluate_shards` checks it once the file is read.
+            batches = math.ceil(b.limit / self.batch_items) if b.limit is not None else None
+            if batches is not None and b.shards > batches:
+                raise ValueError(
+                    f"benchmark {b.name!r}: shards ({b.shards}) exceeds its generation batches ({batches} = "
+                    f"limit {b.limit} / batch_items {self.batch_items}, rounded up); every shard needs a whole "
+                    "batch: lower shards or batch_items"
+                )
         return self
+
+    @property
+    def shard_plan(self) -> list[EvalShard]:
+        """Every shard of the evaluation, benchmark by benchmark (the pipeline's fan-out, in order)."""
+        return [
+            EvalShard(benchmark=b.name, index=i, count=b.shards)
+            for b in self.benchmarks
+            for i in range(b.shards)
+        ]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether a pipeline fans this evaluation out (some benchmark has `shards` > 1)."""
+        return any(b.shards > 1 for b in self.benchmarks)
 
 
 def load_eval_config(path: str | os.PathLike) -> EvalConfig:

@@ -53,6 +53,11 @@ class OpenAIJudge:
             self._cache[prompt] = self._request(prompt)
         return self._cache[prompt]
 
+    def clear_cache(self) -> None:
+        """Forget the cached replies; the evaluation keeps them per item, so an item's verdicts do not depend on
+        the items evaluated before it in its shard."""
+        self._cache.clear()
+
     def _request(self, prompt: str) -> str | None:
         s = self.settings
         body = json.dumps(

@@ -12,8 +12,37 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 
+def plot_data(summary: dict, title: str) -> dict:
+    """What the Best-of-k plot of one scope draws (compare this, not the PNG's bytes).
+
+    Returns:
+        `title`, `curves` (label → [(k, accuracy)]: Best-of-k, majority@k, oracle@k) and `lines`
+        (label → accuracy: majority@N, oracle@N, pass@1).
+    """
+    curves = {"Best-of-k (PRM)": sorted((int(k), float(v)) for k, v in summary["best_of_k"].items())}
+    n = curves["Best-of-k (PRM)"][-1][0]
+    lines = {}
+    for key, curve_key, label in (
+        ("majority", "majority_at_k", "majority"),
+        ("oracle", "oracle_at_k", "oracle"),
+    ):
+        lines[f"{label}@{n} = {summary[key]:.3f}"] = float(summary[key])
+        at_k = sorted((int(k), float(v)) for k, v in summary.get(curve_key, {}).items())
+        if at_k:
+            curves[f"{label}@k"] = at_k
+    lines[f"pass@1 (greedy) = {summary['pass_at_1']:.3f}"] = float(summary["pass_at_1"])
+    return {"title": f"{title} ({summary['items']} items)", "curves": curves, "lines": lines}
+
+
+_COLOURS = {"Best-of-k": "tab:blue", "majority": "tab:green", "oracle": "tab:red", "pass@1": "black"}
+
+
+def _colour(label: str) -> str:
+    return next(colour for prefix, colour in _COLOURS.items() if label.startswith(prefix))
+
+
 def plot_best_of_k(summary: dict, path: str | Path, title: str) -> Path:
-    """Write the accuracy-vs-k plot of one scope.
+    """Write the accuracy-vs-k plot of one scope (`plot_data`'s curves and reference lines).
 
     Args:
         summary: a scope's metrics from `vlpipe.components.evaluate.metrics.summarize` (`best_of_k`, `oracle_at_k`,
@@ -24,40 +53,32 @@ def plot_best_of_k(summary: dict, path: str | Path, title: str) -> Path:
     Returns:
         The PNG's path.
     """
-    curve = sorted((int(k), float(v)) for k, v in summary["best_of_k"].items())
-    ks = [k for k, _ in curve]
+    data = plot_data(summary, title)
+    ks = [k for k, _ in data["curves"]["Best-of-k (PRM)"]]
     fig = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot(ks, [v for _, v in curve], marker="o", color="tab:blue", label="Best-of-k (PRM)")
-    for key, curve_key, label, colour in (
-        ("majority", "majority_at_k", "majority", "tab:green"),
-        ("oracle", "oracle_at_k", "oracle", "tab:red"),
-    ):
-        ax.axhline(summary[key], color=colour, linestyle="--", label=f"{label}@{ks[-1]} = {summary[key]:.3f}")
-        at_k = sorted((int(k), float(v)) for k, v in summary.get(curve_key, {}).items())
-        if at_k:
-            ax.plot(
-                [k for k, _ in at_k],
-                [v for _, v in at_k],
-                color=colour,
-                alpha=0.35,
-                marker=".",
-                label=f"{label}@k",
-            )
-    ax.axhline(
-        summary["pass_at_1"],
-        color="black",
-        linestyle=":",
-        label=f"pass@1 (greedy) = {summary['pass_at_1']:.3f}",
-    )
+    for label, points in data["curves"].items():
+        main = label.startswith("Best-of-k")
+        ax.plot(
+            [k for k, _ in points],
+            [v for _, v in points],
+            marker="o" if main else ".",
+            color=_colour(label),
+            alpha=1.0 if main else 0.35,
+            label=label,
+        )
+    for label, value in data["lines"].items():
+        ax.axhline(
+            value, color=_colour(label), linestyle=":" if label.startswith("pass@1") else "--", label=label
+        )
     if len(ks) > 1:
         ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("k (samples scored by the PRM)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{title} ({summary['items']} items)")
+    ax.set_title(data["title"])
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

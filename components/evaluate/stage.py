@@ -8,6 +8,11 @@ checkpoint's settings); the PRM scores every step of the N answers in one padded
 answers are extracted and checked per benchmark format (`vlpipe.components.evaluate.benchmarks`); metrics are pure
 functions of the per-item outcomes (`vlpipe.components.evaluate.metrics`).
 
+Two halves, so the work can be spread over pods: `evaluate_shards` evaluates shards of the benchmarks (contiguous
+runs of whole generation batches) and writes their per-item results (a part); `merge_evaluation` computes
+everything else from the union of the parts. `run_evaluation` is both in one process, so a one-pod run and a
+K-pod run go through the same code and give the same numbers (docs/evaluation.md#sharded-evaluation).
+
 Writes `metrics.json`, `items.jsonl`, `skipped.json`, `config.json` and `best_of_k*.png` to `output_dir`, and
 records an MLflow run (params, metrics with Best-of-k at step k, the files above and a per-item table).
 """
@@ -36,7 +41,13 @@ from vlpipe.components.evaluate.benchmarks import (
     SkippedRow,
     load_benchmark,
 )
-from vlpipe.components.evaluate.config import OVERALL, EvalConfig, protocol_label, protocol_record
+from vlpipe.components.evaluate.config import (
+    OVERALL,
+    EvalConfig,
+    EvalShard,
+    protocol_label,
+    protocol_record,
+)
 from vlpipe.components.evaluate.judge import OpenAIJudge
 from vlpipe.components.evaluate.metrics import (
     ItemOutcome,
@@ -160,11 +171,10 @@ class _Evaluator:
         )
         return [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
 
-    def evaluate(self, loaded: LoadedBenchmark) -> tuple[list[ItemOutcome], list[dict], list[SkippedRow]]:
-        """Evaluate every item of a loaded benchmark; returns outcomes, per-item records and items skipped
-        while preparing (e.g. prompts longer than `max_length`)."""
+    def evaluate(self, loaded: LoadedBenchmark) -> tuple[list[dict], list[SkippedRow]]:
+        """Evaluate every item of a loaded benchmark (or of a shard's slice of it); returns the per-item
+        records and the items skipped while preparing (e.g. prompts longer than `max_length`)."""
         c = self.config
-        outcomes: list[ItemOutcome] = []
         records: list[dict] = []
         skipped: list[SkippedRow] = []
         for batch in _chunks(loaded.items, c.batch_items):
@@ -179,14 +189,13 @@ class _Evaluator:
             if not prepared:
                 continue
             greedy = self._generate([p.prompt for p in prepared], sample=False)
-            for p, greedy_text in zip(prepared, greedy, strict=True):
-                outcome, record = self._evaluate_item(p, greedy_text)
-                outcomes.append(outcome)
-                records.append(record)
-        return outcomes, records, skipped
+            records += [self._evaluate_item(p, text) for p, text in zip(prepared, greedy, strict=True)]
+        return records, skipped
 
-    def _evaluate_item(self, p: PreparedItem, greedy_text: str) -> tuple[ItemOutcome, dict]:
+    def _evaluate_item(self, p: PreparedItem, greedy_text: str) -> dict:
         c, item = self.config, p.item
+        if self.judge is not None:  # replies cached per item: the same verdicts in any shard
+            self.judge.clear_cache()
         texts = self._generate(
             [p.prompt] * c.n, sample=True, seed=item_seed(c.seed, item.benchmark, item.item_id)
         )
@@ -236,7 +245,7 @@ class _Evaluator:
             "majority_correct": vote is not None and correct[vote],
             "oracle": any(correct),
         }
-        return outcome, record
+        return record
 
 
 def _table(records: list[dict]) -> dict[str, list]:
@@ -304,40 +313,231 @@ def _progress(console: Console, name: str, done: int, total: int, started: float
     console.print(f"  {name}: {done}/{total} items ({rate:.2f} items/s)")
 
 
+PART_FILE = "part.json"
+"""A part's manifest (beside its `items.jsonl`): the config it ran, its shards and their skipped rows."""
+
+
+def config_digest(config: EvalConfig) -> str:
+    """What a part's numbers depend on: the config without `output_dir` and `mlflow` (the merge checks that
+    every part ran the same)."""
+    settings = config.model_dump(mode="json", exclude={"output_dir", "mlflow"})
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def evaluate_shards(
+    config: EvalConfig, shards: Sequence[EvalShard], part_dir: str | Path, console: Console | None = None
+) -> dict:
+    """Evaluate some shards of the benchmarks and write their per-item results (a part) to `part_dir`.
+
+    A shard is a contiguous run of whole generation batches of one benchmark (`EvalShard.batch_range`), so
+    every greedy batch has the items, and the left padding, it has in a one-pod run; every other random
+    choice is per item (`item_seed`; the judge's reply cache is per item). `merge_evaluation` turns the
+    parts into the numbers.
+
+    Args:
+        config: the validated settings.
+        shards: what to evaluate (`config.shard_plan` for the pipeline's tasks; each benchmark's
+            `EvalShard(name, 0, 1)` for all of it).
+        part_dir: a local directory for `items.jsonl` and `part.json`.
+        console: where progress goes; default a console on stderr.
+
+    Returns:
+        The manifest written to `part.json`: `config`, `config_digest`, `judge_calls` and `shards` (each
+        with `benchmark`, `index`, `count`, `items` evaluated, `skipped` rows, `seconds`).
+
+    Raises:
+        FileNotFoundError: a benchmark file or checkpoint does not exist.
+        BenchmarkError: a benchmark is empty or has no usable row, or has fewer batches than shards.
+    """
+    console = console or Console(stderr=True)
+    config = EvalConfig.model_validate(config.model_dump())
+    specs = {b.name: b for b in config.benchmarks}
+    unknown = sorted({s.benchmark for s in shards} - set(specs))
+    if unknown:
+        raise BenchmarkError(f"shards name benchmarks the config does not have: {', '.join(unknown)}")
+
+    # 1. Benchmarks first: bad input fails before any model is loaded. Rows skipped while loading are the
+    # whole file's: shard 0 of the benchmark reports them.
+    loaded = {name: load_benchmark(specs[name]) for name in dict.fromkeys(s.benchmark for s in shards)}
+    slices = []
+    for shard in shards:
+        b = loaded[shard.benchmark]
+        batches = math.ceil(len(b.items) / config.batch_items)
+        try:
+            picked = shard.batch_range(batches)
+        except ValueError as exc:
+            raise BenchmarkError(f"{exc} ({len(b.items)} items in {b.spec.path})") from None
+        items = b.items[picked.start * config.batch_items : picked.stop * config.batch_items]
+        slices.append((shard, b, items, list(b.skipped) if shard.index == 0 else []))
+        reasons = Counter(row.reason for row in b.skipped)
+        console.print(
+            f"benchmark {b.spec.name} ({protocol_label(b.spec, config.judge)}) shard {shard.index + 1}/"
+            f"{shard.count}: {len(items)} of {len(b.items)} items from {b.spec.path}, {len(b.skipped)} skipped"
+            + (f" ({', '.join(f'{r}: {n}' for r, n in sorted(reasons.items()))})" if reasons else "")
+        )
+    _report_skipped(console, [row for *_, rows in slices for row in rows])
+
+    # 2. Models.
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    )
+    dtype = _DTYPES[config.dtype]
+    console.print(f"loading policy {config.policy} and PRM {config.prm} on {device}")
+    policy = load_checkpoint(config.policy, dtype=dtype, device=device)
+    prm = policy if config.prm == config.policy else load_checkpoint(config.prm, dtype=dtype, device=device)
+    evaluator = _Evaluator(config, policy, prm)
+
+    # 3. Evaluate, shard by shard, into the part.
+    part_dir = Path(part_dir)
+    part_dir.mkdir(parents=True, exist_ok=True)
+    manifest_shards = []
+    with (part_dir / "items.jsonl").open("w", encoding="utf-8") as f:
+        for shard, b, items, skipped in slices:
+            t0 = time.perf_counter()
+            records, bad = evaluator.evaluate(LoadedBenchmark(b.spec, items))
+            seconds = time.perf_counter() - t0
+            _report_skipped(console, bad)
+            _progress(
+                console, f"{b.spec.name} shard {shard.index + 1}/{shard.count}", len(records), len(items), t0
+            )
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            manifest_shards.append(
+                {
+                    **shard.model_dump(),
+                    "items": len(records),
+                    "skipped": [row.to_dict() for row in [*skipped, *bad]],
+                    "seconds": seconds,
+                }
+            )
+    manifest = {
+        "config": config.model_dump(mode="json"),
+        "config_digest": config_digest(config),
+        "judge_calls": evaluator.judge.calls if evaluator.judge is not None else 0,
+        "shards": manifest_shards,
+    }
+    (part_dir / PART_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def outcome_of(record: dict) -> ItemOutcome:
+    """An item's outcome, read back from its `items.jsonl` record (a null score is a NaN one)."""
+    samples = record["samples"]
+    return ItemOutcome(
+        benchmark=record["benchmark"],
+        item_id=record["id"],
+        greedy_correct=record["greedy"]["correct"],
+        sample_answers=tuple(s["extracted"] for s in samples),
+        sample_correct=tuple(s["correct"] for s in samples),
+        sample_scores=tuple(math.nan if s["score"] is None else s["score"] for s in samples),
+        group=record["group"],
+    )
+
+
+def read_parts(config: EvalConfig, parts: Sequence[str | Path]) -> list[tuple[dict, list[dict]]]:
+    """Every shard's manifest entry and records, in the order of a one-pod run (benchmarks as configured, each
+    one's shards by index).
+
+    Raises:
+        BenchmarkError: a part ran other settings, a shard is missing or appears twice, or the shards of a
+            benchmark disagree on their count (each message names the part or shard).
+    """
+    found: dict[tuple[str, int], tuple[dict, list[dict]]] = {}
+    counts: dict[str, set[int]] = {}
+    digest = config_digest(config)
+    for part in parts:
+        manifest = json.loads((Path(part) / PART_FILE).read_text())
+        if manifest["config_digest"] != digest:
+            raise BenchmarkError(
+                f"evaluation part {part} ran other settings than the merge's; merge the parts of one evaluation"
+            )
+        with (Path(part) / "items.jsonl").open(encoding="utf-8") as f:
+            records = [json.loads(line) for line in f]
+        start = 0
+        for entry in manifest["shards"]:
+            key = (entry["benchmark"], entry["index"])
+            if key in found:
+                raise BenchmarkError(
+                    f"shard {entry['index']} of benchmark {entry['benchmark']!r} appears twice ({part})"
+                )
+            found[key] = (entry, records[start : start + entry["items"]])
+            counts.setdefault(entry["benchmark"], set()).add(entry["count"])
+            start += entry["items"]
+    ordered = []
+    for b in config.benchmarks:
+        if len(counts.get(b.name, ())) != 1:
+            raise BenchmarkError(
+                f"benchmark {b.name!r}: the parts hold {'no shard' if b.name not in counts else 'shards of different counts'}"
+                " of it; merge every shard of one evaluation"
+            )
+        (count,) = counts[b.name]
+        missing = [i for i in range(count) if (b.name, i) not in found]
+        if missing:
+            raise BenchmarkError(
+                f"benchmark {b.name!r}: shards {missing} of {count} are missing from the parts"
+            )
+        ordered += [found[(b.name, i)] for i in range(count)]
+    return ordered
+
+
 def run_evaluation(config: EvalConfig, console: Console | None = None) -> dict:
-    """Run the Best-of-N evaluation described by `config`.
+    """Run the Best-of-N evaluation described by `config` in this process: every benchmark as one shard, then
+    the merge (the pipeline's `evaluate-shard` tasks and `merge-evaluation` do the same in pods).
 
     Args:
         config: the validated settings (validated again here: a config built elsewhere may be stale).
         console: where progress goes; default a console on stderr.
 
     Returns:
-        The metrics (as also written to `<output_dir>/metrics.json`): `benchmarks` (per benchmark) and `overall`
-        scopes (see `vlpipe.components.evaluate.metrics.summarize`, plus `skipped`, `skipped_reasons`,
-        `items_per_second`), `n`, `ks`, `aggregation`, `evaluated_items`, `seconds`, `items_per_second`,
-        `skipped` (every skipped row with its reason), `output_dir` and `mlflow` (tracking URI, experiment
-        and run id).
+        `merge_evaluation`'s metrics.
 
     Raises:
         FileNotFoundError: a benchmark file or checkpoint does not exist.
         BenchmarkError: a benchmark is empty or has no usable row (the message names the file).
     """
     console = console or Console(stderr=True)
+    with tempfile.TemporaryDirectory(prefix="vlpipe-eval-part-") as part:
+        whole = [EvalShard(benchmark=b.name, index=0, count=1) for b in config.benchmarks]
+        evaluate_shards(config, whole, part, console)
+        return merge_evaluation(config, [part], console)
+
+
+def merge_evaluation(config: EvalConfig, parts: Sequence[str | Path], console: Console | None = None) -> dict:
+    """The metrics, per-item table, files, plots and MLflow run of an evaluation from its parts
+    (`evaluate_shards` outputs): the same numbers whether the shards ran in one process or in K pods.
+
+    Args:
+        config: the settings every part ran (checked), with this step's `output_dir` and `mlflow`.
+        parts: the part directories, in any order.
+        console: where progress goes; default a console on stderr.
+
+    Returns:
+        The metrics (as also written to `<output_dir>/metrics.json`): `benchmarks` (per benchmark) and `overall`
+        scopes (see `vlpipe.components.evaluate.metrics.summarize`, plus `skipped`, `skipped_reasons`,
+        `items_per_second`), `n`, `ks`, `aggregation`, `evaluated_items`, `seconds` (evaluation time summed
+        over the shards), `items_per_second`, `skipped` (every skipped row with its reason), `output_dir`
+        and `mlflow` (tracking URI, experiment and run id).
+
+    Raises:
+        BenchmarkError: a benchmark has no evaluated item, or see `read_parts`.
+    """
+    console = console or Console(stderr=True)
     config = EvalConfig.model_validate(config.model_dump())
+    shards = read_parts(config, parts)
+    records = [record for _, recs in shards for record in recs]
+    skipped = [row for entry, _ in shards for row in entry["skipped"]]
+    per_benchmark_seconds: dict[str, float] = Counter()
+    for entry, _ in shards:
+        per_benchmark_seconds[entry["benchmark"]] += entry["seconds"]
+    for b in config.benchmarks:
+        if not any(r["benchmark"] == b.name for r in records):
+            raise BenchmarkError(
+                f"benchmark {b.name!r}: no item of {b.path} could be evaluated "
+                f"({sum(row['benchmark'] == b.name for row in skipped)} skipped; see the skipped reasons)"
+            )
+    judge_calls = sum(json.loads((Path(p) / PART_FILE).read_text())["judge_calls"] for p in parts)
 
-    # 1. Benchmarks first: bad input fails before any model is loaded or run recorded.
-    benchmarks = [load_benchmark(spec) for spec in config.benchmarks]
-    skipped: list[SkippedRow] = [row for b in benchmarks for row in b.skipped]
-    for b in benchmarks:
-        reasons = Counter(row.reason for row in b.skipped)
-        console.print(
-            f"benchmark {b.spec.name} ({protocol_label(b.spec, config.judge)}): {len(b.items)} items from "
-            f"{b.spec.path}, {len(b.skipped)} skipped"
-            + (f" ({', '.join(f'{r}: {n}' for r, n in sorted(reasons.items()))})" if reasons else "")
-        )
-    _report_skipped(console, skipped)
-
-    # 2. Set up: output directory, MLflow run, models.
+    # 1. Set up: output directory, MLflow run.
     staging = Path(tempfile.mkdtemp(prefix="vlpipe-eval-")) if is_remote(config.output_dir) else None
     out = staging or Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -362,43 +562,11 @@ def run_evaluation(config: EvalConfig, console: Console | None = None) -> dict:
         (out / "config.json").write_text(config_json + "\n")
         run.log_artifact(out / "config.json", "eval")
 
-        if config.device == "auto":
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            device = torch.device(config.device)
-        dtype = _DTYPES[config.dtype]
-        console.print(f"loading policy {config.policy} and PRM {config.prm} on {device}")
-        policy = load_checkpoint(config.policy, dtype=dtype, device=device)
-        prm = (
-            policy if config.prm == config.policy else load_checkpoint(config.prm, dtype=dtype, device=device)
-        )
-
-        # 3. Evaluate.
-        evaluator = _Evaluator(config, policy, prm)
-        outcomes: list[ItemOutcome] = []
-        records: list[dict] = []
-        per_benchmark_seconds: dict[str, float] = {}
-        started = time.perf_counter()
-        for b in benchmarks:
-            t0 = time.perf_counter()
-            got, recs, bad = evaluator.evaluate(b)
-            per_benchmark_seconds[b.spec.name] = time.perf_counter() - t0
-            skipped += bad
-            _report_skipped(console, bad)
-            if not got:
-                raise BenchmarkError(
-                    f"benchmark {b.spec.name!r}: no item of {b.spec.path} could be evaluated "
-                    f"({len(b.skipped) + len(bad)} skipped; see the skipped reasons)"
-                )
-            outcomes += got
-            records += recs
-            _progress(console, b.spec.name, len(got), len(b.items), t0)
-        seconds = time.perf_counter() - started
-
-        # 4. Metrics and files.
+        # 2. Metrics and files, from the union of the shards' items.
+        seconds = sum(per_benchmark_seconds.values())
         ks = ks_for(config.n)
-        metrics = compute_metrics(outcomes, ks)
-        counts = Counter((row.benchmark, row.reason) for row in skipped)
+        metrics = compute_metrics([outcome_of(r) for r in records], ks)
+        counts = Counter((row["benchmark"], row["reason"]) for row in skipped)
         for name, summary in metrics["benchmarks"].items():
             reasons = {reason: n for (bench, reason), n in sorted(counts.items()) if bench == name}
             summary["skipped"] = sum(reasons.values())
@@ -406,26 +574,24 @@ def run_evaluation(config: EvalConfig, console: Console | None = None) -> dict:
             summary["items_per_second"] = summary["items"] / max(per_benchmark_seconds[name], 1e-9)
             summary["protocol"] = protocols[name]
         metrics[OVERALL]["skipped"] = len(skipped)
-        metrics[OVERALL]["skipped_reasons"] = dict(sorted(Counter(row.reason for row in skipped).items()))
-        metrics[OVERALL]["items_per_second"] = len(outcomes) / max(seconds, 1e-9)
+        metrics[OVERALL]["skipped_reasons"] = dict(sorted(Counter(row["reason"] for row in skipped).items()))
+        metrics[OVERALL]["items_per_second"] = len(records) / max(seconds, 1e-9)
         metrics.update(
             n=config.n,
             ks=ks,
             aggregation=config.aggregation,
             protocol=protocol_tags["protocol"],
             judge=(
-                {
-                    "model": config.judge.model,
-                    "base_url": config.judge.base_url,
-                    "calls": evaluator.judge.calls,
-                }
-                if evaluator.judge is not None
+                {"model": config.judge.model, "base_url": config.judge.base_url, "calls": judge_calls}
+                if config.judge is not None
+                and any(str(b.protocol).startswith("vlmevalkit") for b in config.benchmarks)
                 else None
             ),
-            evaluated_items=len(outcomes),
+            shards={b.name: b.shards for b in config.benchmarks},
+            evaluated_items=len(records),
             seconds=round(seconds, 3),
-            items_per_second=len(outcomes) / max(seconds, 1e-9),
-            skipped=[row.to_dict() for row in skipped],
+            items_per_second=len(records) / max(seconds, 1e-9),
+            skipped=skipped,
             output_dir=config.output_dir,
             mlflow={
                 "tracking_uri": tracking_uri(),
@@ -446,7 +612,7 @@ def run_evaluation(config: EvalConfig, console: Console | None = None) -> dict:
                 for name, summary in metrics["benchmarks"].items()
             ]
 
-        # 5. Log.
+        # 3. Log.
         run.log_metric_series(
             [*_mlflow_metrics(metrics), ("items_per_second", metrics["items_per_second"], 0)]
         )
@@ -466,7 +632,7 @@ def run_evaluation(config: EvalConfig, console: Console | None = None) -> dict:
     run.finish("FINISHED")
     o = metrics[OVERALL]
     console.print(
-        f"evaluated {len(outcomes)} items ({metrics['items_per_second']:.2f} items/s): pass@1 {o['pass_at_1']:.3f}, "
+        f"evaluated {len(records)} items ({metrics['items_per_second']:.2f} items/s): pass@1 {o['pass_at_1']:.3f}, "
         f"Best-of-{config.n} {o['best_of_n']:.3f}, majority {o['majority']:.3f}, oracle {o['oracle']:.3f}; "
         f"{len(skipped)} skipped; MLflow run {run.run_id}"
     )

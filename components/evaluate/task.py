@@ -98,6 +98,46 @@ def metrics_html(metrics: dict[str, Any], plot: Path | None) -> str:
     )
 
 
+def _wired(
+    config_json: str,
+    *,
+    preset: str,
+    policy: Any,
+    prm: Any,
+    data: Any,
+    output_dir: str,
+    parent_run_id: str | None,
+    n: int,
+    temperature: float,
+) -> EvalConfig:
+    """The task's `EvalConfig` (recipe settings, pipeline parameters, artifacts' paths), presets checked."""
+    from vlpipe.components.data.prepare import load_dataset_info
+    from vlpipe.components.pipeline_run.model_store import checkpoint_path
+    from vlpipe.components.training.task import check_preset
+
+    info = load_dataset_info(data.path)
+    policy_dir, prm_dir = checkpoint_path(policy.path), checkpoint_path(prm.path)
+    settings = json.loads(config_json)
+    given = {name: value for name, value in (("n", n), ("temperature", temperature)) if value != -1}
+    try:
+        config = wire_eval_config(
+            {**settings, **given},
+            policy=policy_dir,
+            prm=prm_dir,
+            output_dir=output_dir,
+            data_root=info["root"],
+            parent_run_id=parent_run_id,
+        )
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError: name the UI's parameters too
+        named = {f"eval_{k}": v for k, v in given.items()}
+        raise ValueError(
+            f"eval: invalid settings{f' with the pipeline parameters {named}' if named else ''}: {exc}"
+        ) from exc
+    check_preset(policy_dir, preset)
+    check_preset(prm_dir, preset)
+    return config
+
+
 def run_eval_task(
     config_json: str,
     *,
@@ -131,35 +171,31 @@ def run_eval_task(
     Returns:
         The evaluation metrics (`run_evaluation`'s result).
     """
-    from vlpipe.components.pipeline_run.task import pipeline_parent, write_metrics_file
+    from vlpipe.components.evaluate.stage import run_evaluation
+    from vlpipe.components.pipeline_run.task import pipeline_parent
 
     parent_run_id = pipeline_parent(parent_run_id, results, (policy, prm, data))
-    from vlpipe.components.data.prepare import load_dataset_info
-    from vlpipe.components.evaluate.stage import run_evaluation
-    from vlpipe.components.pipeline_run.model_store import checkpoint_path
-    from vlpipe.components.training.task import check_preset
-
-    info = load_dataset_info(data.path)
-    policy_dir, prm_dir = checkpoint_path(policy.path), checkpoint_path(prm.path)
-    settings = json.loads(config_json)
-    given = {name: value for name, value in (("n", n), ("temperature", temperature)) if value != -1}
-    try:
-        config = wire_eval_config(
-            {**settings, **given},
-            policy=policy_dir,
-            prm=prm_dir,
-            output_dir=results.path,
-            data_root=info["root"],
-            parent_run_id=parent_run_id,
-        )
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError: name the UI's parameters too
-        named = {f"eval_{k}": v for k, v in given.items()}
-        raise ValueError(
-            f"eval: invalid settings{f' with the pipeline parameters {named}' if named else ''}: {exc}"
-        ) from exc
-    check_preset(policy_dir, preset)
-    check_preset(prm_dir, preset)
+    config = _wired(
+        config_json,
+        preset=preset,
+        policy=policy,
+        prm=prm,
+        data=data,
+        output_dir=results.path,
+        parent_run_id=parent_run_id,
+        n=n,
+        temperature=temperature,
+    )
     result = run_evaluation(config)
+    fill_eval_outputs(result, results=results, metrics=metrics, table=table, report=report)
+    return result
+
+
+def fill_eval_outputs(result: dict[str, Any], *, results: Any, metrics: Any, table: Any, report: Any) -> None:
+    """The evaluation's output artifacts from its metrics: `results` metadata, the `Metrics` values, the
+    Markdown table and the HTML report (what `evaluate` and `merge-evaluation` both give)."""
+    from vlpipe.components.pipeline_run.task import write_metrics_file
+
     overall = result[OVERALL]
     results.metadata.update(
         {
@@ -179,4 +215,85 @@ def run_eval_task(
     ):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text)
+
+
+def run_eval_shard_task(
+    config_json: str,
+    *,
+    preset: str,
+    shard: str,
+    policy: Any,
+    prm: Any,
+    data: Any,
+    part: Any,
+    n: int = -1,
+    temperature: float = -1.0,
+) -> dict[str, Any]:
+    """The `evaluate-shard` component's entrypoint: one shard of one benchmark, its per-item results in `part`.
+
+    Args:
+        config_json, preset, policy, prm, data, n, temperature: as `run_eval_task`.
+        shard: the shard, an `EvalShard` as JSON: the `index`-th of `count` runs of the benchmark's generation
+            batches.
+        part: output `Dataset` artifact (a directory: `items.jsonl`, `part.json`), read by `merge-evaluation`.
+
+    Returns:
+        The part's manifest (`evaluate_shards`'s result).
+    """
+    from vlpipe.components.evaluate.config import EvalShard
+    from vlpipe.components.evaluate.stage import evaluate_shards
+
+    config = _wired(
+        config_json,
+        preset=preset,
+        policy=policy,
+        prm=prm,
+        data=data,
+        output_dir=part.path,
+        parent_run_id=None,
+        n=n,
+        temperature=temperature,
+    )
+    picked = EvalShard.model_validate_json(shard)
+    manifest = evaluate_shards(config, [picked], part.path)
+    part.metadata.update({**picked.model_dump(), "items": manifest["shards"][0]["items"]})
+    return manifest
+
+
+def run_eval_merge_task(
+    *,
+    parent_run_id: str | None = None,
+    parts: list[Any],
+    results: Any,
+    metrics: Any,
+    table: Any,
+    report: Any,
+) -> dict[str, Any]:
+    """The `merge-evaluation` component's entrypoint: the metrics, tables, plots and MLflow run of a sharded
+    evaluation from its `evaluate-shard` parts (the settings are the ones the shards ran, checked equal).
+
+    Args:
+        parent_run_id: as `run_eval_task`.
+        parts: the `evaluate-shard` outputs (`dsl.Collected`), in any order.
+        results, metrics, table, report: as `run_eval_task`.
+
+    Returns:
+        The evaluation metrics (`merge_evaluation`'s result).
+    """
+    from vlpipe.components.evaluate.stage import PART_FILE, merge_evaluation
+    from vlpipe.components.pipeline_run.task import pipeline_parent
+
+    if not parts:
+        raise ValueError("merge-evaluation: no evaluate-shard part to merge")
+    parent_run_id = pipeline_parent(parent_run_id, results, tuple(parts))
+    ran = json.loads((Path(parts[0].path) / PART_FILE).read_text())["config"]
+    config = EvalConfig.model_validate(
+        {
+            **ran,
+            "output_dir": results.path,
+            "mlflow": {**ran["mlflow"], "parent_run_id": parent_run_id or None},
+        }
+    )
+    result = merge_evaluation(config, [p.path for p in parts])
+    fill_eval_outputs(result, results=results, metrics=metrics, table=table, report=report)
     return result

@@ -36,3 +36,46 @@ def sample_prm_data(
         steps=steps,
         metrics=metrics,
     )
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def sample_prm_data_shard(
+    config: str,
+    preset: str,
+    index: int,
+    count: int,
+    policy: Input[Model],
+    data: Input[Dataset],
+    part: Output[Dataset],
+):
+    """One shard of on-policy PRM data: the `index`-th of `count` runs of whole generation batches, into
+    `part` (merged by `merge-prm-data`).
+
+    Args:
+        config, preset: as `sample-prm-data`.
+        index, count: the shard.
+    """
+    from vlpipe.components.prm_data.task import run_prm_data_shard_task
+
+    run_prm_data_shard_task(
+        config, preset=preset, index=index, count=count, policy=policy, data=data, part=part
+    )
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def merge_prm_data(
+    step: str,
+    parts: Input[list[Dataset]],
+    data: Input[Dataset],
+    steps: Output[Dataset],
+    metrics: Output[Metrics],
+):
+    """The step-labelled JSONL of a sharded `sample-prm-data` from its parts (in shard order, then the
+    includes), with the counts and MLflow run `sample-prm-data` gives.
+
+    Args:
+        step: as `sample-prm-data`.
+    """
+    from vlpipe.components.prm_data.task import run_prm_data_merge_task
+
+    run_prm_data_merge_task(step, parts=parts, data=data, steps=steps, metrics=metrics)

@@ -21,6 +21,11 @@ the right answer); that needs many more generations and is not implemented here.
 
 Output: JSONL `{id, image, question, steps, labels, answer, final_correct}` (the PRM stage's input), with
 duplicate solutions of an item written once; `include` files (e.g. curated step-labelled data) are appended.
+
+Sharding: `sample_prm_shard` samples one of `shards` contiguous runs of whole generation batches into a part;
+`merge_prm_data` concatenates the parts in order, appends the includes and adds up the counts. A batch's seed is
+a function of the global seed and its first item, and every batch has the same items in any shard, so K shards
+merged write the same file as one (`sample_prm_data`, which is shard 0 of 1 and the merge).
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +63,8 @@ class PRMSampleConfig(BaseModel):
         labeler: `reference_steps`, `demo_reference`, `demo_local` or `final_answer` (see the module docstring).
         include: step-labelled JSONL files appended to the output unchanged.
         max_bad_fraction: fail when more than this share of the source's records is unusable.
+        shards: K, the pods the items are spread over in a pipeline (`sample-prm-data-shard` tasks, then
+            `merge-prm-data`), each a contiguous run of whole batches of `batch_items`; 1: no fan-out.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -74,6 +83,31 @@ class PRMSampleConfig(BaseModel):
     labeler: Literal["reference_steps", "demo_reference", "demo_local", "final_answer"] = "final_answer"
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     include: tuple[str, ...] = ()
+    shards: int = Field(1, ge=1, le=256)
+
+    @model_validator(mode="after")
+    def _shards_fit(self) -> PRMSampleConfig:
+        if self.limit is not None and self.shards > math.ceil(self.limit / self.batch_items):
+            raise ValueError(
+                f"shards ({self.shards}) exceeds the generation batches (limit {self.limit} / batch_items "
+                f"{self.batch_items}, rounded up); every shard needs a whole batch: lower shards or batch_items"
+            )
+        return self
+
+
+def shard_batches(index: int, count: int, batches: int) -> range:
+    """The batches shard `index` of `count` samples: balanced contiguous runs, in order.
+
+    Raises:
+        ValueError: more shards than batches, or an index out of range.
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"shard index {index} must be in [0, {count})")
+    if count > batches:
+        raise ValueError(
+            f"shards ({count}) exceeds the {batches} generation batches; lower shards or batch_items"
+        )
+    return range(index * batches // count, (index + 1) * batches // count)
 
 
 def source_images(record: dict) -> list[str] | str:
@@ -190,8 +224,18 @@ def label(
     return labels
 
 
+PART_FILE = "part.json"
+_COUNTS = ("items", "solutions", "duplicate_solutions", "empty_solutions", "positive_steps", "negative_steps",
+           "final_correct", "skipped_items")  # fmt: skip
+
+
+def _digest(config: PRMSampleConfig) -> str:
+    settings = config.model_dump(mode="json", exclude={"output"})
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
 def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
-    """Write on-policy step-labelled solutions; returns counts.
+    """Write on-policy step-labelled solutions in this process (shard 0 of 1, then the merge); returns counts.
 
     Counts: `items`, `solutions` (written), `duplicate_solutions` and `empty_solutions` (not written),
     `positive_steps`/`negative_steps`, `final_correct` (written solutions with the right final answer),
@@ -202,6 +246,21 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
         FileNotFoundError: when the source or an include file does not exist.
         ValueError: when the source has no usable item, or more than `max_bad_fraction` of its records are bad.
     """
+    with tempfile.TemporaryDirectory(prefix="vlpipe-prm-part-") as part:
+        sample_prm_shard(config, 0, 1, part, progress)
+        return merge_prm_data(config, [part])
+
+
+def sample_prm_shard(
+    config: PRMSampleConfig, index: int, count: int, part_dir: str | Path, progress: bool = True
+) -> dict:
+    """Sample and label shard `index` of `count` (contiguous runs of whole batches) into `part_dir`:
+    `steps.jsonl` (its solutions) and `part.json` (its counts; the source's bad lines in shard 0's only).
+
+    Raises:
+        FileNotFoundError: when the source does not exist.
+        ValueError: as `sample_prm_data`, or more shards than batches.
+    """
     import torch
     from tqdm import tqdm
 
@@ -210,7 +269,7 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
     from vlpipe.model.conversation import ConversationEncoder
     from vlpipe.model.data.reasoning import extract_answer
     from vlpipe.model.errors import SampleError
-    from vlpipe.model.files import DatasetRoots, JsonlReader
+    from vlpipe.model.files import DatasetRoots
     from vlpipe.model.generate import generate
     from vlpipe.model.image import load_image
     from vlpipe.model.prompt import generation_prompt
@@ -225,18 +284,17 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
 
     source = read_records(config.source, "prm_source", validate, max_bad_fraction=config.max_bad_fraction)
     records = [normalise_source(r) for r in source.records[: config.limit or None]]
+    picked = shard_batches(index, count, math.ceil(len(records) / config.batch_items))
+    records = records[picked.start * config.batch_items : picked.stop * config.batch_items]
     root = config.image_root or default_image_root(config.source)
     policy = load_checkpoint(config.policy)
     tok = policy.tokenizer
     encoder = ConversationEncoder(tok, policy.tokens_per_tile, max_length=8192, mode="sft")
     eos = tok.convert_tokens_to_ids(IM_END)
-    out_path = Path(config.output)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    counts: dict = dict.fromkeys(
-        ("items", "solutions", "duplicate_solutions", "empty_solutions", "positive_steps", "negative_steps",
-         "final_correct", "skipped_items", "included_lines"),
-        0,
-    )  # fmt: skip
+    part_dir = Path(part_dir)
+    part_dir.mkdir(parents=True, exist_ok=True)
+    out_path = part_dir / "steps.jsonl"
+    counts: dict = dict.fromkeys(_COUNTS, 0)
     skipped: dict[str, int] = {}
     started = time.perf_counter()
     bar = tqdm(total=len(records), desc="prm-data", unit="item", disable=not progress)
@@ -311,6 +369,63 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
                     counts["negative_steps"] += len(labels) - sum(labels)
                 counts["items"] += 1
         bar.close()
+    counts.update(
+        skipped=skipped,
+        skipped_source_lines=len(source.quarantine) if index == 0 else 0,
+        source_quarantine=source.quarantine.report() if index == 0 else None,
+        seconds=time.perf_counter() - started,
+    )
+    manifest = {
+        "index": index,
+        "count": count,
+        "config": config.model_dump(mode="json"),
+        "config_digest": _digest(config),
+        "counts": counts,
+    }
+    (part_dir / PART_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return counts
+
+
+def merge_prm_data(config: PRMSampleConfig, parts: Sequence[str | Path]) -> dict:
+    """Write `config.output`: the parts' solutions in shard order, then the `include` files; returns the counts
+    (as `sample_prm_data`) added up over the parts.
+
+    Raises:
+        FileNotFoundError: when an include file does not exist.
+        ValueError: a part ran other settings, or a shard is missing or appears twice.
+    """
+    from vlpipe.model.files import JsonlReader
+
+    manifests = {}
+    for part in parts:
+        manifest = json.loads((Path(part) / PART_FILE).read_text())
+        if manifest["config_digest"] != _digest(config):
+            raise ValueError(
+                f"prm_data part {part} ran other settings than the merge's; merge one run's parts"
+            )
+        if manifest["index"] in manifests:
+            raise ValueError(f"prm_data shard {manifest['index']} appears twice ({part})")
+        manifests[manifest["index"]] = (Path(part), manifest)
+    count = {m["count"] for _, m in manifests.values()}
+    missing = [i for i in range(max(count, default=1)) if i not in manifests]
+    if len(count) != 1 or missing:
+        raise ValueError(
+            f"prm_data parts: shards {missing} are missing (or the parts' counts {sorted(count)} differ)"
+        )
+    ordered = [manifests[i] for i in sorted(manifests)]
+    counts: dict = {key: sum(m["counts"][key] for _, m in ordered) for key in _COUNTS}
+    skipped: dict[str, int] = {}
+    for _, m in ordered:
+        for reason, n in m["counts"]["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    counts["included_lines"] = 0
+    out_path = Path(config.output)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("w") as out:
+        for part, _ in ordered:
+            with (part / "steps.jsonl").open() as f:
+                for line in f:
+                    out.write(line)
         for extra in config.include:
             # Streamed line by line (bounded per line, a regular file only): an included file is not held whole.
             reader = JsonlReader(extra, "prm_data include")
@@ -324,11 +439,12 @@ def sample_prm_data(config: PRMSampleConfig, progress: bool = True) -> dict:
                     counts["included_lines"] += 1
             except FileNotFoundError as exc:
                 raise FileNotFoundError(f"prm_data include: {extra} does not exist") from exc
-    seconds = time.perf_counter() - started
+    first = ordered[0][1]["counts"]
+    seconds = sum(m["counts"]["seconds"] for _, m in ordered)
     counts.update(
         skipped=skipped,
-        skipped_source_lines=len(source.quarantine),
-        source_quarantine=source.quarantine.report(),
+        skipped_source_lines=first["skipped_source_lines"],
+        source_quarantine=first["source_quarantine"],
         seconds=round(seconds, 2),
         items_per_second=round(counts["items"] / seconds, 3) if seconds > 0 else None,
     )

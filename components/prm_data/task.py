@@ -100,24 +100,34 @@ def run_prm_data_task(
     Returns:
         The counts of `sample_prm_data`, with `mlflow_run_id`.
     """
-    from vlpipe.components.pipeline_run.task import pipeline_parent, write_metrics_file
+    from vlpipe.components.pipeline_run.task import pipeline_parent
 
     parent_run_id = pipeline_parent(parent_run_id, steps, (policy, data))
     from vlpipe.components.data.prepare import load_dataset_info
     from vlpipe.components.pipeline_run.model_store import checkpoint_path
     from vlpipe.components.prm_data.stage import sample_prm_data
-    from vlpipe.components.training.records import default_image_root
     from vlpipe.components.training.task import check_preset
-    from vlpipe.tracking.runs import child_run
 
     step = TaskConfig.model_validate_json(step_json)
     info = load_dataset_info(data.path)
     policy_dir = checkpoint_path(policy.path)
     check_preset(policy_dir, preset)
-    output = Path(steps.path)
     config = wire_prm_data_config(
-        json.loads(config_json), policy=policy_dir, output=str(output), data_root=info["root"]
+        json.loads(config_json), policy=policy_dir, output=str(Path(steps.path)), data_root=info["root"]
     )
+    return _record(config, step, parent_run_id, steps, metrics, lambda: sample_prm_data(config))
+
+
+def _record(
+    config: PRMSampleConfig, step: TaskConfig, parent_run_id: str, steps: Any, metrics: Any, produce: Any
+) -> dict[str, Any]:
+    """Run `produce` (it writes `config.output`, returns the counts) inside the `prm-data` MLflow child run, log
+    the run and fill the output artifacts (what `sample-prm-data` and `merge-prm-data` both give)."""
+    from vlpipe.components.pipeline_run.task import write_metrics_file
+    from vlpipe.components.training.records import default_image_root
+    from vlpipe.tracking.runs import child_run
+
+    output = Path(config.output)
     with child_run(
         parent_run_id,
         "prm-data",
@@ -125,7 +135,7 @@ def run_prm_data_task(
         recipe=step.recipe,
         tags=step.tracking.tags,
     ) as run_id:
-        counts = sample_prm_data(config)
+        counts = produce()
         _log_run(config, counts, output)
     image_root = config.image_root or default_image_root(config.source)
     steps.metadata.update(
@@ -145,3 +155,57 @@ def run_prm_data_task(
             metrics.log_metric(key, float(counts[key]))
     write_metrics_file(metrics)  # an artifact with a file: a cache entry of this task stays valid
     return {**counts, "mlflow_run_id": run_id}
+
+
+def run_prm_data_shard_task(
+    config_json: str, *, preset: str, index: int, count: int, policy: Any, data: Any, part: Any
+) -> dict[str, Any]:
+    """The `sample-prm-data-shard` component's entrypoint: shard `index` of `count` into `part` (a directory
+    `merge-prm-data` reads); no MLflow run (the merge records it).
+
+    Args:
+        config_json, preset, policy, data: as `run_prm_data_task`.
+        index, count: the shard.
+        part: output `Dataset` artifact (`steps.jsonl`, `part.json`).
+    """
+    from vlpipe.components.data.prepare import load_dataset_info
+    from vlpipe.components.pipeline_run.model_store import checkpoint_path
+    from vlpipe.components.prm_data.stage import sample_prm_shard
+    from vlpipe.components.training.task import check_preset
+
+    info = load_dataset_info(data.path)
+    policy_dir = checkpoint_path(policy.path)
+    check_preset(policy_dir, preset)
+    config = wire_prm_data_config(
+        json.loads(config_json), policy=policy_dir, output=PLACEHOLDERS["output"], data_root=info["root"]
+    )
+    counts = sample_prm_shard(config, index, count, part.path, progress=False)
+    part.metadata.update({"index": index, "count": count, "items": counts["items"]})
+    return counts
+
+
+def run_prm_data_merge_task(
+    step_json: str, *, parent_run_id: str | None = None, parts: list[Any], data: Any, steps: Any, metrics: Any
+) -> dict[str, Any]:
+    """The `merge-prm-data` component's entrypoint: the shards' parts and the includes into `steps`, counts
+    added up, logged as `sample-prm-data` logs them (the settings are the ones the shards ran, checked equal).
+
+    Args:
+        step_json: as `run_prm_data_task`.
+        parent_run_id: as `run_prm_data_task`.
+        parts: the `sample-prm-data-shard` outputs (`dsl.Collected`), in any order.
+        data: the `prepare-data` output (where the `include` files are).
+        steps, metrics: as `run_prm_data_task`.
+    """
+    from vlpipe.components.pipeline_run.task import pipeline_parent
+    from vlpipe.components.prm_data.stage import PART_FILE, merge_prm_data
+
+    if not parts:
+        raise ValueError("merge-prm-data: no sample-prm-data-shard part to merge")
+    parent_run_id = pipeline_parent(parent_run_id, steps, (*parts, data))
+    ran = json.loads((Path(parts[0].path) / PART_FILE).read_text())["config"]
+    config = PRMSampleConfig.model_validate({**ran, "output": str(Path(steps.path))})
+    step = TaskConfig.model_validate_json(step_json)
+    return _record(
+        config, step, parent_run_id, steps, metrics, lambda: merge_prm_data(config, [p.path for p in parts])
+    )

@@ -59,18 +59,25 @@ def test_the_readers_use_the_table():
 
 
 def test_the_compiled_recipe_runs_the_table_s_tasks():
-    from vlpipe.pipelines.config import load_recipe
+    from vlpipe.pipelines.config import PipelineConfig, load_recipe
     from vlpipe.pipelines.dag import RECIPE_PIPELINE, build_pipelines
 
-    pipeline = build_pipelines(load_recipe("small"), commit="abc", version="0+test")[RECIPE_PIPELINE]
-    spec = pipeline.pipeline_spec
-    tasks = set(spec.root.dag.tasks) | {
-        t for c in spec.components.values() for t in c.dag.tasks if c.HasField("dag")
-    }
+    # small.yaml as shipped (one pod per step) and with evaluation and PRM data in 2 shards each.
+    small = load_recipe("small")
+    raw = small.model_dump(mode="json", exclude_unset=True)
+    raw["eval"]["config"]["benchmarks"][0]["shards"] = 2
+    raw["prm_data"]["config"]["shards"] = 2
+    tasks: set[str] = set()
+    for recipe in (small, PipelineConfig.model_validate(raw)):
+        spec = build_pipelines(recipe, commit="abc", version="0+test")[RECIPE_PIPELINE].pipeline_spec
+        tasks |= set(spec.root.dag.tasks) | {
+            t for c in spec.components.values() for t in c.dag.tasks if c.HasField("dag")
+        }
     table_tasks = {stage.task for stage in STAGES.values()}
     parent_run_tasks = {"start-pipeline-run", "finish-pipeline-run"}
     assert table_tasks - {"deploy-model"} <= tasks  # small.yaml deploys nothing
-    assert tasks - table_tasks - parent_run_tasks <= {"exit-handler-1"}  # the exit handler's group
+    groups = tasks - table_tasks - parent_run_tasks  # the exit handler's group and the two shard loops'
+    assert {g for g in groups if not g.startswith("for-loop-")} == {"exit-handler-1"} and len(groups) == 3
 
 
 def test_owned_keys_are_dotted_paths():

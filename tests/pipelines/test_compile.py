@@ -13,7 +13,7 @@ from tests.pipelines.ir import artifact_edges, body_tasks, constant, load_ir, pa
 from vlpipe.components.release import IMAGE, VERSION
 from vlpipe.pipelines.cli import app
 from vlpipe.pipelines.compile import compile_recipe, pipeline_digest, pipeline_version
-from vlpipe.pipelines.config import list_recipes, load_recipe
+from vlpipe.pipelines.config import PipelineConfig, list_recipes, load_recipe
 from vlpipe.pipelines.dag import PIPELINES
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -149,8 +149,15 @@ def test_paper_recipes_deploy_the_champion_only_when_promoted(compiled, name):
     recipe = load_recipe(name)
     spec, platform = load_ir(compiled[name]["internvl3-recipe"])
     tasks = body_tasks(spec)
-    assert set(tasks) == STEPS | {"start-pipeline-run", "condition-2"}
-    condition = tasks["condition-2"]
+    condition_name = next(t for t in tasks if t.startswith("condition-"))
+    loop = next(t for t in tasks if t.startswith("for-loop-"))  # the evaluation's shards (see below)
+    assert set(tasks) == (STEPS - {"evaluate"}) | {
+        "merge-evaluation",
+        "start-pipeline-run",
+        condition_name,
+        loop,
+    }
+    condition = tasks[condition_name]
     assert condition["triggerPolicy"]["condition"] == CONDITION
     assert condition["taskInfo"]["name"] == "promoted"
     assert set(condition["dependentTasks"]) == {"promote-model", "register-model", "start-pipeline-run"}
@@ -178,6 +185,66 @@ def test_paper_recipes_deploy_the_champion_only_when_promoted(compiled, name):
     k8s = platform["deploymentSpec"]["executors"]["exec-deploy-model"]
     assert int(k8s["activeDeadlineSeconds"]) == 3 * 1200 + 600
     assert "tolerations" not in k8s
+
+
+@pytest.mark.parametrize("name", ["internvl3-1b", "internvl3-8b"])
+def test_paper_recipes_fan_the_evaluation_out_over_shards_and_merge(compiled, name):
+    spec, _ = load_ir(compiled[name]["internvl3-recipe"])
+    tasks = body_tasks(spec)
+    (loop_name,) = [t for t in tasks if t.startswith("for-loop-")]
+    loop = tasks[loop_name]
+    assert loop["taskInfo"]["name"] == "eval-shards"
+    # The fan-out: one item per shard, 4 per benchmark (the recipe's `shards`), in the config's order.
+    items = [json.loads(item) for item in json.loads(loop["parameterIterator"]["items"]["raw"])]
+    assert items == [
+        {"benchmark": b, "index": i, "count": 4} for b in ("MathVista_MINI", "MMMU_DEV_VAL") for i in range(4)
+    ]
+    # Each iteration is an evaluate-shard task on the MPO policy, the PRM and the prepared data, with the loop
+    # item as its shard and the pipeline's eval parameters.
+    assert artifact_edges({loop_name: loop}) == {(p, loop_name) for p in ("mpo", "prm", "prepare-data")}
+    inner = sub_dag_tasks(spec, loop)
+    assert set(inner) == {"evaluate-shard"}
+    shard = inner["evaluate-shard"]["inputs"]
+    assert shard["parameters"]["shard"] == {"componentInputParameter": loop["parameterIterator"]["itemInput"]}
+    assert shard["parameters"]["n"] == {"componentInputParameter": "pipelinechannel--eval_n"}
+    assert {k: v["componentInputArtifact"] for k, v in shard["artifacts"].items()} == {
+        "policy": "pipelinechannel--mpo-model",
+        "prm": "pipelinechannel--prm-model",
+        "data": "pipelinechannel--prepare-data-data",
+    }
+    assert json.loads(constant(inner["evaluate-shard"], "config"))["benchmarks"][0]["shards"] == 4
+    # The merge collects every shard's part; register-model takes the merged results.
+    assert tasks["merge-evaluation"]["inputs"]["artifacts"]["parts"] == {
+        "taskOutputArtifact": {
+            "outputArtifactKey": "pipelinechannel--evaluate-shard-part",
+            "producerTask": loop_name,
+        }
+    }
+    assert {("merge-evaluation", "register-model"), (loop_name, "merge-evaluation")} <= artifact_edges(tasks)
+    assert tasks["merge-evaluation"]["cachingOptions"] == {"enableCache": True}
+
+
+def test_sharded_prm_data_fans_out_and_merges(tmp_path):
+    recipe = load_recipe("tiny")
+    raw = recipe.model_dump(mode="json", exclude_unset=True)
+    raw["prm_data"]["config"]["shards"] = 2
+    path = compile_recipe(PipelineConfig.model_validate(raw), tmp_path, commit=COMMIT)["internvl3-recipe"]
+    spec, _ = load_ir(path)
+    tasks = body_tasks(spec)
+    (loop_name,) = [t for t in tasks if t.startswith("for-loop-")]
+    loop = tasks[loop_name]
+    assert loop["taskInfo"]["name"] == "prm-data-shards"
+    assert json.loads(loop["parameterIterator"]["items"]["raw"]) == [0, 1]
+    inner = sub_dag_tasks(spec, loop)["sample-prm-data-shard"]
+    assert constant(inner, "count") == 2
+    assert artifact_edges({loop_name: loop}) == {("mpo", loop_name), ("prepare-data", loop_name)}
+    assert "sample-prm-data" not in tasks
+    assert {(loop_name, "merge-prm-data"), ("prepare-data", "merge-prm-data"), ("merge-prm-data", "prm")} <= (
+        artifact_edges(tasks)
+    )
+    assert (
+        tasks["prm"]["inputs"]["artifacts"]["steps"]["taskOutputArtifact"]["producerTask"] == "merge-prm-data"
+    )
 
 
 def test_promote_deploy_sub_pipeline_takes_a_model_name_and_version(compiled):
@@ -303,7 +370,10 @@ def test_gpu_toleration_secret_volume_and_env_settings_are_in_the_ir(compiled):
         ]
         assert one_node_k8s["pvcMount"][0]["mountPath"] == "/mnt/vlpipe-work"
         assert one_node_k8s["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-    assert executors["exec-evaluate"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+    # Every evaluation shard gets its GPU; the merge needs none.
+    assert executors["exec-evaluate-shard"]["container"]["resources"]["accelerator"]["resourceCount"] == "1"
+    assert k8s["exec-evaluate-shard"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "accelerator" not in executors["exec-merge-evaluation"]["container"].get("resources", {})
     # CPU steps get no GPU and no GPU toleration.
     assert "accelerator" not in executors["exec-prepare-data"]["container"].get("resources", {})
     assert "tolerations" not in k8s["exec-prepare-data"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.pipelines.ir import body_tasks, load_ir
+from tests.pipelines.ir import body_tasks, load_ir, sub_dag_tasks
 from vlpipe.components.training.task import PLACEHOLDERS, wire_task_config
 from vlpipe.pipelines.compile import compile_recipe
 from vlpipe.pipelines.config import load_recipe
@@ -40,7 +40,8 @@ def test_the_compiled_recipe_exposes_the_parameters_with_the_recipe_defaults(tmp
     sft = tasks["sft"]["inputs"]["parameters"]
     assert sft["lr"] == {"componentInputParameter": "pipelinechannel--sft_lr"}
     assert sft["global_batch_size"] == {"componentInputParameter": "pipelinechannel--sft_global_batch_size"}
-    assert tasks["evaluate"]["inputs"]["parameters"]["n"] == {
+    loop = next(task for name, task in tasks.items() if name.startswith("for-loop-"))  # the eval shards
+    assert sub_dag_tasks(spec, loop)["evaluate-shard"]["inputs"]["parameters"]["n"] == {
         "componentInputParameter": "pipelinechannel--eval_n"
     }
     assert tasks["prepare-data"]["inputs"]["parameters"]["data_root"] == {
