@@ -15,9 +15,7 @@ A shared directory is written in place (`state.py`: a temporary directory rename
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -25,10 +23,30 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from vlpipe.model.checkpoint import COMMIT_FILE, file_manifest, read_commit, remove_commit, write_commit
 from vlpipe.model.storage import filesystem, is_remote, join
 
+__all__ = [
+    "COMMIT_FILE",
+    "PREFIX",
+    "STAGING_ENV",
+    "check_uploaded",
+    "commit_record",
+    "committed_steps",
+    "download_step",
+    "file_manifest",
+    "latest_committed",
+    "prune",
+    "read_step_commit",
+    "remove_step",
+    "staging_root",
+    "step_dir_name",
+    "step_uri",
+    "upload_files",
+    "write_commit",
+]
+
 PREFIX = "step-"
-COMMIT_FILE = "COMMITTED"
 STAGING_ENV = "VLPIPE_STAGING_DIR"
 _STEP_NAME = re.compile(rf"^{PREFIX}(\d{{8}})$")
 
@@ -52,36 +70,15 @@ def staging_root(location: str) -> Path:
     return base / "vlpipe-checkpoints" / key
 
 
-def local_manifest(directory: Path) -> dict[str, int]:
-    """Relative path → size of every regular file under `directory`."""
-    return {
-        p.relative_to(directory).as_posix(): p.stat().st_size
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and not p.is_symlink()
-    }
-
-
 def commit_record(step: int, files: dict[str, int]) -> dict[str, Any]:
     """The content of a step's commit marker."""
     return {"step": step, "files": dict(sorted(files.items()))}
 
 
-def read_commit(location: str, step: int, storage_options: dict | None = None) -> dict[str, Any] | None:
+def read_step_commit(location: str, step: int, storage_options: dict | None = None) -> dict[str, Any] | None:
     """The commit marker of `step` under `location`, or None when the step is not committed."""
-    fs, path = filesystem(step_uri(location, step), storage_options)
-    marker = f"{path.rstrip('/')}/{COMMIT_FILE}"
-    try:
-        with fs.open(marker, "rb") as f:
-            record = json.loads(f.read())
-    except FileNotFoundError:
-        return None
-    if (
-        not isinstance(record, dict)
-        or record.get("step") != step
-        or not isinstance(record.get("files"), dict)
-    ):
-        return None  # not a marker this code wrote: the step does not count as committed
-    return record
+    record = read_commit(step_uri(location, step), storage_options)
+    return record if record is not None and record.get("step") == step else None
 
 
 def _step_names(location: str, storage_options: dict | None) -> list[tuple[int, str]]:
@@ -112,7 +109,7 @@ def committed_steps(location: str, storage_options: dict | None = None) -> list[
     return [
         step
         for step, _ in _step_names(location, storage_options)
-        if read_commit(location, step, storage_options)
+        if read_step_commit(location, step, storage_options)
     ]
 
 
@@ -128,7 +125,7 @@ def latest_committed(location: str, storage_options: dict | None = None) -> str 
 
 def upload_files(local_dir: Path, uri: str, storage_options: dict | None = None) -> dict[str, int]:
     """Upload every file under `local_dir` to `uri`; returns their manifest (relative path → size)."""
-    files = local_manifest(local_dir)
+    files = file_manifest(local_dir)
     if files:
         fs, path = filesystem(uri, storage_options)
         fs.put(str(local_dir).rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
@@ -152,19 +149,11 @@ def check_uploaded(uri: str, expected: dict[str, int], storage_options: dict | N
         raise OSError(f"checkpoint upload to {uri} is incomplete: {shown}; the step is not committed")
 
 
-def write_commit(uri: str, record: dict[str, Any], storage_options: dict | None = None) -> None:
-    """Write the commit marker of a step (after every file of it is in place)."""
-    fs, path = filesystem(uri, storage_options)
-    with fs.open(f"{path.rstrip('/')}/{COMMIT_FILE}", "wb") as f:
-        f.write(json.dumps(record, indent=1, sort_keys=True).encode())
-
-
 def remove_step(uri: str, storage_options: dict | None = None) -> None:
     """Delete a step: its marker first (readers stop seeing it at once), then its files."""
     fs, path = filesystem(uri, storage_options)
     path = path.rstrip("/")
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm(f"{path}/{COMMIT_FILE}")
+    remove_commit(uri, storage_options)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
@@ -195,7 +184,7 @@ def download_step(
     target.mkdir(parents=True)
     fs, path = filesystem(uri, storage_options)
     fs.get(path.rstrip("/") + "/", str(target) + "/", recursive=True)
-    found = local_manifest(target)
+    found = file_manifest(target)
     wrong = sorted(n for n, size in record["files"].items() if found.get(n) != size)
     if wrong:
         raise OSError(f"checkpoint {uri} downloaded incompletely ({', '.join(wrong[:5])}); retry the run")

@@ -178,7 +178,7 @@ def save_training_state(
     _write_rank_files(tmp, step, engine, info, trainer_state, rank_state, resolved_config)
     barrier()
     if info.is_main:
-        files = shared_store.local_manifest(tmp)
+        files = shared_store.file_manifest(tmp)
         (tmp / COMMIT_FILE).write_text(json.dumps(shared_store.commit_record(step, files), indent=1))
         if final.exists():  # a re-run of the same step after a resume: replace it
             shutil.rmtree(final)
@@ -284,7 +284,7 @@ def restore_latest(location: str | Path, engine: Engine, info: DistInfo) -> Resu
     error = None
     if info.local_rank == 0:
         try:
-            record = shared_store.read_commit(location, step)
+            record = shared_store.read_step_commit(location, step)
             if record is None:
                 raise OSError(f"{uri} lost its commit marker while resuming")
             shared_store.download_step(uri, local, record)

@@ -11,8 +11,8 @@ c10d rendezvous on 127.0.0.1, each with its own TMPDIR (its own "disk" for check
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -80,10 +81,18 @@ class Nodes:
                 )
 
     def kill(self, node: int) -> None:
+        """SIGKILL the node: its launcher and every worker (torchrun starts workers in sessions of their own,
+        so killing the launcher's process group alone would leave them training)."""
         proc = self.procs[node]
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            tree = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for member in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        psutil.wait_procs(tree, timeout=30)
 
     def wait(self, timeout: float = RUN_TIMEOUT) -> list[int]:
         deadline = time.monotonic() + timeout
