@@ -200,9 +200,10 @@ def _save_remote(
     keep_last: int,
 ) -> str:
     uri = shared_store.step_uri(location, step)
-    tmp = shared_store.staging_root(location) / f".tmp-{step_dir_name(step)}"
+    staging = shared_store.staging_root(location)
+    tmp = staging / f".tmp-{step_dir_name(step)}"
     if info.local_rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # also what a killed run left on this node's disk
         tmp.mkdir(parents=True)
     if info.is_main:
         shared_store.remove_step(uri)  # what a killed run left of this step: never mixed with the new files

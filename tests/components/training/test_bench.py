@@ -1,0 +1,33 @@
+"""The SFT packing benchmark's measurement: both modes over the same samples (same real tokens), interleaved
+repetitions, the speedup as the median of per-repetition ratios with its spread."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from vlpipe.components.training.bench import bench_sft_packing, spread
+
+
+def test_spread_is_range_over_median():
+    assert spread([1.0, 2.0, 3.0]) == pytest.approx((3 - 1) / 2)
+    assert spread([0.9, 1.0, 1.05, 1.1]) == pytest.approx((1.1 - 0.9) / 1.025)
+    assert spread([2.0]) == 0.0
+
+
+def test_both_modes_count_the_same_real_tokens_and_repeat(workspace):
+    result = bench_sft_packing(
+        workspace["init"], workspace["data"] / "meta_sft.json", samples=9, max_tokens=256, repeats=2
+    )
+    packed, padded = result["packed"], result["padded"]
+    assert packed["real_tokens"] == padded["real_tokens"] > 0  # the same samples in both modes
+    assert packed["micro_batches"] < padded["micro_batches"] == 2  # 9 samples, 8 per padded micro-batch
+    assert len(packed["tokens_per_s_runs"]) == len(padded["tokens_per_s_runs"]) == 2
+    assert packed["tokens_per_s"] == pytest.approx(statistics.median(packed["tokens_per_s_runs"]), abs=0.1)
+    ratios = [a / b for a, b in zip(packed["tokens_per_s_runs"], padded["tokens_per_s_runs"], strict=True)]
+    assert result["speedup_runs"] == pytest.approx(ratios, abs=2e-3)
+    assert result["speedup_tokens_per_s"] == pytest.approx(statistics.median(ratios), abs=2e-3)
+    assert result["speedup_spread"] == pytest.approx(spread(ratios), abs=2e-3)
+    assert 0 < padded["token_utilisation"] <= 1 and 0 < packed["token_utilisation"] <= 1
+    assert "mfu" not in packed  # CPU: no peak FLOP/s to divide by
