@@ -2,14 +2,15 @@
 
 Both modes train (forward, square-averaged LM loss, backward, AdamW step) on exactly the same encoded
 samples: packed into block-diagonal rows of `max_tokens`, or `padded_batch` samples per micro-batch padded to
-the longest. One repetition trains every micro-batch of both modes (a full pass over the samples each, from
-the same starting weights and a fresh optimizer); repetitions interleave the modes in alternating order
-(packed-padded, padded-packed, ...) so that load from other processes hits both alike, after one untimed
-warm-up micro-batch of each. Throughput counts real (non-padding) tokens per second in both modes
-(`sample_index >= 0`, the same samples, so the same tokens); the speedup is the median of the per-repetition
-ratios, reported with its spread ((max - min) / median) and every repetition's value. Memory is the process's
-resident set after each backward (CPU) or the CUDA peak (GPU); on a GPU MFU = 6 x parameters x tokens/s
-divided by the GPU's peak dense bf16 FLOP/s (`runtime.PEAK_BF16_FLOPS`).
+the longest. A repetition trains every micro-batch of both modes once, the two modes' micro-batches
+interleaved so both advance together in time (`schedule`), each step timed on its own, after one untimed
+warm-up step of each mode; load from other processes then hits both modes alike. On a CPU the benchmark runs
+on one thread (a thread pool's barriers stall whenever another process takes a core, which slows many small
+steps far more than few large ones). Throughput counts real (non-padding) tokens per second in both modes
+(`sample_index >= 0`: the same samples, so the same tokens); the speedup is the median of the
+per-repetition ratios, reported with its spread ((max - min) / median) and every repetition's value. Memory is
+the process's resident set after each step (CPU) or the CUDA peak (GPU); on a GPU MFU = 6 x parameters x
+tokens/s divided by the GPU's peak dense bf16 FLOP/s (`runtime.PEAK_BF16_FLOPS`).
 """
 
 from __future__ import annotations
@@ -51,57 +52,69 @@ def _step(model: Any, optimizer: torch.optim.Optimizer, batch: dict, attn: str) 
     optimizer.zero_grad(set_to_none=True)
 
 
-def _pass(model: Any, initial: dict, batches: list[dict], attn: str) -> tuple[float, float]:
-    """One timed pass over `batches` from the initial weights with a fresh optimizer: (seconds, peak GB)."""
-    model.load_state_dict(initial)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    peak = 0.0
-    _sync()
-    started = time.perf_counter()
-    for batch in batches:
-        _step(model, optimizer, batch, attn)
-        peak = max(peak, _memory_gb())
-    _sync()
-    return time.perf_counter() - started, peak
-
-
 def spread(values: list[float]) -> float:
     """(max - min) / median: 0.1 means the repetitions agree within 10% of their median."""
     return (max(values) - min(values)) / statistics.median(values)
 
 
+def schedule(lengths: dict[str, int], rep: int) -> list[tuple[str, int]]:
+    """The order of one repetition's micro-batches: the modes' lists merged by progress (the mode that is
+    further behind, as a fraction of its micro-batches, goes next), so both modes advance together in time and
+    a burst of load from elsewhere hits both alike; ties go to the first mode on even repetitions, the second
+    on odd ones.
+
+    Worked example: lengths {a: 2, b: 4}, rep 0 → a0 b0 b1 a1 b2 b3 (after a0 and b0, a is at 1/2 and b at
+    1/4, so b goes; after b1 both are at 1/2, a tie, so a).
+    """
+    names = list(lengths) if rep % 2 == 0 else list(lengths)[::-1]
+    done = dict.fromkeys(names, 0)
+    order = []
+    while any(done[n] < lengths[n] for n in names):
+        name = min((n for n in names if done[n] < lengths[n]), key=lambda n: done[n] / lengths[n])
+        order.append((name, done[name]))
+        done[name] += 1
+    return order
+
+
 def interleaved(
     model: Any, modes: dict[str, list[dict]], attn: str, repeats: int, peak_flops: float | None = None
 ) -> dict[str, Any]:
-    """Time full passes of every mode's micro-batches, `repeats` times, alternating the order of the modes.
+    """Train every micro-batch of two modes `repeats` times, the modes' micro-batches interleaved (`schedule`),
+    each step timed on its own.
 
     Args:
-        model: the model (trained in place; reset to its starting weights before every pass).
-        modes: name → micro-batches (each mode over the same samples).
+        model: the model (trained in place; its starting weights are restored at the end).
+        modes: two modes, name → micro-batches (both over the same samples).
         attn: the attention implementation for `model_inputs`.
-        repeats: repetitions (each times every mode once).
+        repeats: repetitions (each trains every micro-batch of both modes once).
         peak_flops: the device's peak FLOP/s, for MFU (None: no MFU).
 
     Returns:
-        Per mode: median tokens/s, each repetition's, spread, utilisation, peak memory (and MFU); and the
-        per-repetition ratios of the first mode's tokens/s to the second's, their median and spread.
+        Per mode: the median over repetitions of its tokens/s (real tokens / seconds of its steps), each
+        repetition's, their spread, utilisation, peak memory (and MFU); the per-repetition ratios of the first
+        mode's tokens/s to the second's, their median and spread.
     """
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     names = list(modes)
-    warm = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    for name in names:  # allocator, kernels, lazy initialisation: not part of any timed pass
-        _step(model, warm, modes[name][0], attn)
-    del warm
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for name in names:  # allocator, kernels, optimizer state: not part of any timed step
+        _step(model, optimizer, modes[name][0], attn)
+    tokens = {n: sum(real_tokens(b) for b in modes[n]) for n in names}
     runs: dict[str, list[float]] = {n: [] for n in names}
     peaks: dict[str, float] = dict.fromkeys(names, 0.0)
-    tokens = {n: sum(real_tokens(b) for b in modes[n]) for n in names}
     for rep in range(repeats):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            seconds, peak = _pass(model, initial, modes[name], attn)
-            runs[name].append(tokens[name] / seconds)
-            peaks[name] = max(peaks[name], peak)
+        seconds = dict.fromkeys(names, 0.0)
+        for name, index in schedule({n: len(modes[n]) for n in names}, rep):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            _sync()
+            started = time.perf_counter()
+            _step(model, optimizer, modes[name][index], attn)
+            _sync()
+            seconds[name] += time.perf_counter() - started
+            peaks[name] = max(peaks[name], _memory_gb())
+        for name in names:
+            runs[name].append(tokens[name] / seconds[name])
     model.load_state_dict(initial)
     flops_per_token = 6.0 * sum(p.numel() for p in model.parameters())
     out: dict[str, Any] = {}
@@ -119,7 +132,7 @@ def interleaved(
         }
         if peak_flops:
             out[name]["mfu"] = round(flops_per_token * median / peak_flops, 4)
-    first, second = names[0], names[1]
+    first, second = names
     ratios = [a / b for a, b in zip(runs[first], runs[second], strict=True)]
     out["ratio_runs"] = [round(r, 3) for r in ratios]
     out["ratio"] = round(statistics.median(ratios), 3)
@@ -217,7 +230,16 @@ def bench_sft_packing(
         packed, padded = ([_to(b, device) for b in batches] for batches in (packed, padded))
     attn = loaded.model.config._attn_implementation
     model = loaded.model.train()
-    result = interleaved(model, {"packed": packed, "padded": padded}, attn, repeats, peak_flops())
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        # One thread: a thread pool's barriers stall whenever another process takes a core, which slows
+        # many small steps (padding) far more than few large ones (packing) and made the ratio follow the
+        # machine's load. Throughput is per core, as in the data-pipeline benchmark.
+        torch.set_num_threads(1)
+    try:
+        result = interleaved(model, {"packed": packed, "padded": padded}, attn, repeats, peak_flops())
+    finally:
+        torch.set_num_threads(threads)
     lengths = [len(s) for s in encoded]
     speedup = result["ratio"]
     return {
@@ -239,7 +261,7 @@ def bench_sft_packing(
         "goal_speedup": 2.0,
         "meets_goal": speedup >= 2.0,
         "device": device,
-        "threads": torch.get_num_threads(),
+        "threads": 1 if device == "cpu" else threads,
     }
 
 

@@ -7,13 +7,23 @@ import statistics
 
 import pytest
 
-from vlpipe.components.training.bench import bench_sft_packing, spread
+from vlpipe.components.training.bench import bench_sft_packing, schedule, spread
 
 
 def test_spread_is_range_over_median():
     assert spread([1.0, 2.0, 3.0]) == pytest.approx((3 - 1) / 2)
     assert spread([0.9, 1.0, 1.05, 1.1]) == pytest.approx((1.1 - 0.9) / 1.025)
     assert spread([2.0]) == 0.0
+
+
+def test_schedule_interleaves_by_progress_and_alternates_ties():
+    # a0, b0; then a at 1/2 and b at 1/4: b1; a tie at 1/2: a1 (rep 0) ...
+    assert schedule({"a": 2, "b": 4}, 0) == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("b", 2), ("b", 3)]
+    # ... and b first on odd repetitions.
+    assert schedule({"a": 2, "b": 4}, 1) == [("b", 0), ("a", 0), ("b", 1), ("b", 2), ("a", 1), ("b", 3)]
+    assert sorted(schedule({"a": 3, "b": 5}, 0)) == [("a", i) for i in range(3)] + [
+        ("b", i) for i in range(5)
+    ]
 
 
 def test_both_modes_count_the_same_real_tokens_and_repeat(workspace):
@@ -31,3 +41,4 @@ def test_both_modes_count_the_same_real_tokens_and_repeat(workspace):
     assert result["speedup_spread"] == pytest.approx(spread(ratios), abs=2e-3)
     assert 0 < padded["token_utilisation"] <= 1 and 0 < packed["token_utilisation"] <= 1
     assert "mfu" not in packed  # CPU: no peak FLOP/s to divide by
+    assert result["threads"] == 1
