@@ -146,3 +146,18 @@ def test_process_group_timeout_from_the_environment(monkeypatch):
             ValueError, match=rf"{PROCESS_GROUP_TIMEOUT_ENV} must be a positive number.*{bad!r}"
         ):
             process_group_timeout()
+
+
+def test_checkpoint_location_defaults_to_the_work_dir_and_takes_s3():
+    from pydantic import ValidationError
+
+    from vlpipe.components.stages import parse_stage_config
+    from vlpipe.components.training.common import checkpoint_location
+
+    sft = {"stage": "sft", "init": "/ckpt/init", "output": "/ckpt/sft", "data": {"meta": "/data/meta.json"}}
+    cfg = parse_stage_config(sft)
+    assert checkpoint_location(cfg, Path(cfg.resolved_work_dir)) == "/ckpt/sft.work/checkpoints"
+    cfg = parse_stage_config({**sft, "checkpoint": {"location": "s3://bucket/run/sft"}})
+    assert checkpoint_location(cfg, Path(cfg.resolved_work_dir)) == "s3://bucket/run/sft"
+    with pytest.raises(ValidationError, match="checkpoint.location"):
+        parse_stage_config({**sft, "checkpoint": {"location": ""}})
