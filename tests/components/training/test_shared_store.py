@@ -161,3 +161,24 @@ def test_checkpoint_location_defaults_to_the_work_dir_and_takes_s3():
     assert checkpoint_location(cfg, Path(cfg.resolved_work_dir)) == "s3://bucket/run/sft"
     with pytest.raises(ValidationError, match="checkpoint.location"):
         parse_stage_config({**sft, "checkpoint": {"location": ""}})
+
+
+def test_model_check_reports_files_the_marker_lists_but_the_store_lacks(
+    fs, tiny_model, tiny_tokenizer, tiny_image_cfg, tmp_path, monkeypatch
+):
+    from vlpipe.model.check import check_checkpoint
+    from vlpipe.model.checkpoint import save_checkpoint
+    from vlpipe.model.storage import localize
+
+    monkeypatch.setenv("VLPIPE_HOME", str(tmp_path / "home"))
+    out = "s3://ckpts/checked/sft"
+    save_checkpoint(out, tiny_model, tiny_tokenizer, tiny_image_cfg, metadata={"preset": "tiny"})
+    report = check_checkpoint(localize(out))
+    assert report.ok, report.problems
+    assert report.facts["commit_marker"] is True
+    weights = "ckpts/checked/sft/model.safetensors"
+    fs.pipe(weights, fs.cat(weights) + b"\0")  # rewritten after the commit: another size
+    report = check_checkpoint(localize(out))
+    assert [(c, m) for c, m in report.problems if c == "commit"] == [
+        ("commit", "files the commit marker lists are missing or of another size: ['model.safetensors']")
+    ]
