@@ -178,8 +178,9 @@ def bench_sft_packing(
     max_tokens: int = 1024,
     padded_batch: int = 8,
     rows_per_batch: int = 4,
-    repeats: int = 5,
+    repeats: int = 4,
     seed: int = 0,
+    peak: float | None = None,
 ) -> dict[str, Any]:
     """Tokens/s of SFT steps with packing and with padding to the batch maximum (see the module docstring).
 
@@ -192,6 +193,7 @@ def bench_sft_packing(
         rows_per_batch: packed rows per micro-batch (similar token slots to a padded micro-batch).
         repeats: interleaved repetitions of both modes (the speedup is their median).
         seed: mixture seed.
+        peak: peak FLOP/s for MFU; default the GPU's (`runtime.peak_flops`), none on a CPU.
 
     Returns:
         Per-mode throughput (median, runs, spread), utilisation, peak memory and (GPU) MFU, the speedup's
@@ -239,7 +241,8 @@ def bench_sft_packing(
         # machine's load. Throughput is per core, as in the data-pipeline benchmark.
         torch.set_num_threads(1)
     try:
-        result = interleaved(model, {"packed": packed, "padded": padded}, attn, repeats, peak_flops())
+        modes = {"packed": packed, "padded": padded}
+        result = interleaved(model, modes, attn, repeats, peak if peak is not None else peak_flops())
     finally:
         torch.set_num_threads(threads)
     lengths = [len(s) for s in encoded]
@@ -264,6 +267,7 @@ def bench_sft_packing(
         "meets_goal": speedup >= 2.0,
         "device": device,
         "threads": 1 if device == "cpu" else threads,
+        "parameters": sum(p.numel() for p in model.parameters()),
     }
 
 

@@ -42,3 +42,12 @@ def test_both_modes_count_the_same_real_tokens_and_repeat(workspace):
     assert 0 < padded["token_utilisation"] <= 1 and 0 < packed["token_utilisation"] <= 1
     assert "mfu" not in packed  # CPU: no peak FLOP/s to divide by
     assert result["threads"] == 1
+
+
+def test_mfu_is_six_parameters_per_token_over_peak(workspace):
+    result = bench_sft_packing(
+        workspace["init"], workspace["data"] / "meta_sft.json", samples=9, max_tokens=256, repeats=1, peak=1e9
+    )
+    for mode in ("packed", "padded"):
+        expected = 6 * result["parameters"] * result[mode]["tokens_per_s"] / 1e9
+        assert result[mode]["mfu"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
