@@ -2,6 +2,7 @@
 c10d rendezvous on 127.0.0.1, each with its own TMPDIR (its own "disk" for checkpoint staging).
 
 - two nodes x 1 micro-batch = one process x 2 accumulation steps (the tolerance of the 2-rank test);
+- a checkpoint directory the nodes do not share is refused by every rank at the first checkpoint;
 - killing both nodes after a committed checkpoint and restarting both ends with the uninterrupted run's
   losses and weights (checkpoints on a directory both nodes see: a ReadWriteMany volume);
 - the same after killing only the node that does not host the rendezvous store, with checkpoints in
@@ -58,7 +59,7 @@ def _write(cfg: dict, path: Path) -> Path:
 class Nodes:
     """Two torchrun launchers (node 0 hosts the rendezvous store), each in its own process group."""
 
-    def __init__(self, config: Path, tmp_path: Path, tag: str) -> None:
+    def __init__(self, config: Path, tmp_path: Path, tag: str, cwd: list[Path] | None = None) -> None:
         port = _free_port()
         self.logs = [tmp_path / f"{tag}-node{i}.log" for i in range(2)]
         self.procs = []
@@ -76,7 +77,12 @@ class Nodes:
             with self.logs[node].open("w") as log:
                 self.procs.append(
                     subprocess.Popen(
-                        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                        cmd,
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        cwd=cwd[node] if cwd else None,
                     )
                 )
 
@@ -232,3 +238,21 @@ def test_non_host_node_killed_resumes_from_s3_to_the_same_weights(reference, wor
         staged = tmp_path / f"node{node}-disk" / "vlpipe-checkpoints"
         assert staged.is_dir(), f"node {node} staged nothing on its own disk"
         assert [p for p in staged.rglob("*") if p.is_file()] == []
+
+
+def test_a_checkpoint_directory_the_nodes_do_not_share_is_refused(workspace, tmp_path):
+    # A relative location resolves against each node's own working directory: two directories, as two
+    # nodes' local disks would be.
+    cfg = _base(workspace, tmp_path / "unshared")
+    cfg["checkpoint"]["location"] = "ckpts"
+    config = _write(cfg, tmp_path / "unshared.json")
+    cwd = [tmp_path / "node0-cwd", tmp_path / "node1-cwd"]
+    for path in cwd:
+        path.mkdir()
+    nodes = Nodes(config, tmp_path, "unshared", cwd=cwd)
+    codes = nodes.wait()
+    assert codes[0] != 0 and codes[1] != 0, nodes.tail()
+    for log in nodes.logs:  # both nodes name the problem and the fix, not a hang or a peer's broken pipe
+        assert "checkpoint.location ckpts is not shared by every node" in log.read_text()
+        assert "ReadWriteMany volume or use s3://" in log.read_text()
+    assert not list((cwd[0] / "ckpts").glob("step-*"))
