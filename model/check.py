@@ -12,7 +12,9 @@ Each problem has a code:
 - `rope`: the text config has no `rope_theta` (transformers 4.x would run with θ = 10000);
 - `template`: no chat template, or one that does not render ChatML;
 - `processor`: no GotOcr2 image processor config, `image_seq_length` disagreeing with the model's, or a tokenizer
-  that does not name the tokens transformers' InternVLProcessor reads.
+  that does not name the tokens transformers' InternVLProcessor reads;
+- `commit`: the commit marker (`COMMITTED`, written last by `save_checkpoint` to an object store) lists a file
+  that is missing or has another size (an upload cut off or overwritten).
 
 Facts (dtype, vocabulary, template with or without a default system message) are reported beside the problems.
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlpipe.model.checkpoint import LM_HEAD_KEYS, tensor_info
+from vlpipe.model.checkpoint import LM_HEAD_KEYS, file_manifest, read_commit, tensor_info
 from vlpipe.model.tokenizer import IM_END, IM_START, IMG_CONTEXT_TOKEN, INTERNVL_ADDED_TOKENS
 
 _DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -178,4 +180,15 @@ def check_checkpoint(directory: str | Path) -> CheckReport:
     ]  # fmt: skip
     if unnamed:
         report.add("processor", f"the tokenizer does not name {unnamed} (InternVLProcessor reads them)")
+
+    # commit
+    record = read_commit(str(path))
+    report.facts["commit_marker"] = record is not None
+    if record is not None:
+        found = file_manifest(path)
+        wrong = sorted(n for n, size in record["files"].items() if found.get(n) != size)
+        if wrong:
+            report.add(
+                "commit", f"files the commit marker lists are missing or of another size: {wrong[:10]}"
+            )
     return report

@@ -16,6 +16,7 @@ Checkpoints handed from stage to stage keep the training precision; `export_chec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,10 +35,15 @@ from transformers import (
 
 from vlpipe.model.build import V2PE_CONFIG_KEY, fit_embeddings, preset_for_config
 from vlpipe.model.image import ImageProcessingConfig
-from vlpipe.model.storage import is_remote, localize, upload_dir
+from vlpipe.model.storage import filesystem, is_remote, localize, upload_dir
 from vlpipe.model.tokenizer import IM_END, PAD_TOKEN, PROCESSOR_TOKEN_ATTRIBUTES, add_internvl_tokens
 
 VLPIPE_FILE = "vlpipe.json"
+COMMIT_FILE = "COMMITTED"
+"""The commit marker: written last into a remote checkpoint and into every resumable training checkpoint (JSON:
+every file with its size, and the step of a training checkpoint). An object store has no rename, so a remote
+checkpoint without it is incomplete (an upload that was cut off) and readers that need a whole one ignore it.
+A local checkpoint is renamed into place complete and needs none."""
 SaveDtype = Literal["bf16", "fp16", "fp32"]
 SAVE_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in SAVE_DTYPES.items()}
@@ -190,9 +196,69 @@ def save_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if is_remote(out):
+        record = {"files": file_manifest(local_target)}
+        remove_commit(
+            out, storage_options
+        )  # an overwritten checkpoint is not committed while its files change
         upload_dir(local_target, out, storage_options=storage_options)
+        write_commit(out, record, storage_options)
         shutil.rmtree(local_target.parent, ignore_errors=True)
     return out
+
+
+def file_manifest(directory: Path) -> dict[str, int]:
+    """Relative path → size of every regular file under `directory` (what a commit marker lists)."""
+    return {
+        p.relative_to(directory).as_posix(): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not p.is_symlink() and p.name != COMMIT_FILE
+    }
+
+
+def write_commit(uri: str, record: dict[str, Any], storage_options: dict | None = None) -> None:
+    """Write the commit marker of the checkpoint directory `uri` (after every file of it is in place)."""
+    fs, path = filesystem(uri, storage_options)
+    with fs.open(f"{path.rstrip('/')}/{COMMIT_FILE}", "wb") as f:
+        f.write(json.dumps(record, indent=1, sort_keys=True).encode())
+
+
+def remove_commit(uri: str, storage_options: dict | None = None) -> None:
+    """Delete the commit marker of `uri`, if any (first, before the files it vouches for change)."""
+    fs, path = filesystem(uri, storage_options)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(f"{path.rstrip('/')}/{COMMIT_FILE}")
+
+
+def read_commit(uri: str, storage_options: dict | None = None) -> dict[str, Any] | None:
+    """The commit marker of the checkpoint directory `uri`, or None when there is none (or it is not one)."""
+    fs, path = filesystem(uri, storage_options)
+    try:
+        with fs.open(f"{path.rstrip('/')}/{COMMIT_FILE}", "rb") as f:
+            record = json.loads(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("files"), dict) else None
+
+
+def is_committed(uri: str, storage_options: dict | None = None) -> bool:
+    """Whether `uri` holds a whole checkpoint: its commit marker exists and every file it lists is there with
+    its size. A local directory without a marker counts when it has `config.json` (`save_checkpoint` renames a
+    local checkpoint into place complete, and published or older checkpoints have no marker).
+
+    This is what to ask before handing a training step's output on (the step's `Model` output, a retried
+    step): a remote checkpoint whose upload was cut off is not committed.
+    """
+    record = read_commit(uri, storage_options)
+    if record is None:
+        return not is_remote(uri) and (Path(uri.removeprefix("file://")) / "config.json").is_file()
+    fs, path = filesystem(uri, storage_options)
+    prefix = path.rstrip("/") + "/"
+    fs.invalidate_cache(path)
+    try:
+        found = {k[len(prefix) :]: int(v["size"]) for k, v in fs.find(prefix, detail=True).items()}
+    except FileNotFoundError:
+        return False
+    return all(found.get(name) == size for name, size in record["files"].items())
 
 
 def load_checkpoint(

@@ -20,7 +20,7 @@ from vlpipe.components.training.runtime import (
     init_distributed,
     seed_everything,
 )
-from vlpipe.components.training.state import ResumeState, latest_checkpoint, load_training_state
+from vlpipe.components.training.state import ResumeState, checkpoint_dir, restore_latest
 from vlpipe.model.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
 from vlpipe.tracking.runs import Run
 
@@ -36,6 +36,8 @@ class StageStart:
     loaded: LoadedModel
     trainable: dict[str, int]
     """Trainable parameters per model part after freezing."""
+    checkpoints: str = ""
+    """Where resumable checkpoints go: `checkpoint.location`, default `<work_dir>/checkpoints`."""
 
     @property
     def preset(self) -> str:
@@ -63,19 +65,22 @@ def begin_stage(cfg: Any, info: DistInfo | None = None) -> StageStart:
     loaded.model.set_attn_implementation(trainer.attn_implementation)
     loaded.model.train()
     trainable = apply_freeze(loaded.model, trainer.freeze)
-    return StageStart(info, work_dir, loaded, trainable)
+    return StageStart(info, work_dir, loaded, trainable, checkpoint_location(cfg, work_dir))
+
+
+def checkpoint_location(cfg: Any, work_dir: Path) -> str:
+    """The stage's checkpoint location: `checkpoint.location`, default `<work_dir>/checkpoints`."""
+    return cfg.checkpoint.location or str(checkpoint_dir(work_dir))
 
 
 def resume_point(start: StageStart, enabled: bool, engine: Engine) -> ResumeState | None:
-    """Restore the newest complete checkpoint in the work directory into `engine` (None when starting fresh)."""
+    """Restore the newest committed checkpoint at the stage's checkpoint location into `engine` (a collective;
+    None when starting fresh). A remote one is downloaded once per node."""
     if not enabled:
         return None
-    path = latest_checkpoint(start.work_dir)
-    if path is None:
-        return None
-    state = load_training_state(path, engine, start.info)
-    if start.info.is_main:
-        log.info("resuming from %s (step %d)", path, state.step)
+    state = restore_latest(start.checkpoints or checkpoint_dir(start.work_dir), engine, start.info)
+    if state is not None and start.info.is_main:
+        log.info("resuming from %s (step %d)", state.path, state.step)
     return state
 
 

@@ -153,12 +153,15 @@ class CheckpointConfig(_Strict):
     Attributes:
         every_steps: save every this many optimizer steps; 0 saves only at the end.
         keep_last: how many of the most recent checkpoints to keep.
-        resume: continue from the latest complete checkpoint in `work_dir` when there is one.
+        resume: continue from the newest committed checkpoint at `location` when there is one.
+        location: where the checkpoints go, a directory or an `s3://` prefix every node of the stage sees
+            (default `<work_dir>/checkpoints`); several nodes need a shared (ReadWriteMany) volume or `s3://`.
     """
 
     every_steps: int = Field(0, ge=0)
     keep_last: int = Field(2, ge=1)
     resume: bool = True
+    location: str | None = Field(None, min_length=1)
 
 
 class TrackingConfig(_Strict):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from vlpipe.components.training.runtime import DistInfo, Engine, peak_flops, rng_state
-from vlpipe.components.training.state import save_training_state
+from vlpipe.components.training.state import checkpoint_dir, save_training_state
 from vlpipe.model.collate import collate_padded
 from vlpipe.model.conversation import EncodedSample
 from vlpipe.model.data.config import PackingConfig
@@ -229,7 +229,8 @@ class StepReport:
 
     `begin()` before the step; `end(step, metrics)` after it adds lr, step time, tokens/s, MFU (GPU) and peak
     memory, logs the step to MLflow and `<work_dir>/metrics.jsonl` and shows progress; `checkpoint(step,
-    rank_state)` writes the resumable checkpoint every `checkpoint.every_steps` steps (a collective). Steps a
+    rank_state)` writes and commits the resumable checkpoint every `checkpoint.every_steps` steps to the stage's
+    checkpoint location (`state.py`; a collective). Steps a
     killed run logged after its last checkpoint are dropped from `metrics.jsonl` when the stage resumes.
 
     Args:
@@ -253,6 +254,7 @@ class StepReport:
         resolved: dict[str, Any],
     ) -> None:
         self.info, self.work_dir, self.engine, self.run = start.info, start.work_dir, engine, run
+        self.checkpoints = start.checkpoints or str(checkpoint_dir(start.work_dir))
         self.total_steps, self.resolved = total_steps, resolved
         self.every_steps, self.keep_last = cfg.checkpoint.every_steps, cfg.checkpoint.keep_last
         self.trainer_state = {"mlflow_run_id": run.run_id, "stage": cfg.stage}
@@ -288,7 +290,7 @@ class StepReport:
         """Write a resumable checkpoint after `step` when one is due (every rank calls this)."""
         if self.every_steps and step % self.every_steps == 0 and step < self.total_steps:
             save_training_state(
-                self.work_dir,
+                self.checkpoints,
                 step,
                 self.engine,
                 self.info,

@@ -26,7 +26,27 @@ from vlpipe.components.training.config import DistributedConfig, FreezeConfig, O
 from vlpipe.components.training.deepspeed import render_deepspeed_config
 from vlpipe.objectives.distributed import all_reduce_sum
 
-_PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+PROCESS_GROUP_TIMEOUT_ENV = "VLPIPE_PROCESS_GROUP_TIMEOUT_S"
+_DEFAULT_PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+
+
+def process_group_timeout() -> timedelta:
+    """How long a collective waits for a missing rank before failing: `$VLPIPE_PROCESS_GROUP_TIMEOUT_S`
+    seconds, default 30 minutes (a node that lost its peer gives up after this and its pod restarts).
+
+    Raises:
+        ValueError: a value that is not a positive number of seconds.
+    """
+    raw = os.environ.get(PROCESS_GROUP_TIMEOUT_ENV)
+    if raw is None or raw == "":
+        return _DEFAULT_PROCESS_GROUP_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{PROCESS_GROUP_TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+    return timedelta(seconds=seconds)
 
 
 @dataclass(frozen=True)
@@ -74,7 +94,7 @@ def init_distributed(config: DistributedConfig) -> DistInfo:
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         try:
-            deepspeed.init_distributed(dist_backend=backend, timeout=_PROCESS_GROUP_TIMEOUT)
+            deepspeed.init_distributed(dist_backend=backend, timeout=process_group_timeout())
         finally:
             if group_of_one:
                 # Child processes (pipeline tasks, launchers) must not join this process's group; DeepSpeed
