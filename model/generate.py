@@ -176,13 +176,16 @@ class GenerationEngine:
             (row, token) per row that produced a token this step, and (row, None) for each row that finished
             without one (end token, or cancelled). A row's `on_token` is called for each of its tokens.
         """
-        self._drop([r for r in self.pending if r.cancelled])
+        events: list[tuple[Row, int | None]] = []
+        for row in [r for r in self.pending if r.cancelled]:  # cancelled before they joined: no prefill
+            row.finish_reason = "cancelled"
+            self.pending.remove(row)
+            events.append((row, None))
         if self.pending:
             self._admit()
         if not self.rows:
-            return []
+            return events
         assert self._logits is not None
-        events: list[tuple[Row, int | None]] = []
         tokens = self._sample(self._logits)
         keep: list[int] = []
         for i, (row, token) in enumerate(zip(self.rows, tokens, strict=True)):
@@ -215,11 +218,6 @@ class GenerationEngine:
             yield self.step()
 
     # -- internals ---------------------------------------------------------------------------------------------------
-    def _drop(self, rows: list[Row]) -> None:
-        for row in rows:
-            row.finish_reason = "cancelled"
-            self.pending.remove(row)
-
     def _admit(self) -> None:
         """Prefill the pending rows' distinct prompts in one left-padded batch and merge them into the cache."""
         rows, self.pending = self.pending, []

@@ -15,8 +15,11 @@ Unknown fields are ignored, as OpenAI clients send many optional ones; known one
 not 5, `"yes"` not true, `1.9` not an integer), `temperature` is 0 or 0.001–2 and `seed` a 64-bit integer (422
 otherwise).
 
-Streaming sends the answer token by token as chunks, but only after the whole answer is generated
-(`vlpipe.model.generate.generate` has no streamer hook): the protocol is OpenAI's, the time to first token is not.
+Streaming sends each token's text as a chunk as soon as the batcher produces it (`ChatModel.chat_stream`): a
+role chunk per choice, content chunks by choice index as the rows advance (interleaved when `n` > 1), a chunk
+with the finish reason when a row ends, then `data: [DONE]`. The chunks join to the non-streamed answer. A
+client that disconnects cancels its rows. With `best_of` the PRM needs whole answers, so those stream only after
+scoring. Past the request timeout a started stream ends with an error event (`{"error": {..., "code": 504}}`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from vlpipe.serving.limits import RequestRejected, ServingLimits
+from vlpipe.serving.limits import RequestRejected, ServingLimits, error_body
 from vlpipe.serving.pyfunc import MAX_TEMPERATURE, decode_image_field
 
 # vlpipe.model.generate's bounds, repeated so that importing this module does not import torch
@@ -231,7 +234,60 @@ class ChatModel(Protocol):
 
     async def chat(self, conversation: Conversation, settings: ChatSettings) -> ChatResult: ...
 
+    async def chat_stream(self, conversation: Conversation, settings: ChatSettings) -> TokenStream: ...
+
     def text_pieces(self, token_ids: Sequence[int]) -> list[str]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+
+class StreamUpdate(Protocol):
+    """One row's progress in a step: a new token, and/or its finish reason when it ended."""
+
+    index: int
+    token: int | None
+    finish_reason: str | None
+
+
+class TokenStream(Protocol):
+    """A chat answer being generated (`vlpipe.serving.predictor.ChatStream` is one)."""
+
+    size: int
+    prompt_tokens: int
+
+    async def next(self) -> Sequence[StreamUpdate] | None: ...
+
+    def cancel(self) -> None: ...
+
+
+class IncrementalText:
+    """A row's text as its tokens arrive, cut as `text_pieces` cuts it: a piece is sent once the decoded
+    prefix is stable (not ending in a partial UTF-8 character), the rest when the row ends.
+
+    Args:
+        decode: token ids → text (the model's, without special tokens).
+    """
+
+    def __init__(self, decode) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, token: int) -> str:
+        """The new text `token` completes ("" while it is incomplete)."""
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.startswith(self.sent) and not text.endswith("\ufffd") and len(text) > len(self.sent):
+            piece, self.sent = text[len(self.sent) :], text
+            return piece
+        return ""
+
+    def finish(self) -> str:
+        """What is left to send once the row has ended."""
+        text = self.decode(self.ids)
+        rest = text[len(self.sent) :] if text.startswith(self.sent) else ""
+        self.sent = text
+        return rest
 
 
 # -- request → conversation --------------------------------------------------------------------------------
@@ -405,6 +461,47 @@ async def stream_events(
     yield "data: [DONE]\n\n"
 
 
+async def live_events(
+    model: ChatModel,
+    stream: TokenStream,
+    first: Sequence[StreamUpdate] | None,
+    *,
+    response_id: str,
+    created: int,
+) -> AsyncIterator[str]:
+    """Server-sent events of a chat answer as it is generated (see the module docstring). Closing the
+    iterator early (the client disconnected) cancels the rows."""
+
+    def chunk(index: int, delta: ChoiceDelta, finish: FinishReason | None = None) -> str:
+        choice = ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish)
+        return _sse(ChatCompletionChunk(id=response_id, created=created, model=model.name, choices=[choice]))
+
+    texts = [IncrementalText(model.decode) for _ in range(stream.size)]
+    try:
+        for i in range(stream.size):
+            yield chunk(i, ChoiceDelta(role="assistant", content=""))
+        updates = first
+        while updates is not None:
+            for u in updates:
+                piece = texts[u.index].push(u.token) if u.token is not None else ""
+                if u.finish_reason is not None:
+                    piece += texts[u.index].finish()
+                if piece:
+                    yield chunk(u.index, ChoiceDelta(content=piece))
+                if u.finish_reason is not None:
+                    finish: FinishReason = "length" if u.finish_reason == "length" else "stop"
+                    yield chunk(u.index, ChoiceDelta(), finish)
+            try:
+                updates = await stream.next()
+            except RequestRejected as exc:  # the deadline passed mid-stream: the status has been sent
+                body = error_body(OPENAI_ROUTE_PREFIX + "/", exc.status_code, exc.message)
+                yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        stream.cancel()  # a no-op once every row has finished; frees the rows of a client that left
+
+
 # -- routes ------------------------------------------------------------------------------------------------
 def _find_model(registry: ModelRepository, name: str | None) -> ChatModel:
     models = registry.get_models()
@@ -442,8 +539,20 @@ def register_openai_routes(app: FastAPI, registry: ModelRepository) -> None:
         model = _find_model(registry, body.model)
         settings = chat_settings(body, model.limits)
         conversation = to_conversation(body, model.limits)
-        result = await model.chat(conversation, settings)
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream and settings.best_of is None:
+            stream = await model.chat_stream(conversation, settings)
+            try:
+                first = await stream.next()  # a 504 before any token is still an HTTP status
+            except BaseException:
+                stream.cancel()
+                raise
+            return StreamingResponse(
+                live_events(model, stream, first, response_id=response_id, created=created),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache"},
+            )
+        result = await model.chat(conversation, settings)
         if body.stream:
             return StreamingResponse(
                 stream_events(model, result, response_id=response_id, created=created),
