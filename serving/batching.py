@@ -168,6 +168,9 @@ class Batcher:
         self._thread = threading.Thread(target=self._loop, name=f"vlpipe-batcher-{name}", daemon=True)
         self._started = False
         self._step_s = 0.05  # a running estimate of one decode step, for Retry-After
+        self.steps = 0  # decode steps run, and rows in them: steps and rows_stepped give the mean batch
+        self.rows_stepped = 0
+        self.peak_rows = 0
 
     # -- the event-loop side -----------------------------------------------------------------------------------
     def submit(self, groups: Sequence[tuple[EncodedSample, Sequence[SamplingParams]]]) -> Ticket:
@@ -239,6 +242,7 @@ class Batcher:
                 if ticket.cancelled:
                     ticket.cancel()
             started = time.perf_counter()
+            rows = engine.active
             try:
                 events = engine.step()
             except Exception as exc:  # a failed batch fails its requests; the server keeps serving
@@ -247,6 +251,9 @@ class Batcher:
                 engine = self._engine = self.make_engine()
                 continue
             self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - started)
+            self.steps += 1
+            self.rows_stepped += rows
+            self.peak_rows = max(self.peak_rows, rows)
             self._dispatch(events)
         self._fail_all(engine, RuntimeError("the server is shutting down"))
 
