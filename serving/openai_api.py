@@ -2,9 +2,12 @@
 
 KServe 0.21's own OpenAI model classes import vLLM, so without vLLM their routes are never registered; this
 module adds the route itself (`register_openai_routes`) with pydantic request/response models. A request
-carries OpenAI chat messages whose content is a string or a list of `text` and `image_url` parts; images must
-be base64 data URLs with an image media type (`data:image/png;base64,...`) — remote `http(s)` URLs are refused,
-the server never fetches anything. Messages map to InternVL conversation turns (system/developer → system,
+carries OpenAI chat messages whose content is a string or a list of `text`, `image_url` and (vLLM's extension)
+`video_url` parts; images must be base64 data URLs with an image media type (`data:image/png;base64,...`),
+a video a `data:video/...;base64,` URL — remote `http(s)` URLs are refused, the server never fetches anything.
+A video is decoded with PyAV and sampled as evaluation samples one (`ServingLimits.max_video_frames` frames,
+each the middle of an equal segment, one tile each, `Frame{i}: <image>` lines); a request holds at most one
+video, in its first user message, and no images; a video over `max_video_bytes` is refused with 413. Messages map to InternVL conversation turns (system/developer → system,
 user → human, assistant → gpt); each image part becomes an `<image>` placeholder at its place in the user turn
 (parts are joined by newlines, so `[image, text]` gives InternVL's `<image>\\n...`). Supported fields:
 `model`, `messages`, `max_tokens` (or `max_completion_tokens`), `temperature` (default 1.0, as OpenAI;
@@ -24,6 +27,8 @@ scoring. Past the request timeout a started stream ends with an error event (`{"
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import time
 import uuid
@@ -78,7 +83,25 @@ class ImagePart(BaseModel):
     image_url: ImageURL | str
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(BaseModel):
+    """A video given as a URL; only `data:video/...;base64,` URLs are accepted."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    url: str
+
+
+class VideoPart(BaseModel):
+    """A video part of a message's content, as vLLM's chat API takes it (`{"type": "video_url", "video_url":
+    {"url": "data:video/mp4;base64,..."}}`, or the URL string itself)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["video_url"]
+    video_url: VideoURL | str
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
@@ -191,6 +214,7 @@ class Conversation:
 
     turns: tuple[tuple[str, str], ...]
     images: tuple[bytes, ...] = ()
+    video: bytes | None = None  # the encoded video file; its turn holds a `<video>` placeholder
 
 
 @dataclass(frozen=True)
@@ -320,6 +344,36 @@ def _image_bytes(part: ImagePart, where: str) -> bytes:
         raise RequestRejected(400, str(exc), param=where) from exc
 
 
+def _video_bytes(part: VideoPart, where: str, limits: ServingLimits) -> bytes:
+    url = part.video_url.url if isinstance(part.video_url, VideoURL) else part.video_url
+    text = url.strip()
+    if text[:8].lower().startswith(("http://", "https://")):
+        raise RequestRejected(
+            400,
+            f"{where}: remote video URLs are not fetched by this server; send the video inline as a base64 "
+            "data URL, 'data:video/mp4;base64,...'",
+            param=where,
+        )
+    header, comma, payload = text.partition(",")
+    if not (comma and header[:11].lower() == "data:video/" and header.lower().endswith(";base64")):
+        raise RequestRejected(
+            400, f"{where}: video_url must be a base64 data URL, 'data:video/mp4;base64,...'", param=where
+        )
+    payload = "".join(payload.split())
+    if len(payload) * 3 // 4 - payload[-2:].count("=") > limits.max_video_bytes:  # before decoding
+        raise RequestRejected(
+            413,
+            f"{where}: the video is larger than the server's max_video_bytes of {limits.max_video_bytes} bytes; "
+            "send a shorter or smaller video",
+            param=where,
+            code="video_too_large",
+        )
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestRejected(400, f"{where}: the video data URL is not valid base64", param=where) from None
+
+
 def to_conversation(request: ChatCompletionRequest, limits: ServingLimits) -> Conversation:
     """Map OpenAI messages to InternVL turns and decode their base64 images (not yet the image files).
 
@@ -341,6 +395,7 @@ def to_conversation(request: ChatCompletionRequest, limits: ServingLimits) -> Co
             param="messages",
         )
     count = _image_count(request)
+    first_user = next((i for i, m in enumerate(request.messages) if m.role == "user"), -1)
     if count > limits.max_images:
         raise RequestRejected(
             400,
@@ -349,6 +404,7 @@ def to_conversation(request: ChatCompletionRequest, limits: ServingLimits) -> Co
         )
     turns: list[tuple[str, str]] = []
     images: list[bytes] = []
+    video: bytes | None = None
     for i, message in enumerate(request.messages):
         content = message.content
         if content is None or isinstance(content, str):
@@ -362,8 +418,21 @@ def to_conversation(request: ChatCompletionRequest, limits: ServingLimits) -> Co
             where = f"messages[{i}].content[{j}]"
             if message.role != "user":
                 raise RequestRejected(
-                    400, f"{where}: images belong in user messages, not {message.role}", param=where
+                    400,
+                    f"{where}: images and videos belong in user messages, not {message.role}",
+                    param=where,
                 )
+            if isinstance(part, VideoPart):
+                if video is not None or count or i != first_user:
+                    raise RequestRejected(
+                        400,
+                        f"{where}: a request holds at most one video, in its first user message, and no images "
+                        "(InternVL's video format)",
+                        param=where,
+                    )
+                video = _video_bytes(part, where, limits)
+                pieces.append("<video>")
+                continue
             images.append(_image_bytes(part, where))
             pieces.append("<image>")
         turns.append((_ROLES[message.role], "\n".join(pieces)))
@@ -374,7 +443,7 @@ def to_conversation(request: ChatCompletionRequest, limits: ServingLimits) -> Co
             "message to get an answer",
             param="messages",
         )
-    return Conversation(tuple(turns), tuple(images))
+    return Conversation(tuple(turns), tuple(images), video)
 
 
 def chat_settings(request: ChatCompletionRequest, limits: ServingLimits) -> ChatSettings:

@@ -497,21 +497,61 @@ class VLPipeModel(kserve.Model):
         """
         from vlpipe.model.image import decode_image
         from vlpipe.model.prompt import generation_prompt
+        from vlpipe.model.video import expand_video_prompt
 
         loaded = self.loaded
         assert self.pyfunc is not None and self.pyfunc.encoder is not None
+        turns = list(conversation.turns)
         try:
-            images = [
-                decode_image(data, source=f"image {i}", max_pixels=loaded.image_cfg.max_pixels)
-                for i, data in enumerate(conversation.images)
-            ]
+            if conversation.video is not None:
+                images = self._video_frames(conversation.video)
+                expanded = expand_video_prompt(
+                    [{"from": role, "value": text} for role, text in turns], len(images), "request"
+                )
+                turns = [(turn["from"], turn["value"]) for turn in expanded]
+            else:
+                images = [
+                    decode_image(data, source=f"image {i}", max_pixels=loaded.image_cfg.max_pixels)
+                    for i, data in enumerate(conversation.images)
+                ]
             sample = generation_prompt(
-                self.pyfunc.encoder, loaded, conversation.turns, images, sample_id="request"
+                self.pyfunc.encoder,
+                loaded,
+                turns,
+                images,
+                sample_id="request",
+                frames=conversation.video is not None,
             )
         except REQUEST_ERRORS as exc:  # SampleError is a ValueError
             raise _reject(exc) from None
-        prm_text = "\n".join(text for role, text in conversation.turns if role == "human")
+        prm_text = "\n".join(text for role, text in turns if role == "human")
         return ChatPrompt(sample, prm_text, images)
+
+    def _video_frames(self, data: bytes) -> list[Image.Image]:
+        """A request's video as evaluation samples it: `max_video_frames` segment-middle frames.
+
+        Raises:
+            SampleError: a video PyAV cannot read, without frames, or with frames over the pixel cap.
+        """
+        import random
+
+        from vlpipe.model.video import decode_video_frames
+
+        if len(data) > self.limits.max_video_bytes:
+            raise RequestRejected(
+                413,
+                f"the video is {len(data)} bytes, above the server's max_video_bytes of "
+                f"{self.limits.max_video_bytes}",
+                code="video_too_large",
+            )
+        return decode_video_frames(
+            data,
+            sample_id="request video",
+            num_frames=self.limits.max_video_frames,
+            sampling="middle",
+            rng=random.Random(0),  # unused by "middle": the frames are deterministic
+            max_pixels=self.loaded.image_cfg.max_pixels,
+        )
 
     def score(self, prompt: ChatPrompt, answers: Sequence[str]) -> list[ScoredAnswer]:
         """PRM scores of answers to a chat prompt (the PRM's own image settings apply to its tiles).

@@ -1,7 +1,8 @@
 """Batched serving over HTTP: concurrent requests generated together give the answers they get alone (greedy and
 seeded sampling), streamed chunks arrive while the answer is generated and join to the non-streamed text, a
 disconnecting stream frees its rows, a full queue is a 429 with Retry-After, a request past its deadline a 504,
-health answers while generation runs, and the OpenAI Python client and KServe's InferenceRESTClient work.
+health answers while generation runs, video inputs (vLLM's `video_url`) are sampled as evaluation samples them
+and batched with the rest, and the OpenAI Python client and KServe's InferenceRESTClient work.
 
 The served models run in float64, so batch shape cannot flip a greedy token (exact equality, not luck). The
 "slow" model sleeps before every forward pass (a slow accelerator, without loading the CPU) so that a request
@@ -29,7 +30,10 @@ from vlpipe.serving.predictor import VLPipeModel, serve_in_background
 
 CHAT = "/openai/v1/chat/completions"
 STEP_S = 0.03  # the slow model's sleep per forward pass
-FAST = ServingLimits(max_tokens=64, default_max_tokens=8, batch_max_size=8, batch_wait_ms=50, max_n=4)
+FAST = ServingLimits(
+    max_tokens=64, default_max_tokens=8, batch_max_size=8, batch_wait_ms=50, max_n=4, max_video_frames=4,
+    max_video_bytes=40_000,
+)  # fmt: skip
 SLOW = ServingLimits(
     max_tokens=200,
     default_max_tokens=8,
@@ -224,3 +228,89 @@ def test_chat_sync_and_the_batcher_agree(served):
     direct = fast.chat_sync(conversation, settings)
     assert [c.text for c in result.completions] == [c.text for c in direct.completions]
     assert threading.active_count() > 1
+
+
+def _clip(frames: int, seed: int = 0) -> bytes:
+    from vlpipe.model.video import encode_clip
+
+    rng = np.random.default_rng(seed)
+    return encode_clip(
+        [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(frames)]
+    )
+
+
+def _video_user(text: str, clip: bytes, mime: str = "video/mp4") -> dict:
+    url = f"data:{mime};base64," + base64.b64encode(clip).decode()
+    return {
+        "role": "user",
+        "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": text}],
+    }
+
+
+def test_a_video_chat_answers_as_its_sampled_frames_do(served, http):
+    import random
+
+    from vlpipe.model.generate import generate
+    from vlpipe.model.prompt import generation_prompt
+    from vlpipe.model.tokenizer import IM_END
+    from vlpipe.model.video import decode_video_frames, expand_video_prompt
+
+    _, fast, _ = served
+    clip = _clip(12)
+    body = {
+        "model": "fast",
+        "messages": [_video_user("What happens?", clip)],
+        "max_tokens": 10,
+        "temperature": 0,
+    }
+    with ThreadPoolExecutor(3) as pool:  # batched with two image requests
+        answers = list(pool.map(lambda b: http.post(CHAT, json=b), [body, *({"model": "fast", "messages": m,
+                       "max_tokens": 10, "temperature": 0} for m in MIXED[2:])]))  # fmt: skip
+    assert all(a.status_code == 200 for a in answers), answers[0].text
+    # Spelled out: 4 frames (max_video_frames) at the middles of 4 equal segments of 12: 1, 4, 7, 10.
+    frames = decode_video_frames(
+        clip, sample_id="v", num_frames=4, sampling="middle", rng=random.Random(0), max_pixels=10**6
+    )
+    turns = expand_video_prompt([{"from": "human", "value": "<video>\nWhat happens?"}], 4, "v")
+    assert turns[0]["value"].startswith(
+        "Frame1: <image>\nFrame2: <image>\nFrame3: <image>\nFrame4: <image>\n"
+    )
+    loaded = fast.loaded
+    prompt = generation_prompt(
+        fast.pyfunc.encoder, loaded, [("human", turns[0]["value"])], frames, sample_id="v", frames=True
+    )
+    assert prompt.num_tiles == [1, 1, 1, 1]
+    tok = loaded.tokenizer
+    ids = generate(loaded.model, [prompt], eos_token_id=tok.convert_tokens_to_ids(IM_END),
+                   pad_token_id=tok.pad_token_id, max_new_tokens=10)  # fmt: skip
+    assert answers[0].json()["choices"][0]["message"]["content"] == tok.decode(
+        ids[0], skip_special_tokens=True
+    )
+    assert answers[0].json()["usage"]["prompt_tokens"] == len(prompt)
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "match"),
+    [
+        ([("video", b"\x00" * 40_001)], 413, "max_video_bytes of 40000"),
+        ([("video", b"not a video at all")], 400, "cannot read the video"),
+        ([("video", "clip"), ("video", "clip")], 400, "at most one video"),
+        ([("image", "png"), ("video", "clip")], 400, "at most one video"),
+        ([("video", "clip", "text/plain")], 400, "data:video/mp4;base64"),
+    ],
+)
+def test_bad_videos_get_4xx_naming_the_limit(http, content, status, match):
+    parts = []
+    for kind, data, *mime in content:
+        data = {"clip": _clip(3), "png": _png(32, 32, 0)}.get(data, data)
+        url = f"data:{mime[0] if mime else ('video/mp4' if kind == 'video' else 'image/png')};base64,"
+        url += base64.b64encode(data).decode()
+        parts.append({"type": f"{kind}_url", f"{kind}_url": {"url": url}})
+    body = {
+        "model": "fast",
+        "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "?"}]}],
+    }
+    response = http.post(CHAT, json=body)
+    assert response.status_code == status, response.text
+    assert match in response.json()["error"]["message"]
+    assert http.get("/v2/health/ready").status_code == 200
