@@ -5,8 +5,9 @@ never blocks on generation (health and readiness stay fast under load). Requests
 loop as `Ticket`s, each a list of (prompt, per-row sampling settings) groups (`n` / `best_of` samples of one
 prompt share one prefill). The thread:
 
-1. waits for work; when the batch is empty it waits up to `batch_wait_ms` more for companions, so concurrent
-   requests that arrive together start together;
+1. waits for work; when the batch is empty and other requests are still being encoded (`incoming`), it waits
+   up to `batch_wait_ms` for them, so concurrent requests that arrive together start together (a lone request
+   starts at once);
 2. admits waiting tickets while their rows fit in `batch_max_size` (a ticket larger than that runs alone), also
    between decode steps of a running batch (continuous batching: no request waits for a batch to drain);
 3. steps the engine (one token per row) and hands each ticket its new tokens on the event loop
@@ -25,7 +26,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -167,6 +168,7 @@ class Batcher:
         self._owners: dict[int, tuple[Ticket, int]] = {}  # id(row) -> (ticket, index in ticket)
         self._thread = threading.Thread(target=self._loop, name=f"vlpipe-batcher-{name}", daemon=True)
         self._started = False
+        self._incoming = 0  # requests being encoded, about to be submitted
         self._step_s = 0.05  # a running estimate of one decode step, for Retry-After
         self.steps = 0  # decode steps run, and rows in them: steps and rows_stepped give the mean batch
         self.rows_stepped = 0
@@ -189,6 +191,19 @@ class Batcher:
             self._waiting.append(ticket)
             self._cond.notify()
         return ticket
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Mark a request as on its way (being encoded) for the duration of the block: an idle batcher waits
+        up to `batch_wait_ms` for such requests to start a batch with them, and starts at once when none is."""
+        with self._cond:
+            self._incoming += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._incoming -= 1
+                self._cond.notify()
 
     def _retry_after(self) -> int:
         # Roughly: the queue ahead, a batch at a time, each ~100 steps.
@@ -223,10 +238,11 @@ class Batcher:
                     self._cond.wait()
                 if self._stop:
                     break
-                if not engine.active:  # a new batch: give concurrent requests a moment to join it
+                if not engine.active:  # a new batch: give requests being encoded a moment to join it
                     deadline = time.monotonic() + self.batch_wait_s
                     while (
                         not self._stop
+                        and self._incoming > 0
                         and sum(t.size for t in self._waiting) < self.batch_max_size
                         and (remaining := deadline - time.monotonic()) > 0
                     ):

@@ -73,7 +73,8 @@ class ServingLimits(BaseModel):
         max_header_bytes: size of a request line and headers (431 and close above it).
         batch_max_size: answer rows generated together at most (a request with `n` answers takes `n` rows);
             1 generates one row at a time.
-        batch_wait_ms: how long an idle server waits for concurrent requests to start a batch together.
+        batch_wait_ms: how long an idle server waits for requests still being encoded to start a batch
+            together (a lone request starts at once).
         max_queue: requests waiting for a place in the batch at most (429 with `Retry-After` beyond).
         request_timeout_s: time from a request's arrival to its last token (504 past it; a stream that has
             started ends with an error event).

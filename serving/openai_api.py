@@ -419,7 +419,8 @@ def to_conversation(request: ChatCompletionRequest, limits: ServingLimits) -> Co
             if message.role != "user":
                 raise RequestRejected(
                     400,
-                    f"{where}: images and videos belong in user messages, not {message.role}",
+                    f"{where}: {'videos' if isinstance(part, VideoPart) else 'images'} belong in user messages, "
+                    f"not {message.role}",
                     param=where,
                 )
             if isinstance(part, VideoPart):

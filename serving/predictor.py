@@ -408,18 +408,20 @@ class VLPipeModel(kserve.Model):
             RequestRejected: as `prepare_rows`; (429) a full queue; (504) past the request timeout.
         """
         deadline = self.deadline()
-        prompts, settings = await self._in_pool(self.prepare_rows, rows, params)
-        try:
-            params_ = row_params(
-                len(prompts),
-                settings["max_new_tokens"],
-                settings["temperature"],
-                settings["top_p"],
-                settings["seed"],
-            )
-        except REQUEST_ERRORS as exc:
-            raise _reject(exc) from None
-        ticket = self.submit([(p, [sp]) for p, sp in zip(prompts, params_, strict=True)])
+        assert self.batcher is not None
+        with self.batcher.incoming():
+            prompts, settings = await self._in_pool(self.prepare_rows, rows, params)
+            try:
+                params_ = row_params(
+                    len(prompts),
+                    settings["max_new_tokens"],
+                    settings["temperature"],
+                    settings["top_p"],
+                    settings["seed"],
+                )
+            except REQUEST_ERRORS as exc:
+                raise _reject(exc) from None
+            ticket = self.submit([(p, [sp]) for p, sp in zip(prompts, params_, strict=True)])
         return [self.decode(row) for row in await self.finish(ticket, deadline)]
 
     def prepare_rows(
@@ -635,19 +637,21 @@ class VLPipeModel(kserve.Model):
             raise RequestRejected(
                 400, "best_of needs a process reward model; start the server with --prm-uri", "best_of"
             )
-        prompt = await self._in_pool(self.encode_chat, conversation)
-        try:
-            params = row_params(
-                settings.best_of or settings.n,
-                settings.max_tokens,
-                settings.temperature,
-                settings.top_p,
-                settings.seed,
-            )
-        except REQUEST_ERRORS as exc:
-            raise _reject(exc) from None
-        # The N samples of one prompt: one group, so the image features and the prefill are computed once.
-        return prompt, self.submit([(prompt.sample, params)])
+        assert self.batcher is not None
+        with self.batcher.incoming():  # an idle batcher waits for requests being encoded, not for a lone one
+            prompt = await self._in_pool(self.encode_chat, conversation)
+            try:
+                params = row_params(
+                    settings.best_of or settings.n,
+                    settings.max_tokens,
+                    settings.temperature,
+                    settings.top_p,
+                    settings.seed,
+                )
+            except REQUEST_ERRORS as exc:
+                raise _reject(exc) from None
+            # The N samples of one prompt: one group, so the image features and the prefill are computed once.
+            return prompt, self.submit([(prompt.sample, params)])
 
     async def chat(self, conversation: Conversation, settings: ChatSettings) -> ChatResult:
         """`chat_sync` through the batcher (with other requests' rows), PRM scoring on the scoring thread.

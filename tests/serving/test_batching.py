@@ -40,7 +40,7 @@ SLOW = ServingLimits(
     batch_max_size=2,
     batch_wait_ms=0,
     max_queue=1,
-    request_timeout_s=1.5,
+    request_timeout_s=3.0,
 )
 
 
@@ -159,11 +159,11 @@ def test_a_full_queue_is_429_with_retry_after_and_a_late_answer_504(served, http
         error = refused.json()["error"]
         assert error["code"] == 429 and "retry in" in error["message"]
         assert all(h.status_code == 200 for h in health)
-        # 200 tokens at >= 30 ms each is past the 1.5 s request timeout: every one of them is a 504.
+        # 200 tokens at >= 30 ms each is past the 3 s request timeout: every one of them is a 504.
         for future in [*running, waiting]:
             response = future.result(timeout=30)
             assert response.status_code == 504, response.text
-            assert "request timeout of 1.5 s" in response.json()["error"]["message"]
+            assert "request timeout of 3.0 s" in response.json()["error"]["message"]
     _wait_for(lambda: slow.batcher.active_rows == 0 and slow.batcher.queued == 0)
 
 
