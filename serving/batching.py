@@ -71,6 +71,8 @@ class Ticket:
         self.cancelled = False
         self.error: BaseException | None = None
         self.submitted = time.monotonic()
+        self.stream = True
+        self.pending: list[Update] = []  # a non-streamed ticket's updates, handed over when it is done
         self._loop = loop
         self._queue: asyncio.Queue[list[Update] | None] = asyncio.Queue()
         self._closed = False
@@ -175,13 +177,21 @@ class Batcher:
         self.peak_rows = 0
 
     # -- the event-loop side -----------------------------------------------------------------------------------
-    def submit(self, groups: Sequence[tuple[EncodedSample, Sequence[SamplingParams]]]) -> Ticket:
+    def submit(
+        self, groups: Sequence[tuple[EncodedSample, Sequence[SamplingParams]]], *, stream: bool = True
+    ) -> Ticket:
         """Queue a request's rows; call from the event loop.
+
+        Args:
+            groups: (prompt, one `SamplingParams` per row) pairs; the rows of a group share one prefill.
+            stream: hand the ticket every step's tokens; False hands them over once, when every row has
+                finished (fewer wake-ups of the event loop for a request that is not streamed).
 
         Raises:
             QueueFull: when `max_queue` tickets already wait.
         """
         ticket = Ticket(groups, asyncio.get_running_loop())
+        ticket.stream = stream
         with self._cond:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(self._retry_after())
@@ -304,6 +314,11 @@ class Batcher:
         if produced and self.on_tokens is not None:
             self.on_tokens(produced)
         for ticket, updates in by_ticket.values():
+            if not ticket.stream:
+                ticket.pending.extend(updates)
+                if not all(row.done for row in ticket.rows):
+                    continue
+                updates, ticket.pending = ticket.pending, []
             ticket._loop.call_soon_threadsafe(ticket._deliver, updates)
 
     def _fail_all(self, engine: GenerationEngine, exc: BaseException) -> None:

@@ -293,15 +293,17 @@ class VLPipeModel(kserve.Model):
         """The event loop time by which a request arriving now must be answered (`request_timeout_s`)."""
         return asyncio.get_running_loop().time() + self.limits.request_timeout_s
 
-    def submit(self, groups: Sequence[tuple[EncodedSample, Sequence[SamplingParams]]]) -> Ticket:
-        """Queue rows with the batcher.
+    def submit(
+        self, groups: Sequence[tuple[EncodedSample, Sequence[SamplingParams]]], *, stream: bool = False
+    ) -> Ticket:
+        """Queue rows with the batcher (`stream`: hand over tokens step by step, not only at the end).
 
         Raises:
             RequestRejected: (429, with `Retry-After`) when the queue is full.
         """
         assert self.batcher is not None
         try:
-            return self.batcher.submit(groups)
+            return self.batcher.submit(groups, stream=stream)
         except QueueFull as exc:
             raise RequestRejected(
                 429,
@@ -631,7 +633,7 @@ class VLPipeModel(kserve.Model):
         )
 
     async def _open_chat(
-        self, conversation: Conversation, settings: ChatSettings
+        self, conversation: Conversation, settings: ChatSettings, *, stream: bool = False
     ) -> tuple[ChatPrompt, Ticket]:
         if settings.best_of is not None and self.prm_scorer is None:
             raise RequestRejected(
@@ -651,7 +653,7 @@ class VLPipeModel(kserve.Model):
             except REQUEST_ERRORS as exc:
                 raise _reject(exc) from None
             # The N samples of one prompt: one group, so the image features and the prefill are computed once.
-            return prompt, self.submit([(prompt.sample, params)])
+            return prompt, self.submit([(prompt.sample, params)], stream=stream)
 
     async def chat(self, conversation: Conversation, settings: ChatSettings) -> ChatResult:
         """`chat_sync` through the batcher (with other requests' rows), PRM scoring on the scoring thread.
@@ -674,7 +676,7 @@ class VLPipeModel(kserve.Model):
             RequestRejected: as `chat_sync`; (429) a full queue.
         """
         deadline = self.deadline()
-        prompt, ticket = await self._open_chat(conversation, settings)
+        prompt, ticket = await self._open_chat(conversation, settings, stream=True)
         return ChatStream(ticket, deadline, len(prompt.sample), self)
 
 
