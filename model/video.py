@@ -199,6 +199,24 @@ def _video_stream(container, sample_id: str, max_pixels: int):
     return stream
 
 
+def decode_video_frames(
+    data: bytes,
+    *,
+    sample_id: str,
+    num_frames: int,
+    sampling: FrameSampling,
+    rng: random.Random,
+    max_pixels: int,
+) -> list[Image.Image]:
+    """The sampled frames of an encoded video held in memory (a served request's), as `read_video_frames`
+    samples a file's.
+
+    Raises:
+        SampleError: `corrupt_video`, `empty_video`, `image_too_large`.
+    """
+    return _decode_frames(data, sample_id, num_frames, sampling, rng, max_pixels)
+
+
 def _decode_frames(
     data: bytes, sample_id: str, num_frames: int, sampling: FrameSampling, rng: random.Random, max_pixels: int
 ) -> list[Image.Image]:

@@ -1,4 +1,5 @@
-"""`make bench` helper for serving: HTTP overhead of a chat completion, and errors under concurrent load.
+"""`make bench` helper for serving: HTTP overhead of a chat completion, errors under concurrent load, and the
+speed of batching, streaming and features-once Best-of-N.
 
 On a random `tiny` checkpoint (it measures cost, not answers), `bench_serving`:
 
@@ -13,7 +14,15 @@ On a random `tiny` checkpoint (it measures cost, not answers), `bench_serving`:
    decompression bomb, deeply nested JSON (`BAD_BODIES`); goal: zero errors for the good requests (every
    answer a 200 with a choice) and zero 5xx (and no transport error) for the bad ones.
 
-The result's top level repeats the load goals (`good_request_errors`, `bad_request_5xx`) for the printed table.
+3. `bench_batching`: throughput at 32 concurrent clients, batched vs one request at a time (the same server
+   code, `batch_max_size` 32 vs 1), p99 of each, health-check latency during the load; goal >= 4x, 0 errors;
+4. `bench_streaming`: time to the first streamed chunk / total time of a 64-token answer; goal <= 0.25;
+5. `bench_best_of_features_once`: Best-of-8 evaluation items/s with the prompt (image features + prefill)
+   computed once vs per sample, on the `small` preset with a 7-tile image; expected >= 1.5x.
+
+The result's top level repeats the goals' figures (`good_request_errors`, `bad_request_5xx`,
+`batching_throughput_speedup`, `stream_first_chunk_share`, `best_of_features_once_speedup`, ...) for the printed
+table.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import io
 import json
 import os
 import platform
+import queue
 import random
 import struct
 import tempfile
@@ -200,6 +210,13 @@ def bench_serving(
     request_timeout_s: float = 120.0,
     seed: int = 0,
     bad_share: float = 0.25,
+    batching_clients: int = 32,
+    batching_requests_per_client: int = 4,
+    batching_rounds: int = 2,
+    stream_requests: int = 10,
+    stream_tokens: int = 64,
+    best_of_items: int = 6,
+    best_of_rounds: int = 3,
 ) -> dict[str, Any]:
     """Measure the serving overhead and robustness; writes `serving.json` under `out_dir`.
 
@@ -216,6 +233,9 @@ def bench_serving(
         request_timeout_s: client timeout per request under load (a timeout counts as an error).
         seed: initialisation seed.
         bad_share: the chance that a load request is a hostile one (`bad_bodies`); 0 for good ones only.
+        batching_clients, batching_requests_per_client, batching_rounds: `bench_batching`'s settings.
+        stream_requests, stream_tokens: `bench_streaming`'s settings.
+        best_of_items, best_of_rounds: `bench_best_of_features_once`'s settings.
 
     Returns:
         The result dict (also written to `out_dir/serving.json`).
@@ -276,6 +296,18 @@ def bench_serving(
                         timings[name].append(time.perf_counter() - started)
                 connection.close()
                 load = _load(url, body, clients, duration_s, request_timeout_s, bad_share)
+            batching = bench_batching(
+                checkpoint,
+                clients=batching_clients,
+                requests_per_client=batching_requests_per_client,
+                rounds=batching_rounds,
+                max_tokens=max_tokens,
+                request_timeout_s=request_timeout_s,
+            )
+            streaming = bench_streaming(checkpoint, requests=stream_requests, max_tokens=stream_tokens)
+            best_of = bench_best_of_features_once(
+                Path(work), items=best_of_items, rounds=best_of_rounds, seed=seed
+            )
     finally:
         torch.set_num_threads(previous_threads)
     http_p50 = _percentile(timings["http"], 0.5)
@@ -302,7 +334,347 @@ def bench_serving(
         "good_request_errors": load["errors"],
         "bad_request_5xx": load["bad_requests"]["status_5xx"],
         "bad_requests_not_4xx": load["bad_requests"]["not_4xx"],
+        "batching": batching,
+        "streaming": streaming,
+        "best_of_features_once": best_of,
+        "batching_throughput_speedup": batching["throughput_speedup"],
+        "batching_errors": batching["batched"]["errors"] + batching["one_at_a_time"]["errors"],
+        "batching_p99_ms": batching["batched"]["p99_ms"],
+        "one_at_a_time_p99_ms": batching["one_at_a_time"]["p99_ms"],
+        "health_p99_ms_under_load": batching["health_during_load"]["p99_ms"],
+        "stream_first_chunk_share": streaming["first_chunk_share_p50"],
+        "best_of_features_once_speedup": best_of["speedup"],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "serving.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+# -- batching, streaming and features-once benchmarks (issue 20) -----------------------------------------------
+GOAL_BATCHING_SPEEDUP = 4.0
+GOAL_FIRST_CHUNK_SHARE = 0.25
+GOAL_FEATURES_ONCE_SPEEDUP = 1.5
+GOAL_HEALTH_P99_MS = 100.0
+
+
+def _closed_loop(
+    url: str, body: dict, clients: int, requests_per_client: int, timeout_s: float
+) -> dict[str, Any]:
+    """`clients` threads, each sending `requests_per_client` requests back to back on its own keep-alive
+    connection; throughput, p50/p99 and errors."""
+    payload = json.dumps(body).encode()
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+
+    def client() -> None:
+        connection = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+        barrier.wait()
+        for _ in range(requests_per_client):
+            started = time.perf_counter()
+            try:
+                connection.request(
+                    "POST", "/openai/v1/chat/completions", payload, {"content-type": "application/json"}
+                )
+                response = connection.getresponse()
+                data = response.read()
+                kind = (
+                    None
+                    if response.status == 200 and json.loads(data)["choices"]
+                    else f"http_{response.status}"
+                )
+            except (OSError, ValueError, KeyError, http.client.HTTPException) as exc:
+                kind = type(exc).__name__
+                connection.close()
+                connection = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+            elapsed = time.perf_counter() - started
+            with lock:
+                if kind is None:
+                    latencies.append(elapsed)
+                else:
+                    errors[kind] += 1
+        connection.close()
+
+    threads = [threading.Thread(target=client, name=f"bench-client-{i}") for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return {
+        "requests_ok": len(latencies),
+        "errors": sum(errors.values()),
+        "error_kinds": dict(errors),
+        "duration_s": round(wall, 3),
+        "requests_per_s": round(len(latencies) / wall, 3),
+        **_ms(latencies),
+    }
+
+
+def _health_probe(url: str, stop: Any, results: Any) -> None:
+    """GET /v2/health/live every 50 ms until `stop` is set; the latencies go to `results` (a queue)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    out: list[float] = []
+    while not stop.is_set():
+        started = time.perf_counter()
+        connection.request("GET", "/v2/health/live")
+        connection.getresponse().read()
+        out.append(time.perf_counter() - started)
+        stop.wait(0.05)
+    connection.close()
+    results.put(out)
+
+
+def _load_process(
+    url: str, body: dict, clients: int, requests_per_client: int, timeout_s: float, results
+) -> None:
+    results.put(_closed_loop(url, body, clients, requests_per_client, timeout_s))
+
+
+def _load_elsewhere(
+    url: str, body: dict, clients: int, requests_per_client: int, timeout_s: float, *, probe: bool
+) -> tuple[dict[str, Any], list[float]]:
+    """`_closed_loop` in a separate process (the clients' Python must not compete with the server's for the
+    GIL, as remote clients do not), with a health probe in another one while it runs."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results, health, stop = context.Queue(), context.Queue(), context.Event()
+    load = context.Process(
+        target=_load_process, args=(url, body, clients, requests_per_client, timeout_s, results)
+    )
+    prober = context.Process(target=_health_probe, args=(url, stop, health)) if probe else None
+    if prober is not None:
+        prober.start()
+    load.start()
+    deadline = time.monotonic() + timeout_s * requests_per_client + 120
+    outcome = None
+    while outcome is None:
+        try:
+            outcome = results.get(timeout=1.0)
+        except queue.Empty:
+            if not load.is_alive() or time.monotonic() > deadline:
+                stop.set()
+                load.kill()
+                raise RuntimeError(f"the load process failed (exit code {load.exitcode})") from None
+    load.join()
+    checks: list[float] = []
+    if prober is not None:
+        stop.set()
+        checks = health.get(timeout=60)
+        prober.join()
+    return outcome, checks
+
+
+def bench_batching(
+    checkpoint: str,
+    *,
+    clients: int = 32,
+    requests_per_client: int = 4,
+    rounds: int = 2,
+    max_tokens: int = 16,
+    request_timeout_s: float = 300.0,
+) -> dict[str, Any]:
+    """Throughput at `clients` concurrent clients, batched (`batch_max_size` = clients) vs one request at a time
+    (`batch_max_size` 1), the same server code; the phases alternate `rounds` times and the ratio is of the
+    summed requests/s. The clients run in another process, and health-check latency is sampled from a third
+    one during the batched phases."""
+    from vlpipe.serving.limits import ServingLimits
+    from vlpipe.serving.predictor import VLPipeModel, serve_in_background
+
+    body = _chat_body(max_tokens)
+    phases: dict[str, list[dict]] = {"batched": [], "one_at_a_time": []}
+    health: list[float] = []
+    models = {
+        "batched": VLPipeModel(
+            "batched",
+            checkpoint,
+            limits=ServingLimits(batch_max_size=clients, batch_wait_ms=5),
+            device="cpu",
+            dtype="float32",
+        ),
+        "one_at_a_time": VLPipeModel(
+            "one_at_a_time", checkpoint, limits=ServingLimits(batch_max_size=1), device="cpu", dtype="float32"
+        ),
+    }
+    for model in models.values():
+        model.load()
+    with serve_in_background(list(models.values()), limits=ServingLimits()) as url:
+        for name in models:  # warm-up
+            _closed_loop(url, body | {"model": name}, 2, 2, request_timeout_s)
+        for _ in range(rounds):
+            for name in models:
+                outcome, checks = _load_elsewhere(
+                    url, body | {"model": name}, clients, requests_per_client, request_timeout_s,
+                    probe=name == "batched",
+                )  # fmt: skip
+                phases[name].append(outcome)
+                health.extend(checks)
+    batcher = models["batched"].batcher
+    assert batcher is not None
+
+    def summary(runs: list[dict]) -> dict[str, Any]:
+        ok = sum(r["requests_ok"] for r in runs)
+        wall = sum(r["duration_s"] for r in runs)
+        return {
+            "requests_ok": ok,
+            "errors": sum(r["errors"] for r in runs),
+            "requests_per_s": round(ok / wall, 3),
+            "p50_ms": round(_percentile([r["p50_ms"] for r in runs], 0.5), 3),
+            "p99_ms": round(max(r["p99_ms"] for r in runs), 3),
+            "runs": runs,
+        }
+
+    batched, single = summary(phases["batched"]), summary(phases["one_at_a_time"])
+    speedup = batched["requests_per_s"] / single["requests_per_s"]
+    errors = batched["errors"] + single["errors"]
+    return {
+        "clients": clients,
+        "max_tokens": max_tokens,
+        "batched": batched,
+        "one_at_a_time": single,
+        "mean_batch_rows": round(batcher.rows_stepped / max(1, batcher.steps), 2),
+        "throughput_speedup": round(speedup, 3),
+        "health_during_load": _ms(health)
+        | {"max_ms": round(max(health, default=0) * 1000, 3), "checks": len(health)},
+        "goal_speedup": GOAL_BATCHING_SPEEDUP,
+        "meets_goal": speedup >= GOAL_BATCHING_SPEEDUP and errors == 0,
+        "goal_health_p99_ms": GOAL_HEALTH_P99_MS,
+        "health_meets_goal": _percentile(health, 0.99) * 1000 <= GOAL_HEALTH_P99_MS,
+    }
+
+
+def bench_streaming(
+    checkpoint: str, *, requests: int = 10, max_tokens: int = 64, request_timeout_s: float = 120.0
+) -> dict[str, Any]:
+    """Time to the first streamed content chunk vs total time of a `max_tokens`-token streamed answer (greedy,
+    one client, the batching server); the ratio is the median over `requests` answers that ran to
+    `max_tokens` (a random model that ends earlier is counted and left out)."""
+    import httpx
+
+    from vlpipe.serving.predictor import VLPipeModel, serve_in_background
+
+    model = VLPipeModel("vlpipe", checkpoint, device="cpu", dtype="float32")
+    model.load()
+    body = _chat_body(max_tokens) | {"stream": True}
+    shares: list[float] = []
+    firsts: list[float] = []
+    totals: list[float] = []
+    chunk_counts: list[int] = []
+    short = 0
+    with serve_in_background(model) as url, httpx.Client(base_url=url, timeout=request_timeout_s) as client:
+        for attempt in range(requests + 1):  # the first one warms up
+            started = time.perf_counter()
+            first = None
+            pieces = 0
+            finish = None
+            with client.stream("POST", "/openai/v1/chat/completions", json=body) as response:
+                for line in response.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    choice = json.loads(line.removeprefix("data: "))["choices"][0]
+                    if choice["delta"].get("content"):
+                        pieces += 1
+                        first = first or time.perf_counter()
+                    finish = choice.get("finish_reason") or finish
+            total = time.perf_counter() - started
+            if attempt == 0:
+                continue
+            if finish != "length" or first is None:
+                short += 1
+                continue
+            firsts.append(first - started)
+            totals.append(total)
+            shares.append((first - started) / total)
+            chunk_counts.append(pieces)
+    share = _percentile(shares, 0.5)
+    return {
+        "max_tokens": max_tokens,
+        "answers": len(shares),
+        "answers_shorter_than_max_tokens": short,
+        "content_chunks_per_answer_p50": _percentile([float(c) for c in chunk_counts], 0.5),
+        "first_chunk": _ms(firsts),
+        "total": _ms(totals),
+        "first_chunk_share_p50": round(share, 4),
+        "goal_first_chunk_share": GOAL_FIRST_CHUNK_SHARE,
+        "meets_goal": bool(shares) and share <= GOAL_FIRST_CHUNK_SHARE,
+    }
+
+
+def bench_best_of_features_once(
+    work: Path,
+    *,
+    preset: str = "small",
+    items: int = 6,
+    n: int = 8,
+    max_new_tokens: int = 16,
+    image_size: tuple[int, int] = (384, 256),
+    rounds: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Best-of-`n` evaluation items/s (the evaluation stage's call: `generate([prompt] * n, do_sample=True)`)
+    with the prompt prefilled once (`share_prompts=True`: one vision-encoder pass and one prefill per item)
+    vs once per sample, on `preset` with an image of several tiles. The two modes alternate `rounds` times;
+    the ratio is of the summed times. The samples are checked to be identical."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from vlpipe.model.checkpoint import load_checkpoint
+    from vlpipe.model.conversation import ConversationEncoder
+    from vlpipe.model.generate import generate
+    from vlpipe.model.init import init_random
+    from vlpipe.model.prompt import generation_prompt
+    from vlpipe.model.tokenizer import IM_END
+
+    loaded = load_checkpoint(init_random(preset, str(work / f"{preset}-ckpt"), seed=seed))
+    tok = loaded.tokenizer
+    encoder = ConversationEncoder(tok, loaded.tokens_per_tile, max_length=8192, mode="sft")
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for i in range(items):
+        pixels = rng.integers(0, 256, (image_size[1], image_size[0], 3), dtype=np.uint8)
+        turns = [("human", f"<image>\nQuestion {i}: how many shapes are there?")]
+        prompts.append(generation_prompt(encoder, loaded, turns, [Image.fromarray(pixels)], sample_id=str(i)))
+    ids = {"eos_token_id": tok.convert_tokens_to_ids(IM_END), "pad_token_id": tok.pad_token_id}
+    settings = {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": 1.0, **ids}
+
+    def run(share: bool) -> tuple[float, list]:
+        started = time.perf_counter()
+        out = [
+            generate(loaded.model, [p] * n, seed=k, share_prompts=share, **settings)
+            for k, p in enumerate(prompts)
+        ]
+        return time.perf_counter() - started, out
+
+    run(True), run(False)  # warm-up
+    times: dict[bool, float] = {True: 0.0, False: 0.0}
+    same = True
+    for _ in range(rounds):
+        once, a = run(True)
+        each, b = run(False)
+        times[True] += once
+        times[False] += each
+        same = same and a == b
+    speedup = times[False] / times[True]
+    return {
+        "preset": preset,
+        "n": n,
+        "items": items * rounds,
+        "max_new_tokens": max_new_tokens,
+        "image_size": list(image_size),
+        "tiles_per_image": prompts[0].num_tiles[0],
+        "prompt_tokens": len(prompts[0]),
+        "items_per_s_features_once": round(items * rounds / times[True], 3),
+        "items_per_s_per_sample": round(items * rounds / times[False], 3),
+        "same_samples": same,
+        "speedup": round(speedup, 3),
+        "goal_speedup": GOAL_FEATURES_ONCE_SPEEDUP,
+        "meets_goal": speedup >= GOAL_FEATURES_ONCE_SPEEDUP and same,
+        "torch_threads": torch.get_num_threads(),
+    }

@@ -71,6 +71,16 @@ class ServingLimits(BaseModel):
         max_connections: open connections at once; beyond it the oldest idle keep-alive connection is
             closed, else the oldest slow one, else the new one.
         max_header_bytes: size of a request line and headers (431 and close above it).
+        batch_max_size: answer rows generated together at most (a request with `n` answers takes `n` rows);
+            1 generates one row at a time.
+        batch_wait_ms: how long an idle server waits for requests still being encoded to start a batch
+            together (a lone request starts at once).
+        max_queue: requests waiting for a place in the batch at most (429 with `Retry-After` beyond).
+        request_timeout_s: time from a request's arrival to its last token (504 past it; a stream that has
+            started ends with an error event).
+        max_video_frames: frames sampled from one video in a chat request (the evaluation sampling: one
+            frame at the middle of each of this many segments).
+        max_video_bytes: size of one decoded video file in a chat request (413 above it).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -90,6 +100,12 @@ class ServingLimits(BaseModel):
     max_slow_connections: int = Field(default=64, gt=0)
     max_connections: int = Field(default=1024, gt=0)
     max_header_bytes: int = Field(default=64 * 1024, gt=0)
+    batch_max_size: int = Field(default=16, gt=0)
+    batch_wait_ms: float = Field(default=5.0, ge=0, le=10_000, allow_inf_nan=False)
+    max_queue: int = Field(default=256, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0, allow_inf_nan=False)
+    max_video_frames: int = Field(default=8, gt=0)
+    max_video_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -102,29 +118,53 @@ class ServingLimits(BaseModel):
         return self
 
 
-_DEFAULT_CODES = {400: "invalid_request", 404: "not_found", 413: "too_large", 422: "invalid_request"}
+_DEFAULT_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    413: "too_large",
+    422: "invalid_request",
+    429: "queue_full",
+    504: "deadline_exceeded",
+}
 
 
 class RequestRejected(Exception):
     """A request the server refuses, with the HTTP status to answer and a message saying what to change.
 
     Args:
-        status_code: 400 (bad input), 404 (unknown model), 413 (too large), 422 or 503.
+        status_code: 400 (bad input), 404 (unknown model), 413 (too large), 422, 429 (queue full), 503 or
+            504 (deadline).
         message: what is wrong and what to do, shown to the client (never the request's content).
         param: the request field at fault (OpenAI's `param`), if one is.
         code: a short reason code for the log line (`image_too_large`, `invalid_json`, ...); by default one
             derived from the status.
+        headers: extra response headers (`Retry-After` on a 429).
     """
 
-    def __init__(self, status_code: int, message: str, param: str | None = None, *, code: str | None = None):
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        param: str | None = None,
+        *,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status_code = status_code
         self.message = message
         self.param = param
         self.code = code or _DEFAULT_CODES.get(status_code, "rejected")
+        self.headers = dict(headers or {})
 
 
-_ERROR_TYPES = {404: "not_found_error", 413: "request_too_large", 503: "service_unavailable"}
+_ERROR_TYPES = {
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_exceeded",
+    503: "service_unavailable",
+    504: "timeout",
+}
 
 
 def clean_message(message: str) -> str:
@@ -169,7 +209,7 @@ async def rejected_handler(request: Any, exc: Exception) -> Any:
     """FastAPI exception handler for `RequestRejected`."""
     assert isinstance(exc, RequestRejected)
     log_rejection(exc.status_code, exc.code, request_id(request))
-    return _json_response(request, exc.status_code, exc.message, exc.param)
+    return _json_response(request, exc.status_code, exc.message, exc.param, **exc.headers)
 
 
 async def validation_error_handler(request: Any, exc: Exception) -> Any:

@@ -2,9 +2,12 @@
 
 KServe 0.21's own OpenAI model classes import vLLM, so without vLLM their routes are never registered; this
 module adds the route itself (`register_openai_routes`) with pydantic request/response models. A request
-carries OpenAI chat messages whose content is a string or a list of `text` and `image_url` parts; images must
-be base64 data URLs with an image media type (`data:image/png;base64,...`) — remote `http(s)` URLs are refused,
-the server never fetches anything. Messages map to InternVL conversation turns (system/developer → system,
+carries OpenAI chat messages whose content is a string or a list of `text`, `image_url` and (vLLM's extension)
+`video_url` parts; images must be base64 data URLs with an image media type (`data:image/png;base64,...`),
+a video a `data:video/...;base64,` URL — remote `http(s)` URLs are refused, the server never fetches anything.
+A video is decoded with PyAV and sampled as evaluation samples one (`ServingLimits.max_video_frames` frames,
+each the middle of an equal segment, one tile each, `Frame{i}: <image>` lines); a request holds at most one
+video, in its first user message, and no images; a video over `max_video_bytes` is refused with 413. Messages map to InternVL conversation turns (system/developer → system,
 user → human, assistant → gpt); each image part becomes an `<image>` placeholder at its place in the user turn
 (parts are joined by newlines, so `[image, text]` gives InternVL's `<image>\\n...`). Supported fields:
 `model`, `messages`, `max_tokens` (or `max_completion_tokens`), `temperature` (default 1.0, as OpenAI;
@@ -15,12 +18,17 @@ Unknown fields are ignored, as OpenAI clients send many optional ones; known one
 not 5, `"yes"` not true, `1.9` not an integer), `temperature` is 0 or 0.001–2 and `seed` a 64-bit integer (422
 otherwise).
 
-Streaming sends the answer token by token as chunks, but only after the whole answer is generated
-(`vlpipe.model.generate.generate` has no streamer hook): the protocol is OpenAI's, the time to first token is not.
+Streaming sends each token's text as a chunk as soon as the batcher produces it (`ChatModel.chat_stream`): a
+role chunk per choice, content chunks by choice index as the rows advance (interleaved when `n` > 1), a chunk
+with the finish reason when a row ends, then `data: [DONE]`. The chunks join to the non-streamed answer. A
+client that disconnects cancels its rows. With `best_of` the PRM needs whole answers, so those stream only after
+scoring. Past the request timeout a started stream ends with an error event (`{"error": {..., "code": 504}}`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import time
 import uuid
@@ -30,7 +38,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from vlpipe.serving.limits import RequestRejected, ServingLimits
+from vlpipe.serving.limits import RequestRejected, ServingLimits, error_body
 from vlpipe.serving.pyfunc import MAX_TEMPERATURE, decode_image_field
 
 # vlpipe.model.generate's bounds, repeated so that importing this module does not import torch
@@ -75,7 +83,25 @@ class ImagePart(BaseModel):
     image_url: ImageURL | str
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(BaseModel):
+    """A video given as a URL; only `data:video/...;base64,` URLs are accepted."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    url: str
+
+
+class VideoPart(BaseModel):
+    """A video part of a message's content, as vLLM's chat API takes it (`{"type": "video_url", "video_url":
+    {"url": "data:video/mp4;base64,..."}}`, or the URL string itself)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["video_url"]
+    video_url: VideoURL | str
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
@@ -188,6 +214,7 @@ class Conversation:
 
     turns: tuple[tuple[str, str], ...]
     images: tuple[bytes, ...] = ()
+    video: bytes | None = None  # the encoded video file; its turn holds a `<video>` placeholder
 
 
 @dataclass(frozen=True)
@@ -231,7 +258,60 @@ class ChatModel(Protocol):
 
     async def chat(self, conversation: Conversation, settings: ChatSettings) -> ChatResult: ...
 
+    async def chat_stream(self, conversation: Conversation, settings: ChatSettings) -> TokenStream: ...
+
     def text_pieces(self, token_ids: Sequence[int]) -> list[str]: ...
+
+    def decode(self, token_ids: Sequence[int]) -> str: ...
+
+
+class StreamUpdate(Protocol):
+    """One row's progress in a step: a new token, and/or its finish reason when it ended."""
+
+    index: int
+    token: int | None
+    finish_reason: str | None
+
+
+class TokenStream(Protocol):
+    """A chat answer being generated (`vlpipe.serving.predictor.ChatStream` is one)."""
+
+    size: int
+    prompt_tokens: int
+
+    async def next(self) -> Sequence[StreamUpdate] | None: ...
+
+    def cancel(self) -> None: ...
+
+
+class IncrementalText:
+    """A row's text as its tokens arrive, cut as `text_pieces` cuts it: a piece is sent once the decoded
+    prefix is stable (not ending in a partial UTF-8 character), the rest when the row ends.
+
+    Args:
+        decode: token ids → text (the model's, without special tokens).
+    """
+
+    def __init__(self, decode) -> None:
+        self.decode = decode
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, token: int) -> str:
+        """The new text `token` completes ("" while it is incomplete)."""
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.startswith(self.sent) and not text.endswith("\ufffd") and len(text) > len(self.sent):
+            piece, self.sent = text[len(self.sent) :], text
+            return piece
+        return ""
+
+    def finish(self) -> str:
+        """What is left to send once the row has ended."""
+        text = self.decode(self.ids)
+        rest = text[len(self.sent) :] if text.startswith(self.sent) else ""
+        self.sent = text
+        return rest
 
 
 # -- request → conversation --------------------------------------------------------------------------------
@@ -264,6 +344,36 @@ def _image_bytes(part: ImagePart, where: str) -> bytes:
         raise RequestRejected(400, str(exc), param=where) from exc
 
 
+def _video_bytes(part: VideoPart, where: str, limits: ServingLimits) -> bytes:
+    url = part.video_url.url if isinstance(part.video_url, VideoURL) else part.video_url
+    text = url.strip()
+    if text[:8].lower().startswith(("http://", "https://")):
+        raise RequestRejected(
+            400,
+            f"{where}: remote video URLs are not fetched by this server; send the video inline as a base64 "
+            "data URL, 'data:video/mp4;base64,...'",
+            param=where,
+        )
+    header, comma, payload = text.partition(",")
+    if not (comma and header[:11].lower() == "data:video/" and header.lower().endswith(";base64")):
+        raise RequestRejected(
+            400, f"{where}: video_url must be a base64 data URL, 'data:video/mp4;base64,...'", param=where
+        )
+    payload = "".join(payload.split())
+    if len(payload) * 3 // 4 - payload[-2:].count("=") > limits.max_video_bytes:  # before decoding
+        raise RequestRejected(
+            413,
+            f"{where}: the video is larger than the server's max_video_bytes of {limits.max_video_bytes} bytes; "
+            "send a shorter or smaller video",
+            param=where,
+            code="video_too_large",
+        )
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestRejected(400, f"{where}: the video data URL is not valid base64", param=where) from None
+
+
 def to_conversation(request: ChatCompletionRequest, limits: ServingLimits) -> Conversation:
     """Map OpenAI messages to InternVL turns and decode their base64 images (not yet the image files).
 
@@ -285,6 +395,7 @@ def to_conversation(request: ChatCompletionRequest, limits: ServingLimits) -> Co
             param="messages",
         )
     count = _image_count(request)
+    first_user = next((i for i, m in enumerate(request.messages) if m.role == "user"), -1)
     if count > limits.max_images:
         raise RequestRejected(
             400,
@@ -293,6 +404,7 @@ def to_conversation(request: ChatCompletionRequest, limits: ServingLimits) -> Co
         )
     turns: list[tuple[str, str]] = []
     images: list[bytes] = []
+    video: bytes | None = None
     for i, message in enumerate(request.messages):
         content = message.content
         if content is None or isinstance(content, str):
@@ -306,8 +418,22 @@ def to_conversation(request: ChatCompletionRequest, limits: ServingLimits) -> Co
             where = f"messages[{i}].content[{j}]"
             if message.role != "user":
                 raise RequestRejected(
-                    400, f"{where}: images belong in user messages, not {message.role}", param=where
+                    400,
+                    f"{where}: {'videos' if isinstance(part, VideoPart) else 'images'} belong in user messages, "
+                    f"not {message.role}",
+                    param=where,
                 )
+            if isinstance(part, VideoPart):
+                if video is not None or count or i != first_user:
+                    raise RequestRejected(
+                        400,
+                        f"{where}: a request holds at most one video, in its first user message, and no images "
+                        "(InternVL's video format)",
+                        param=where,
+                    )
+                video = _video_bytes(part, where, limits)
+                pieces.append("<video>")
+                continue
             images.append(_image_bytes(part, where))
             pieces.append("<image>")
         turns.append((_ROLES[message.role], "\n".join(pieces)))
@@ -318,7 +444,7 @@ def to_conversation(request: ChatCompletionRequest, limits: ServingLimits) -> Co
             "message to get an answer",
             param="messages",
         )
-    return Conversation(tuple(turns), tuple(images))
+    return Conversation(tuple(turns), tuple(images), video)
 
 
 def chat_settings(request: ChatCompletionRequest, limits: ServingLimits) -> ChatSettings:
@@ -405,6 +531,47 @@ async def stream_events(
     yield "data: [DONE]\n\n"
 
 
+async def live_events(
+    model: ChatModel,
+    stream: TokenStream,
+    first: Sequence[StreamUpdate] | None,
+    *,
+    response_id: str,
+    created: int,
+) -> AsyncIterator[str]:
+    """Server-sent events of a chat answer as it is generated (see the module docstring). Closing the
+    iterator early (the client disconnected) cancels the rows."""
+
+    def chunk(index: int, delta: ChoiceDelta, finish: FinishReason | None = None) -> str:
+        choice = ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish)
+        return _sse(ChatCompletionChunk(id=response_id, created=created, model=model.name, choices=[choice]))
+
+    texts = [IncrementalText(model.decode) for _ in range(stream.size)]
+    try:
+        for i in range(stream.size):
+            yield chunk(i, ChoiceDelta(role="assistant", content=""))
+        updates = first
+        while updates is not None:
+            for u in updates:
+                piece = texts[u.index].push(u.token) if u.token is not None else ""
+                if u.finish_reason is not None:
+                    piece += texts[u.index].finish()
+                if piece:
+                    yield chunk(u.index, ChoiceDelta(content=piece))
+                if u.finish_reason is not None:
+                    finish: FinishReason = "length" if u.finish_reason == "length" else "stop"
+                    yield chunk(u.index, ChoiceDelta(), finish)
+            try:
+                updates = await stream.next()
+            except RequestRejected as exc:  # the deadline passed mid-stream: the status has been sent
+                body = error_body(OPENAI_ROUTE_PREFIX + "/", exc.status_code, exc.message)
+                yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        stream.cancel()  # a no-op once every row has finished; frees the rows of a client that left
+
+
 # -- routes ------------------------------------------------------------------------------------------------
 def _find_model(registry: ModelRepository, name: str | None) -> ChatModel:
     models = registry.get_models()
@@ -442,8 +609,20 @@ def register_openai_routes(app: FastAPI, registry: ModelRepository) -> None:
         model = _find_model(registry, body.model)
         settings = chat_settings(body, model.limits)
         conversation = to_conversation(body, model.limits)
-        result = await model.chat(conversation, settings)
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream and settings.best_of is None:
+            stream = await model.chat_stream(conversation, settings)
+            try:
+                first = await stream.next()  # a 504 before any token is still an HTTP status
+            except BaseException:
+                stream.cancel()
+                raise
+            return StreamingResponse(
+                live_events(model, stream, first, response_id=response_id, created=created),
+                media_type="text/event-stream",
+                headers={"cache-control": "no-cache"},
+            )
+        result = await model.chat(conversation, settings)
         if body.stream:
             return StreamingResponse(
                 stream_events(model, result, response_id=response_id, created=created),

@@ -22,8 +22,12 @@ V1/V2 routes) on a fresh FastAPI app, to which it adds the OpenAI routes, the re
 checks, request ids) and exception handlers that answer a client's mistake with a 4xx and one log line
 (`vlpipe.serving.limits`), and whose uvicorn speaks through `vlpipe.serving.connections`' protocol (header and
 body read timeouts, caps on slow and open connections), bound to a chosen host (KServe binds 0.0.0.0).
-Generation runs on one worker thread per model, so the event loop keeps answering health checks while a request
-generates, and concurrent requests queue instead of competing for the cores.
+Generation runs on one batching thread per model (`vlpipe.serving.batching.Batcher`): concurrent requests are
+generated together (continuous batching, up to `ServingLimits.batch_max_size` rows, new requests joining
+between decode steps), the event loop never blocks on generation (health checks stay fast), a full queue
+answers 429 with `Retry-After` and a request past `request_timeout_s` answers 504. Prompts are encoded (images
+decoded and tiled) on the event loop's thread pool and PRM scoring runs on its own thread. `stream: true` chat
+requests stream tokens as they are produced; a client that disconnects cancels its rows.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 from kserve.protocol.rest.server import RESTServer
 from prometheus_client import Counter
 
+from vlpipe.serving.batching import Batcher, QueueFull, Ticket, Update
 from vlpipe.serving.connections import guarded_protocol
 from vlpipe.serving.limits import (
     RequestGuardMiddleware,
@@ -75,6 +80,7 @@ if TYPE_CHECKING:
 
     from vlpipe.model.checkpoint import LoadedModel
     from vlpipe.model.conversation import EncodedSample
+    from vlpipe.model.generate import GenerationEngine, SamplingParams
     from vlpipe.serving.scoring import PRMScorer, ScoredAnswer
 
 logger = logging.getLogger(__name__)
@@ -208,8 +214,9 @@ class VLPipeModel(kserve.Model):
         self.dtype = dtype
         self.pyfunc: VLPipePyfunc | None = None
         self.prm_scorer: PRMScorer | None = None
-        # One generation at a time per model: requests queue here instead of slowing each other down.
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"vlpipe-{name}")
+        self.batcher: Batcher | None = None  # made by load()
+        # PRM scoring (best_of) runs one request at a time, off the event loop and the generation thread.
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"vlpipe-{name}-prm")
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def load(self) -> bool:
@@ -227,6 +234,14 @@ class VLPipeModel(kserve.Model):
         cap = min(loaded.image_cfg.max_pixels, self.limits.max_image_pixels)
         loaded.image_cfg = loaded.image_cfg.model_copy(update={"max_pixels": cap})
         self.pyfunc = pyfunc
+        self.batcher = Batcher(
+            self.new_engine,
+            batch_max_size=self.limits.batch_max_size,
+            batch_wait_ms=self.limits.batch_wait_ms,
+            max_queue=self.limits.max_queue,
+            name=self.name,
+            on_tokens=GENERATED_TOKENS.labels(model=self.name).inc,
+        )
         if self.prm_uri is not None:
             prm = load_pyfunc(self.prm_uri, device=self.device, dtype=self.dtype).loaded
             assert prm is not None
@@ -253,8 +268,71 @@ class VLPipeModel(kserve.Model):
         return self.pyfunc.loaded
 
     async def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on the PRM scoring thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    @staticmethod
+    async def _in_pool(fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on the event loop's thread pool (request encoding: image decoding and tiling)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, functools.partial(fn, *args))
+
+    def new_engine(self) -> GenerationEngine:
+        """A fresh generation engine on the policy model (the batcher's)."""
+        from vlpipe.model.generate import GenerationEngine
+
+        assert self.pyfunc is not None and self.pyfunc.eos_token_id is not None
+        return GenerationEngine(
+            self.loaded.model,
+            eos_token_id=self.pyfunc.eos_token_id,
+            pad_token_id=int(self.loaded.tokenizer.pad_token_id),
+        )
+
+    def deadline(self) -> float:
+        """The event loop time by which a request arriving now must be answered (`request_timeout_s`)."""
+        return asyncio.get_running_loop().time() + self.limits.request_timeout_s
+
+    def submit(
+        self, groups: Sequence[tuple[EncodedSample, Sequence[SamplingParams]]], *, stream: bool = False
+    ) -> Ticket:
+        """Queue rows with the batcher (`stream`: hand over tokens step by step, not only at the end).
+
+        Raises:
+            RequestRejected: (429, with `Retry-After`) when the queue is full.
+        """
+        assert self.batcher is not None
+        try:
+            return self.batcher.submit(groups, stream=stream)
+        except QueueFull as exc:
+            raise RequestRejected(
+                429,
+                f"the server is busy: {self.limits.max_queue} requests are waiting; retry in "
+                f"{exc.retry_after_s} s",
+                code="queue_full",
+                headers={"Retry-After": str(exc.retry_after_s)},
+            ) from None
+
+    async def finish(self, ticket: Ticket, deadline: float) -> list[list[int]]:
+        """Every row's token ids once the ticket is done.
+
+        Raises:
+            RequestRejected: (504) past the deadline (the rows are cancelled).
+        """
+        try:
+            await ticket.wait(deadline)
+        except TimeoutError:
+            raise self.deadline_error() from None
+        return ticket.tokens
+
+    def deadline_error(self) -> RequestRejected:
+        """The 504 of a request that ran past `request_timeout_s`."""
+        return RequestRejected(
+            504,
+            f"the answer took longer than the server's request timeout of {self.limits.request_timeout_s} s; "
+            "retry, ask for fewer tokens, or retry when the server is less busy",
+            code="deadline_exceeded",
+        )
 
     # -- generation --------------------------------------------------------------------------------------------
     def generate_ids(
@@ -306,7 +384,52 @@ class VLPipeModel(kserve.Model):
 
     # -- V1 / V2 -------------------------------------------------------------------------------------------------
     def answer_rows(self, rows: list[dict[str, Any]], params: dict[str, Any] | None = None) -> list[str]:
-        """Answer `prompt` + optional base64 `image` rows in one batch, as `VLPipePyfunc.predict` does.
+        """Answer `prompt` + optional base64 `image` rows in one batch in the calling thread, as
+        `VLPipePyfunc.predict` does (the routes use `answer`, through the batcher).
+
+        Raises:
+            RequestRejected: as `prepare_rows`.
+        """
+        prompts, settings = self.prepare_rows(rows, params)
+        try:
+            ids = self.generate_ids(
+                prompts,
+                max_tokens=settings["max_new_tokens"],
+                temperature=settings["temperature"],
+                top_p=settings["top_p"],
+                seed=settings["seed"],
+            )
+        except REQUEST_ERRORS as exc:
+            raise _reject(exc) from None
+        return [self.decode(row) for row in ids]
+
+    async def answer(self, rows: list[dict[str, Any]], params: dict[str, Any] | None = None) -> list[str]:
+        """`answer_rows` through the batcher: the rows are generated with other requests' rows.
+
+        Raises:
+            RequestRejected: as `prepare_rows`; (429) a full queue; (504) past the request timeout.
+        """
+        deadline = self.deadline()
+        assert self.batcher is not None
+        with self.batcher.incoming():
+            prompts, settings = await self._in_pool(self.prepare_rows, rows, params)
+            try:
+                params_ = row_params(
+                    len(prompts),
+                    settings["max_new_tokens"],
+                    settings["temperature"],
+                    settings["top_p"],
+                    settings["seed"],
+                )
+            except REQUEST_ERRORS as exc:
+                raise _reject(exc) from None
+            ticket = self.submit([(p, [sp]) for p, sp in zip(prompts, params_, strict=True)])
+        return [self.decode(row) for row in await self.finish(ticket, deadline)]
+
+    def prepare_rows(
+        self, rows: list[dict[str, Any]], params: dict[str, Any] | None = None
+    ) -> tuple[list[EncodedSample], dict[str, Any]]:
+        """Check and encode V1/V2 rows and their generation settings.
 
         Raises:
             RequestRejected: (400) too many rows or images, a bad row or parameter, `max_new_tokens` over the
@@ -333,16 +456,9 @@ class VLPipeModel(kserve.Model):
                     code="max_tokens_over_cap",
                 )
             prompts = self.pyfunc.encode(rows)
-            ids = self.generate_ids(
-                prompts,
-                max_tokens=settings["max_new_tokens"],
-                temperature=settings["temperature"],
-                top_p=settings["top_p"],
-                seed=settings["seed"],
-            )
         except REQUEST_ERRORS as exc:
             raise _reject(exc) from None
-        return [self.decode(row) for row in ids]
+        return prompts, settings
 
     async def predict(
         self,
@@ -364,13 +480,13 @@ class VLPipeModel(kserve.Model):
                 raise RequestRejected(400, "the body is not JSON; send a V1 request object") from None
         if isinstance(payload, InferRequest):
             rows, params = _v2_rows(payload)
-            answers = await self._run(self.answer_rows, rows, params)
+            answers = await self.answer(rows, params)
             output = InferOutput(name="text", shape=[len(answers)], datatype="BYTES", data=answers)
             response_id = payload.id if isinstance(payload.id, str) else ""
             return InferResponse(response_id=response_id, model_name=self.name, infer_outputs=[output])
         if isinstance(payload, dict):
             rows, params = _v1_rows(payload)
-            return {"predictions": await self._run(self.answer_rows, rows, params)}
+            return {"predictions": await self.answer(rows, params)}
         raise RequestRejected(
             400, f"expected a JSON object (V1) or a V2 inference request, got {type(payload).__name__}"
         )
@@ -385,21 +501,61 @@ class VLPipeModel(kserve.Model):
         """
         from vlpipe.model.image import decode_image
         from vlpipe.model.prompt import generation_prompt
+        from vlpipe.model.video import expand_video_prompt
 
         loaded = self.loaded
         assert self.pyfunc is not None and self.pyfunc.encoder is not None
+        turns = list(conversation.turns)
         try:
-            images = [
-                decode_image(data, source=f"image {i}", max_pixels=loaded.image_cfg.max_pixels)
-                for i, data in enumerate(conversation.images)
-            ]
+            if conversation.video is not None:
+                images = self._video_frames(conversation.video)
+                expanded = expand_video_prompt(
+                    [{"from": role, "value": text} for role, text in turns], len(images), "request"
+                )
+                turns = [(turn["from"], turn["value"]) for turn in expanded]
+            else:
+                images = [
+                    decode_image(data, source=f"image {i}", max_pixels=loaded.image_cfg.max_pixels)
+                    for i, data in enumerate(conversation.images)
+                ]
             sample = generation_prompt(
-                self.pyfunc.encoder, loaded, conversation.turns, images, sample_id="request"
+                self.pyfunc.encoder,
+                loaded,
+                turns,
+                images,
+                sample_id="request",
+                frames=conversation.video is not None,
             )
         except REQUEST_ERRORS as exc:  # SampleError is a ValueError
             raise _reject(exc) from None
-        prm_text = "\n".join(text for role, text in conversation.turns if role == "human")
+        prm_text = "\n".join(text for role, text in turns if role == "human")
         return ChatPrompt(sample, prm_text, images)
+
+    def _video_frames(self, data: bytes) -> list[Image.Image]:
+        """A request's video as evaluation samples it: `max_video_frames` segment-middle frames.
+
+        Raises:
+            SampleError: a video PyAV cannot read, without frames, or with frames over the pixel cap.
+        """
+        import random
+
+        from vlpipe.model.video import decode_video_frames
+
+        if len(data) > self.limits.max_video_bytes:
+            raise RequestRejected(
+                413,
+                f"the video is {len(data)} bytes, above the server's max_video_bytes of "
+                f"{self.limits.max_video_bytes}",
+                code="video_too_large",
+            )
+        return decode_video_frames(
+            data,
+            sample_id="request video",
+            num_frames=self.limits.max_video_frames,
+            sampling="middle",
+            rng=random.Random(0),  # unused by "middle": the frames are deterministic
+            max_pixels=self.loaded.image_cfg.max_pixels,
+        )
 
     def score(self, prompt: ChatPrompt, answers: Sequence[str]) -> list[ScoredAnswer]:
         """PRM scores of answers to a chat prompt (the PRM's own image settings apply to its tiles).
@@ -424,7 +580,7 @@ class VLPipeModel(kserve.Model):
         return self.prm_scorer.score_answers(prompt.prm_text, answers, tiles, pixels, "request")
 
     def chat_sync(self, conversation: Conversation, settings: ChatSettings) -> ChatResult:
-        """Answer a chat conversation in the calling thread (the route calls it on the model's worker thread).
+        """Answer a chat conversation in the calling thread (the route uses `chat`, through the batcher).
 
         With `best_of`, `best_of` answers are sampled and the `n` best by PRM score are returned, best first,
         each with its score; otherwise `n` answers (identical ones at temperature 0).
@@ -437,10 +593,9 @@ class VLPipeModel(kserve.Model):
                 400, "best_of needs a process reward model; start the server with --prm-uri", "best_of"
             )
         prompt = self.encode_chat(conversation)
-        count = settings.best_of or settings.n
         try:
             ids = self.generate_ids(
-                [prompt.sample] * count,
+                [prompt.sample] * (settings.best_of or settings.n),
                 max_tokens=settings.max_tokens,
                 temperature=settings.temperature,
                 top_p=settings.top_p,
@@ -448,6 +603,11 @@ class VLPipeModel(kserve.Model):
             )
         except REQUEST_ERRORS as exc:  # a setting generate refuses (the request model checks them first)
             raise _reject(exc) from None
+        return self.chat_result(prompt, settings, ids)
+
+    def chat_result(self, prompt: ChatPrompt, settings: ChatSettings, ids: list[list[int]]) -> ChatResult:
+        """The chat answer from the generated rows: all of them, or with `best_of` the `n` the PRM scores
+        highest, best first (PRM scoring runs here)."""
         completions = [
             Completion(
                 text=self.decode(row),
@@ -472,9 +632,112 @@ class VLPipeModel(kserve.Model):
             extra=extra,
         )
 
+    async def _open_chat(
+        self, conversation: Conversation, settings: ChatSettings, *, stream: bool = False
+    ) -> tuple[ChatPrompt, Ticket]:
+        if settings.best_of is not None and self.prm_scorer is None:
+            raise RequestRejected(
+                400, "best_of needs a process reward model; start the server with --prm-uri", "best_of"
+            )
+        assert self.batcher is not None
+        with self.batcher.incoming():  # an idle batcher waits for requests being encoded, not for a lone one
+            prompt = await self._in_pool(self.encode_chat, conversation)
+            try:
+                params = row_params(
+                    settings.best_of or settings.n,
+                    settings.max_tokens,
+                    settings.temperature,
+                    settings.top_p,
+                    settings.seed,
+                )
+            except REQUEST_ERRORS as exc:
+                raise _reject(exc) from None
+            # The N samples of one prompt: one group, so the image features and the prefill are computed once.
+            return prompt, self.submit([(prompt.sample, params)], stream=stream)
+
     async def chat(self, conversation: Conversation, settings: ChatSettings) -> ChatResult:
-        """`chat_sync` on the model's worker thread."""
-        return await self._run(self.chat_sync, conversation, settings)
+        """`chat_sync` through the batcher (with other requests' rows), PRM scoring on the scoring thread.
+
+        Raises:
+            RequestRejected: as `chat_sync`; (429) a full queue; (504) past the request timeout.
+        """
+        deadline = self.deadline()
+        prompt, ticket = await self._open_chat(conversation, settings)
+        ids = await self.finish(ticket, deadline)
+        if settings.best_of is None:
+            return self.chat_result(prompt, settings, ids)
+        return await self._run(self.chat_result, prompt, settings, ids)
+
+    async def chat_stream(self, conversation: Conversation, settings: ChatSettings) -> ChatStream:
+        """Start a chat answer whose tokens stream as they are generated (not with `best_of`: the PRM needs
+        whole answers).
+
+        Raises:
+            RequestRejected: as `chat_sync`; (429) a full queue.
+        """
+        deadline = self.deadline()
+        prompt, ticket = await self._open_chat(conversation, settings, stream=True)
+        return ChatStream(ticket, deadline, len(prompt.sample), self)
+
+
+@dataclass
+class ChatStream:
+    """A chat answer being generated: `next()` gives each step's token updates (`Update`s, by choice index).
+
+    Attributes:
+        ticket: the batcher's ticket of the request's rows.
+        deadline: the event loop time past which the rows are cancelled (504 / an error event).
+        prompt_tokens: the prompt's length.
+    """
+
+    ticket: Ticket
+    deadline: float
+    prompt_tokens: int
+    model: VLPipeModel
+
+    @property
+    def size(self) -> int:
+        """Answers (choices) in the stream."""
+        return self.ticket.size
+
+    async def next(self) -> list[Update] | None:
+        """The next step's updates; None when every answer has finished.
+
+        Raises:
+            RequestRejected: (504) past the deadline (the rows are cancelled).
+        """
+        try:
+            return await self.ticket.next(self.deadline)
+        except TimeoutError:
+            raise self.model.deadline_error() from None
+
+    def cancel(self) -> None:
+        """Stop generating (a disconnected client); frees the rows' batch slots."""
+        self.ticket.cancel()
+
+
+def row_params(
+    count: int, max_tokens: int, temperature: float, top_p: float, seed: int | None
+) -> list[SamplingParams]:
+    """The sampling settings of a request's `count` rows: row i samples with `row_seed(seed, i)`, as
+    `vlpipe.model.generate.generate` seeds row i, whatever other requests share the batch.
+
+    Raises:
+        ValueError: settings `check_sampling` refuses.
+    """
+    from vlpipe.model.generate import SamplingParams, check_sampling, row_seed
+
+    sample = temperature > 0
+    check_sampling(temperature, top_p if sample else 1.0, seed if sample else None)
+    return [
+        SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=temperature if sample else 0.0,
+            top_p=top_p if sample else 1.0,
+            seed=row_seed(seed, i) if sample else 0,
+        )
+        for i in range(count)
+    ]
 
 
 def _v1_rows(payload: dict) -> tuple[list[dict[str, Any]], dict[str, Any]]:

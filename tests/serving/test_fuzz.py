@@ -283,7 +283,7 @@ def test_a_server_fault_is_a_500_that_closes_and_logs_one_traceback(server, http
     def broken(*args, **kwargs):
         raise RuntimeError(f"boom {SECRET}")
 
-    monkeypatch.setattr(model, "chat_sync", broken)
+    monkeypatch.setattr(model, "encode_chat", broken)
     caplog.set_level(logging.INFO)
     response = http.post(CHAT, json=_chat())
     assert response.status_code == 500

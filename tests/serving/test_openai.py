@@ -359,8 +359,10 @@ def test_bench_serving_runs_and_writes_json(tmp_path):
     from vlpipe.serving.bench import bench_serving
 
     result = bench_serving(
-        tmp_path, duration_s=2.0, clients=4, latency_requests=3, max_tokens=4, bad_share=0.5
-    )
+        tmp_path, duration_s=2.0, clients=4, latency_requests=3, max_tokens=4, bad_share=0.5,
+        batching_clients=4, batching_requests_per_client=1, batching_rounds=1, stream_requests=1,
+        stream_tokens=8, best_of_items=1, best_of_rounds=1,
+    )  # fmt: skip
     assert json.loads((tmp_path / "serving.json").read_text()) == result
     latency, load = result["latency"], result["load"]
     assert latency["http"]["p50_ms"] > 0 and latency["in_process"]["p50_ms"] > 0
@@ -369,6 +371,12 @@ def test_bench_serving_runs_and_writes_json(tmp_path):
     bad = load["bad_requests"]  # a share of hostile requests: each one a 4xx, none a 5xx
     assert bad["sent"] > 0 and bad["answers"] == {"http_4xx": bad["sent"]} and bad["status_5xx"] == 0
     assert result["good_request_errors"] == 0 and result["bad_request_5xx"] == 0
+    batching, streaming, best_of = result["batching"], result["streaming"], result["best_of_features_once"]
+    assert batching["batched"]["requests_ok"] == batching["one_at_a_time"]["requests_ok"] == 4
+    assert result["batching_errors"] == 0 and result["batching_throughput_speedup"] > 0
+    assert batching["goal_speedup"] == 4.0 and batching["health_during_load"]["checks"] > 0
+    assert streaming["answers"] + streaming["answers_shorter_than_max_tokens"] == 1
+    assert best_of["same_samples"] is True and best_of["tiles_per_image"] > 1 and best_of["speedup"] > 0
 
 
 def test_request_bounds_agree_with_generate():
