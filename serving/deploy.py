@@ -70,6 +70,8 @@ its `interns1` model; OpenGVLab's remote-code `InternVLChatModel` is another for
 VLLM_LIMIT_FLAGS: dict[str, Callable[[Any], str]] = {
     # The images of one prompt: vLLM refuses a request with more (400), as vlpipe's max_images does.
     "max_images": lambda value: "--limit-mm-per-prompt=" + json.dumps({"image": int(value)}),
+    # Answer rows decoded together: vLLM's sequences per scheduler iteration (a request with n answers is n).
+    "batch_max_size": lambda value: f"--max-num-seqs={int(value)}",
 }
 """`ServingLimits` fields with a vLLM engine equivalent, and the flag each becomes; the others are refused."""
 _NO_VLLM_EQUIVALENT = {

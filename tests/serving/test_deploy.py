@@ -211,7 +211,7 @@ VLLM = ServingDeployment(
     memory="48Gi",
     min_replicas=1,
     max_replicas=3,
-    serve={"max_images": 2},
+    serve={"max_images": 2, "batch_max_size": 64},
     vllm={"max_model_len": 8192, "gpu_memory_utilization": 0.85},
 )
 
@@ -250,6 +250,7 @@ def test_vllm_inference_service_is_a_kserve_object():
             "--max_model_len=8192",
             "--gpu-memory-utilization=0.85",
             '--limit-mm-per-prompt={"image": 2}',  # serve.max_images
+            "--max-num-seqs=64",  # serve.batch_max_size
         ],
         "resources": {
             "requests": {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "2"},
@@ -324,7 +325,7 @@ def test_vllm_defaults_one_gpu_no_limits():
         ),
         (
             {"serve": {"max_body_bytes": 1024}},
-            "serve.max_body_bytes does not apply.*vLLM maps only: max_images",
+            "serve.max_body_bytes does not apply.*vLLM maps only: max_images, batch_max_size",
         ),
         ({"gpus": 0}, "runs vLLM on GPUs: set gpus ≥ 1"),
     ],
