@@ -10,7 +10,7 @@ runner = CliRunner()
 def test_model_info_reports_meta_count_within_half_percent():
     result = runner.invoke(app, ["model", "info", "--preset", "1b", "--json"])
     assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    info = json.loads(result.stdout)
     assert abs(info["deviation_from_published"]) < 0.005 and info["params_total"] == 938_193_024
 
 

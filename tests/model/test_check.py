@@ -42,7 +42,7 @@ def test_a_token_beyond_the_embeddings(written, tiny_tokenizer):
     assert _codes(written) == {"vocabulary"}
     result = CliRunner().invoke(app, ["model", "check", str(written), "--json"])
     assert result.exit_code == 1
-    assert json.loads(result.output)["problems"][0]["code"] == "vocabulary"
+    assert json.loads(result.stdout)["problems"][0]["code"] == "vocabulary"
 
 
 def test_image_token_id_not_img_context(written):

@@ -111,7 +111,7 @@ def test_recipe_show_prints_the_resolved_recipe_with_overrides():
         app, ["recipe", "show", "internvl3-8b", "--set", "stages.sft.config.trainer.optimizer.lr=3e-5"]
     )
     assert result.exit_code == 0, result.output
-    shown = yaml.safe_load(result.output)
+    shown = yaml.safe_load(result.stdout)
     assert shown["name"] == "internvl3-8b" and shown["preset"] == "8b"
     assert shown["stages"]["sft"]["config"]["trainer"]["optimizer"]["lr"] == 3e-5
     assert shown["stages"]["mpo"]["config"]["trainer"]["optimizer"]["lr"] == 2e-7  # from internvl3-1b

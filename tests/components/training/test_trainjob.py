@@ -658,7 +658,7 @@ def test_vlpipe_trainjob_render_prints_the_trainjob_yaml():
         app, ["trainjob", "render", "--recipe", "internvl3-8b", "--stage", "prm", "--run-key", "r9"]
     )
     assert result.exit_code == 0, result.output
-    manifest = yaml.safe_load(result.output)
+    manifest = yaml.safe_load(result.stdout)
     _check_against_published_schema(manifest)
     assert manifest["metadata"]["name"] == trainjob_name("r9", "prm")
     assert manifest["spec"]["trainer"]["numNodes"] == 2
