@@ -1,7 +1,6 @@
 """Kubeflow component of the register step (a thin shell around `register.register_task`).
 
-Extension point: the promote and deploy steps (Serving issue) take this step's output, the registered
-model URI.
+The promote and deploy steps take this step's output, the registered model URI.
 """
 
 # No `from __future__ import annotations` here: kfp reads the parameter annotations as types.
