@@ -21,6 +21,7 @@ Greedy answers equal a one-at-a-time run up to CPU float noise (batch shape chan
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +83,28 @@ class SamplingParams:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         check_sampling(self.temperature, self.top_p if self.temperature > 0 else 1.0, self.seed)
+
+
+def row_params(
+    count: int, max_new_tokens: int, temperature: float, top_p: float, seed: int | None
+) -> list[SamplingParams]:
+    """The sampling settings of a request's `count` rows: greedy at temperature 0, else row i samples with
+    `row_seed(seed, i)`, whatever other requests share the batch.
+
+    Raises:
+        ValueError: settings `check_sampling` refuses.
+    """
+    sample = temperature > 0
+    check_sampling(temperature, top_p if sample else 1.0, seed if sample else None)
+    return [
+        SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature if sample else 0.0,
+            top_p=top_p if sample else 1.0,
+            seed=row_seed(seed, i) if sample else 0,
+        )
+        for i in range(count)
+    ]
 
 
 @dataclass(eq=False)
@@ -385,15 +408,10 @@ def generate(
     engine = GenerationEngine(
         model, eos_token_id=eos_token_id, pad_token_id=pad_token_id, share_prompts=share_prompts
     )
-    rows: list[Row] = []
-    for i, prompt in enumerate(prompts):
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature if do_sample else 0.0,
-            top_p=top_p if do_sample else 1.0,
-            seed=seeds[i] if seeds is not None else row_seed(seed, i) if do_sample else 0,
-        )
-        rows.extend(engine.add(prompt, [params]))
+    params = row_params(len(prompts), max_new_tokens, temperature if do_sample else 0.0, top_p, seed)
+    if seeds is not None:
+        params = [dataclasses.replace(p, seed=s) for p, s in zip(params, seeds, strict=True)]
+    rows = [row for prompt, p in zip(prompts, params, strict=True) for row in engine.add(prompt, [p])]
     for _ in engine.run():
         pass
     return [row.tokens for row in rows]

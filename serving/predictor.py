@@ -409,6 +409,8 @@ class VLPipeModel(kserve.Model):
         Raises:
             RequestRejected: as `prepare_rows`; (429) a full queue; (504) past the request timeout.
         """
+        from vlpipe.model.generate import row_params
+
         deadline = self.deadline()
         assert self.batcher is not None
         with self.batcher.incoming():
@@ -557,6 +559,14 @@ class VLPipeModel(kserve.Model):
             max_pixels=self.loaded.image_cfg.max_pixels,
         )
 
+    def _require_prm(self) -> PRMScorer:
+        """The server's PRM scorer; a 400 naming the fix when it runs without one (`best_of` needs it)."""
+        if self.prm_scorer is None:
+            raise RequestRejected(
+                400, "best_of needs a process reward model; start the server with --prm-uri", "best_of"
+            )
+        return self.prm_scorer
+
     def score(self, prompt: ChatPrompt, answers: Sequence[str]) -> list[ScoredAnswer]:
         """PRM scores of answers to a chat prompt (the PRM's own image settings apply to its tiles).
 
@@ -565,11 +575,8 @@ class VLPipeModel(kserve.Model):
         """
         from vlpipe.model.prompt import image_pixels
 
-        if self.prm_scorer is None:
-            raise RequestRejected(
-                400, "best_of needs a process reward model; start the server with --prm-uri", "best_of"
-            )
-        prm = self.prm_scorer.prm
+        scorer = self._require_prm()
+        prm = scorer.prm
         same = prm.image_cfg.model_dump(exclude={"max_pixels"}) == self.loaded.image_cfg.model_dump(
             exclude={"max_pixels"}
         )
@@ -577,7 +584,7 @@ class VLPipeModel(kserve.Model):
             tiles, pixels = prompt.sample.num_tiles, prompt.sample.pixel_values
         else:
             tiles, pixels = image_pixels(prompt.images, prm.image_cfg)
-        return self.prm_scorer.score_answers(prompt.prm_text, answers, tiles, pixels, "request")
+        return scorer.score_answers(prompt.prm_text, answers, tiles, pixels, "request")
 
     def chat_sync(self, conversation: Conversation, settings: ChatSettings) -> ChatResult:
         """Answer a chat conversation in the calling thread (the route uses `chat`, through the batcher).
@@ -588,10 +595,8 @@ class VLPipeModel(kserve.Model):
         Raises:
             RequestRejected: as `encode_chat` and `score`.
         """
-        if settings.best_of is not None and self.prm_scorer is None:
-            raise RequestRejected(
-                400, "best_of needs a process reward model; start the server with --prm-uri", "best_of"
-            )
+        if settings.best_of is not None:
+            self._require_prm()
         prompt = self.encode_chat(conversation)
         try:
             ids = self.generate_ids(
@@ -635,10 +640,10 @@ class VLPipeModel(kserve.Model):
     async def _open_chat(
         self, conversation: Conversation, settings: ChatSettings, *, stream: bool = False
     ) -> tuple[ChatPrompt, Ticket]:
-        if settings.best_of is not None and self.prm_scorer is None:
-            raise RequestRejected(
-                400, "best_of needs a process reward model; start the server with --prm-uri", "best_of"
-            )
+        from vlpipe.model.generate import row_params
+
+        if settings.best_of is not None:
+            self._require_prm()
         assert self.batcher is not None
         with self.batcher.incoming():  # an idle batcher waits for requests being encoded, not for a lone one
             prompt = await self._in_pool(self.encode_chat, conversation)
@@ -714,30 +719,6 @@ class ChatStream:
     def cancel(self) -> None:
         """Stop generating (a disconnected client); frees the rows' batch slots."""
         self.ticket.cancel()
-
-
-def row_params(
-    count: int, max_tokens: int, temperature: float, top_p: float, seed: int | None
-) -> list[SamplingParams]:
-    """The sampling settings of a request's `count` rows: row i samples with `row_seed(seed, i)`, as
-    `vlpipe.model.generate.generate` seeds row i, whatever other requests share the batch.
-
-    Raises:
-        ValueError: settings `check_sampling` refuses.
-    """
-    from vlpipe.model.generate import SamplingParams, check_sampling, row_seed
-
-    sample = temperature > 0
-    check_sampling(temperature, top_p if sample else 1.0, seed if sample else None)
-    return [
-        SamplingParams(
-            max_new_tokens=max_tokens,
-            temperature=temperature if sample else 0.0,
-            top_p=top_p if sample else 1.0,
-            seed=row_seed(seed, i) if sample else 0,
-        )
-        for i in range(count)
-    ]
 
 
 def _v1_rows(payload: dict) -> tuple[list[dict[str, Any]], dict[str, Any]]:

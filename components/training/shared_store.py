@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vlpipe.model.checkpoint import COMMIT_FILE, file_manifest, read_commit, remove_commit, write_commit
-from vlpipe.model.storage import filesystem, is_remote, join
+from vlpipe.model.storage import filesystem, is_remote, join, upload_dir
 
 __all__ = [
     "COMMIT_FILE",
@@ -127,8 +127,7 @@ def upload_files(local_dir: Path, uri: str, storage_options: dict | None = None)
     """Upload every file under `local_dir` to `uri`; returns their manifest (relative path → size)."""
     files = file_manifest(local_dir)
     if files:
-        fs, path = filesystem(uri, storage_options)
-        fs.put(str(local_dir).rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+        upload_dir(local_dir, uri, storage_options=storage_options)
     return files
 
 
