@@ -9,6 +9,7 @@ Kubernetes settings in the pipeline (GPUs, tolerations, secrets, volumes) do not
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import tempfile
@@ -101,6 +102,10 @@ def run_local(
         cache_root=str(home / "kfp-cache"),
     )
     started = time.perf_counter()
+    # kfp 2.17's local runner indents a task's log by swapping `builtins.print` for the task's duration
+    # (kfp/local/logging_utils.py `indented_print`); ParallelFor iterations run on a thread pool, so
+    # interleaved swaps can leave the indenting print in place for the rest of the process. Put it back.
+    print_before = builtins.print
     try:
         with warnings.catch_warnings():
             # kfp warns that the vlpipe image name does not look like a Python image; the subprocess runs in
@@ -109,6 +114,7 @@ def run_local(
             arguments = {PIPELINE_VERSION_PARAM: version, **arguments}
             pipelines[pipeline](parent_run_id=parent_run_id, **arguments)
     finally:
+        builtins.print = print_before
         status = client.get_run(parent_run_id).info.status
         if status == "RUNNING":  # the exit handler did not run (interrupted): do not leave it open
             client.set_terminated(parent_run_id, "FAILED")

@@ -4,6 +4,7 @@ plot data of the one-pod run on the same checkpoints, items and seeds."""
 
 from __future__ import annotations
 
+import builtins
 import json
 from pathlib import Path
 
@@ -51,8 +52,11 @@ def runs(tmp_path_factory):
             "policy_uri": init_random("tiny", str(home / "policy"), corpus=corpus, seed=0),
             "prm_uri": init_random("tiny", str(home / "prm"), corpus=corpus, seed=1),
         }
+        print_before = builtins.print
         whole = run_local(_tiny(1, 1), pipeline="evaluate", arguments=arguments)
         sharded = run_local(_tiny(3, 2), pipeline="evaluate", arguments=arguments)
+        # kfp.local swaps builtins.print per task from a thread pool; run_local puts it back
+        assert builtins.print is print_before
     finally:
         mp.undo()
     return home, whole, sharded
