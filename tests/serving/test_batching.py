@@ -148,8 +148,12 @@ def test_a_full_queue_is_429_with_retry_after_and_a_late_answer_504(served, http
     long = {"model": "slow", "messages": MIXED[0], "max_tokens": 200, "temperature": 0}
     with ThreadPoolExecutor(3) as pool:
         # Two rows fill the batch (batch_max_size 2), the next request waits (max_queue 1), the fourth is refused.
-        running = [pool.submit(http.post, CHAT, json=long) for _ in range(2)]
-        _wait_for(lambda: slow.batcher.active_rows == 2)
+        # One at a time: two submitted together could both reach the one-place queue before the batcher takes
+        # the first, and the second would be refused (a test race, not a server fault).
+        running = []
+        for rows in (1, 2):
+            running.append(pool.submit(http.post, CHAT, json=long))
+            _wait_for(lambda rows=rows: slow.batcher.active_rows == rows)
         waiting = pool.submit(http.post, CHAT, json=long)
         _wait_for(lambda: slow.batcher.queued == 1)
         refused = http.post(CHAT, json=long)
