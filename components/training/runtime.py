@@ -8,6 +8,7 @@ otherwise a one-process group on a free loopback port is set up. Without CUDA th
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -25,6 +26,8 @@ from torch import nn
 from vlpipe.components.training.config import DistributedConfig, FreezeConfig, OptimizerConfig, TrainerConfig
 from vlpipe.components.training.deepspeed import render_deepspeed_config
 from vlpipe.objectives.distributed import all_reduce_sum
+
+log = logging.getLogger(__name__)
 
 PROCESS_GROUP_TIMEOUT_ENV = "VLPIPE_PROCESS_GROUP_TIMEOUT_S"
 _DEFAULT_PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
@@ -232,6 +235,7 @@ class Engine:
     ds_config: dict[str, Any]
     bf16: bool
     schedule: Schedule
+    vision_pass: TextOnlyVisionPass | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -240,6 +244,67 @@ class Engine:
     @property
     def dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16 else torch.float32
+
+
+class TextOnlyVisionPass:
+    """Run the vision tower and projector on one blank tile in every forward pass that has no image.
+
+    Without it, two things break on text-only micro-batches (measured here with DeepSpeed 0.19 on gloo):
+    - with several ranks under ZeRO-3, a rank without images skips the vision tower's parameter gathers that a
+      rank with images makes, so the ranks' collectives disagree (gloo: "collective mismatch"; NCCL: a hang);
+    - even in one process, ZeRO-3 gets the step's gradient wrong when a micro-batch of the accumulation leaves
+      the vision tower unused (the gradient norm differs from ZeRO-0/2 on the same data, and so does the update).
+    As InternVL does for its pure-text samples (a blank image with `image_flags` 0), the blank tile's features
+    join the input embeddings multiplied by 0: the activations and the loss stay exactly what they were, the
+    vision parameters get zero gradients (what ZeRO-1/2's flat buffers hold for unused parameters anyway), and
+    the pass runs where real image features are computed (right after the token embedding), so every rank
+    gathers and reduces the same parameters in the same order. ZeRO-0, 2 and 3, one rank or several, then give
+    the same steps (tested).
+
+    Installed by `build_engine` as hooks on the DeepSpeed-wrapped module, after DeepSpeed's own.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.pending = False
+        self.blank_passes = 0
+        vision = model.config.vision_config
+        size = vision.image_size
+        self.size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        self.handles = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            model.get_input_embeddings().register_forward_hook(self._after_embedding),
+            model.register_forward_hook(self._after),
+        ]
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self.pending = kwargs.get("pixel_values") is None and kwargs.get("inputs_embeds") is None
+
+    def _after_embedding(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not self.pending:
+            return None
+        self.pending = False
+        inner, config = self.model.model, self.model.config
+        blank = torch.zeros(1, 3, *self.size, dtype=output.dtype, device=output.device)
+        features = inner.get_image_features(
+            pixel_values=blank,
+            vision_feature_layer=config.vision_feature_layer,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            return_dict=True,
+        ).pooler_output
+        self.blank_passes += 1
+        if self.blank_passes == 1:
+            log.info(
+                "a forward pass without images: the vision tower runs on a blank tile (x 0) on this rank"
+            )
+        return output + features.sum().to(output.dtype) * 0.0
+
+    def _after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.pending = False
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def build_engine(model: nn.Module, trainer: TrainerConfig, info: DistInfo, total_steps: int) -> Engine:
@@ -280,7 +345,10 @@ def build_engine(model: nn.Module, trainer: TrainerConfig, info: DistInfo, total
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
-    return Engine(engine, ds_optimizer, ds_scheduler, gas, ds_config, bf16, schedule)
+    # After DeepSpeed's own hooks, so that its ZeRO-3 wrappers see the embedding's output as they do when the real
+    # image features join it: the same modules, gathered in the same order, forward and backward.
+    vision_pass = TextOnlyVisionPass(engine.module)
+    return Engine(engine, ds_optimizer, ds_scheduler, gas, ds_config, bf16, schedule, vision_pass)
 
 
 def grad_norm(engine: Engine) -> float:

@@ -67,3 +67,18 @@ def sft_config(ws: dict[str, Path], out: Path, **trainer) -> dict:
         },
         "tracking": {"experiment": "test", "log_model": False, "system_metrics": False},
     }
+
+
+def mixed_pretrain_config(ws: dict[str, Path], out: Path, **trainer) -> dict:
+    """Pre-training on text and image-text samples 1:1, one sample per micro-batch (no packing): a step's
+    micro-batches (on one rank or spread over ranks) regularly mix a text-only sample with an image one."""
+    cfg = sft_config(ws, out, global_batch_size=2, micro_batch_size=1, **trainer)
+    cfg.pop("packing")
+    cfg["stage"] = "pretrain"
+    cfg["data"] = {
+        "meta": str(ws["data"] / "meta_pretrain.json"),
+        "mode": "pretrain",
+        "max_length": 512,
+        "mixture": {"language_ratio": 1, "multimodal_ratio": 1},
+    }
+    return cfg
