@@ -410,7 +410,7 @@ def test_circular_mmbench_with_a_judge_through_the_stage(workdir, tmp_path, monk
             policy=str(workdir / "policy"), prm=str(tmp_path / "flat-prm"), n=2, output_dir=str(tmp_path / "out"),
             benchmarks=[{"name": "MMBench_DEV_EN", "path": path, "format": "tsv", "protocol": "vlmevalkit-mcq"}],
             judge={"base_url": f"http://127.0.0.1:{server.server_address[1]}/v1", "model": "fake-judge",
-                   "timeout_s": 5, "max_retries": 0},
+                   "timeout_s": 60, "max_retries": 0},
         )  # fmt: skip
         metrics = run_evaluation(config)
     finally:

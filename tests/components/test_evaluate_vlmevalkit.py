@@ -285,7 +285,7 @@ def test_judge_endpoint_gets_vlmevalkit_prompts_and_its_verdicts_count(
 ):
     monkeypatch.setenv("VLPIPE_TEST_JUDGE_KEY", "sk-test-secret")
     judge = OpenAIJudge(
-        JudgeSettings(base_url=judge_server, model="fake-judge", api_key_env="VLPIPE_TEST_JUDGE_KEY", timeout_s=5,
+        JudgeSettings(base_url=judge_server, model="fake-judge", api_key_env="VLPIPE_TEST_JUDGE_KEY", timeout_s=60,
                       max_retries=0)
     )  # fmt: skip
     _FakeJudge.verdicts = {"Model respone: fourteen": "14", "Model respone: about a dollar fifty": "1.5",
@@ -385,7 +385,7 @@ def test_judge_retries_server_errors_and_stops_on_a_refusal(monkeypatch):
     try:
         settings = JudgeSettings(
             base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", model="m",
-            api_key_env="VLPIPE_TEST_JUDGE_KEY", timeout_s=5, max_retries=1,
+            api_key_env="VLPIPE_TEST_JUDGE_KEY", timeout_s=60, max_retries=1,
         )  # fmt: skip
         _FlakyJudge.statuses = [503, 200]
         assert OpenAIJudge(settings)("prompt") == "B"  # one retry after the 503

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import tempfile
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -11,17 +11,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _entry(
     rank: int, fn: Callable[..., None], world_size: int, init_method: str, args: tuple[Any, ...]
 ) -> None:
+    # The timeout only bounds a hang: the ranks of a loaded machine may reach this far apart in time.
+    timeout = timedelta(seconds=120)
     dist.init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=30)
+        "gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timeout
     )
     try:
         fn(rank, world_size, *args)
@@ -34,5 +30,7 @@ def run_on_gloo(fn: Callable[..., None], world_size: int, *args: Any) -> None:
 
     `fn` must be a module-level function (it is pickled by reference). A failure on any rank raises here.
     """
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
-    mp.spawn(_entry, args=(fn, world_size, init_method, args), nprocs=world_size, join=True)
+    # A file rendezvous: a port probed here and bound later by rank 0 could be taken meanwhile.
+    with tempfile.TemporaryDirectory() as tmp:
+        init_method = f"file://{tmp}/rendezvous"
+        mp.spawn(_entry, args=(fn, world_size, init_method, args), nprocs=world_size, join=True)

@@ -34,13 +34,16 @@ FAST = ServingLimits(
     max_tokens=64, default_max_tokens=8, batch_max_size=8, batch_wait_ms=50, max_n=4, max_video_frames=4,
     max_video_bytes=40_000,
 )  # fmt: skip
+LONG_TOKENS = 400  # a slow answer of this many tokens lasts >= LONG_TOKENS * STEP_S = 12 s (the sleeps alone)
 SLOW = ServingLimits(
-    max_tokens=200,
+    max_tokens=LONG_TOKENS,
     default_max_tokens=8,
     batch_max_size=2,
     batch_wait_ms=0,
     max_queue=1,
-    request_timeout_s=3.0,
+    # Past what any test's setup takes on a loaded machine (the streamed answer, filling the batch and queue
+    # before the first request's deadline), and below the 12 s a long answer takes at the least: 504s.
+    request_timeout_s=8.0,
 )
 
 
@@ -79,7 +82,7 @@ def http(served):
         yield client
 
 
-def _wait_for(condition, timeout_s: float = 10.0) -> None:
+def _wait_for(condition, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
@@ -133,19 +136,20 @@ def test_streamed_chunks_arrive_during_generation_and_join_to_the_answer(http):
 
 def test_a_disconnecting_stream_frees_its_rows(served, http):
     _, _, slow = served
-    body = {"model": "slow", "messages": MIXED[0], "max_tokens": 200, "temperature": 0}
+    body = {"model": "slow", "messages": MIXED[0], "max_tokens": LONG_TOKENS, "temperature": 0}
     with http.stream("POST", CHAT, json=body | {"stream": True}) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")  # the role chunk: generation has started
         assert slow.batcher.active_rows == 1
-    # The client hung up after the first chunk; its row leaves the batch long before 200 tokens.
-    _wait_for(lambda: slow.batcher.active_rows == 0, timeout_s=200 * STEP_S / 2)
+    # The client hung up after the first chunk; its row leaves the batch long before its LONG_TOKENS (>= 12 s)
+    # and before its request timeout (8 s after it arrived) would end it.
+    _wait_for(lambda: slow.batcher.active_rows == 0, timeout_s=SLOW.request_timeout_s / 2)
     assert http.post(CHAT, json=body | {"max_tokens": 2}).status_code == 200
 
 
 def test_a_full_queue_is_429_with_retry_after_and_a_late_answer_504(served, http):
     _, _, slow = served
-    long = {"model": "slow", "messages": MIXED[0], "max_tokens": 200, "temperature": 0}
+    long = {"model": "slow", "messages": MIXED[0], "max_tokens": LONG_TOKENS, "temperature": 0}
     with ThreadPoolExecutor(3) as pool:
         # Two rows fill the batch (batch_max_size 2), the next request waits (max_queue 1), the fourth is refused.
         # One at a time: two submitted together could both reach the one-place queue before the batcher takes
@@ -163,11 +167,11 @@ def test_a_full_queue_is_429_with_retry_after_and_a_late_answer_504(served, http
         error = refused.json()["error"]
         assert error["code"] == 429 and "retry in" in error["message"]
         assert all(h.status_code == 200 for h in health)
-        # 200 tokens at >= 30 ms each is past the 3 s request timeout: every one of them is a 504.
+        # LONG_TOKENS at >= 30 ms each is past the 8 s request timeout: every one of them is a 504.
         for future in [*running, waiting]:
-            response = future.result(timeout=30)
+            response = future.result(timeout=60)
             assert response.status_code == 504, response.text
-            assert "request timeout of 3.0 s" in response.json()["error"]["message"]
+            assert "request timeout of 8.0 s" in response.json()["error"]["message"]
     _wait_for(lambda: slow.batcher.active_rows == 0 and slow.batcher.queued == 0)
 
 

@@ -86,9 +86,8 @@ def test_sigterm_to_the_step_s_process_group_deletes_the_trainjob(tmp_path):
             if not key.startswith("KUBERNETES_")  # not in a pod: the kubeconfig, as on a workstation
         }
         env["KUBECONFIG"] = str(_kubeconfig(tmp_path / "kubeconfig", server.httpd.server_address[1]))
-        env["PATH"] = (
-            f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # python3 = this venv's
-        )
+        # python3 = this venv's
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         step = subprocess.Popen(
             _step_command(tmp_path, executor_input),
             env=env,

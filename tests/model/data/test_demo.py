@@ -6,7 +6,6 @@ import collections
 import hashlib
 import json
 import random
-import socket
 from pathlib import Path
 
 import pytest
@@ -297,12 +296,9 @@ def test_iter_demo_texts_yields_every_turn_without_image_tokens(demo: Path) -> N
 def moto_s3(monkeypatch: pytest.MonkeyPatch):
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # binds a free port itself
     server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    endpoint = "http://{}:{}".format(*server.get_host_and_port())
     for key, value in {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
@@ -315,10 +311,18 @@ def moto_s3(monkeypatch: pytest.MonkeyPatch):
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()  # a cached client would keep an old endpoint
-    boto3.client("s3").create_bucket(Bucket="vlpipe-demo")
-    yield endpoint
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
+    try:
+        boto3.client("s3").create_bucket(Bucket="vlpipe-demo")
+        yield endpoint
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        # Threaded moto servers share one in-process backend: reset it, or the bucket leaks into later tests.
+        import urllib.request
+
+        urllib.request.urlopen(
+            urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10
+        )
+        server.stop()
 
 
 def test_writes_to_s3_through_fsspec(moto_s3: str) -> None:
