@@ -14,8 +14,8 @@ prompt share one prefill). The thread:
    (`loop.call_soon_threadsafe`), where `Ticket.next` returns them as they come (token streaming).
 
 A ticket that is cancelled (its client disconnected, its deadline passed) has its rows cancelled: the engine
-drops them at its next step, freeing their slots. At most `max_queue` tickets wait for admission; `submit`
-beyond that raises `QueueFull` (the routes answer 429 with `Retry-After`).
+drops them at its next step, freeing their slots. At most `max_queue` tickets wait for room in the batch (a
+ticket the batch has free rows for does not count); `submit` beyond that raises `QueueFull` (the routes answer 429 with `Retry-After`).
 """
 
 from __future__ import annotations
@@ -143,7 +143,8 @@ class Batcher:
         make_engine: builds a fresh `GenerationEngine` (after a failed step the engine is rebuilt).
         batch_max_size: rows generated together at most.
         batch_wait_ms: how long an idle batcher waits for more requests before it starts a batch.
-        max_queue: tickets waiting for admission at most (`QueueFull` beyond).
+        max_queue: tickets waiting for room in the batch at most (`QueueFull` beyond); tickets the batch has
+            free rows for do not count.
         name: names the thread.
         on_tokens: called with the number of tokens each step produced (a metric).
     """
@@ -188,12 +189,12 @@ class Batcher:
                 finished (fewer wake-ups of the event loop for a request that is not streamed).
 
         Raises:
-            QueueFull: when `max_queue` tickets already wait.
+            QueueFull: when `max_queue` tickets already wait for room in the batch.
         """
         ticket = Ticket(groups, asyncio.get_running_loop())
         ticket.stream = stream
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            if self._waiting_for_room() >= self.max_queue:
                 raise QueueFull(self._retry_after())
             if not self._started:
                 self._started = True
@@ -214,6 +215,21 @@ class Batcher:
             with self._cond:
                 self._incoming -= 1
                 self._cond.notify()
+
+    def _waiting_for_room(self) -> int:
+        """Waiting tickets that the next admission (`_take`) would leave waiting: those the batch has no room for.
+        A burst that arrives within one decode step is not refused while the batch has free rows for it."""
+        engine = self._engine
+        active = 0 if engine is None else engine.active
+        room, admitted, live = self.batch_max_size - active, 0, 0
+        for ticket in self._waiting:
+            if ticket.cancelled:
+                continue
+            live += 1
+            if live == admitted + 1 and (ticket.size <= room or not (admitted or active)):
+                admitted += 1
+                room -= ticket.size
+        return live - admitted
 
     def _retry_after(self) -> int:
         # Roughly: the queue ahead, a batch at a time, each ~100 steps.

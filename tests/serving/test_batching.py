@@ -322,3 +322,47 @@ def test_bad_videos_get_4xx_naming_the_limit(http, content, status, match):
     assert response.status_code == status, response.text
     assert match in response.json()["error"]["message"]
     assert http.get("/v2/health/ready").status_code == 200
+
+
+class _IdleEngine:
+    """An engine with nothing running (the batcher's thread only asks how many rows are active)."""
+
+    active = 0
+    rows: list = []
+    pending: list = []
+
+
+def test_a_burst_that_fits_the_batch_is_not_refused():
+    """`max_queue` counts requests waiting for room in the batch: a burst that arrives before the generation
+    thread admits anything is accepted while the batch has free rows for it (CI once saw the second of two
+    simultaneous requests refused by a one-place queue with an empty two-row batch)."""
+    from vlpipe.serving.batching import Batcher, QueueFull
+
+    release = threading.Event()
+
+    def slow_engine():  # the thread admits nothing until the test has submitted its burst
+        release.wait(30)
+        return _IdleEngine()
+
+    batcher = Batcher(slow_engine, batch_max_size=3, batch_wait_ms=0, max_queue=1)
+
+    async def burst() -> list[str]:
+        outcomes = []
+        for size in (
+            1,
+            2,
+            1,
+            1,
+        ):  # rows per request: 1 + 2 fill the batch, the third waits, the fourth is refused
+            try:
+                batcher.submit([(None, [object()] * size)])
+                outcomes.append("accepted")
+            except QueueFull as full:
+                outcomes.append(f"429 after {full.retry_after_s} s")
+        release.set()
+        await asyncio.to_thread(batcher.stop)  # fails the submitted tickets on this (still running) loop
+        return outcomes
+
+    outcomes = asyncio.run(burst())
+    assert outcomes[:3] == ["accepted"] * 3
+    assert outcomes[3].startswith("429 after ")
