@@ -25,7 +25,6 @@ import copy
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -142,12 +141,6 @@ def check_preset(checkpoint_dir: str, preset: str) -> None:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_stage_processes(
     stage: str, config: Any, world_size: int, *, launch: str = "", task: str = "", run_key: str = ""
 ) -> dict[str, Any]:
@@ -185,8 +178,8 @@ def run_stage_processes(
     config_file, summary_file = work / "stage_config.json", work / "stage_summary.json"
     config_file.write_text(config.model_dump_json(indent=2))
     command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        # --standalone: a c10d rendezvous on a port the launcher binds itself (no port probed, then bound later)
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
         "-m", "vlpipe.components.training", config.stage, "--config", str(config_file), "--summary", str(summary_file),
     ]  # fmt: skip
     log.info("launching %s", " ".join(command))

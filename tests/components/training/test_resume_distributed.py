@@ -4,8 +4,8 @@ text and image mix) = 1 rank."""
 from __future__ import annotations
 
 import json
+import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,8 +15,10 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.components.training.conftest import child_env, mixed_pretrain_config, sft_config
+from vlpipe.components.stages import parse_stage_config
 from vlpipe.components.training.loop import read_metrics
 from vlpipe.components.training.state import list_checkpoints
+from vlpipe.components.training.task import run_stage_processes
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 240
@@ -30,12 +32,9 @@ def _write(cfg: dict, path: Path) -> Path:
 def _stage_cmd(config: Path, nproc: int = 1, stage: str = "sft") -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", f"vlpipe.components.{stage}", "--config", str(config)]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-        f"--master_port={port}", "-m", f"vlpipe.components.{stage}", "--config", str(config),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", f"vlpipe.components.{stage}", "--config", str(config),
     ]  # fmt: skip
 
 
@@ -81,14 +80,20 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(workspace, tmp_path):
     assert len(list_checkpoints(work)) <= 2  # keep_last
 
 
-def test_two_processes_zero2_match_one_process(workspace, tmp_path):
+def test_two_processes_zero2_match_one_process(workspace, tmp_path, monkeypatch):
     # Without packing each micro-batch is one sample, so 1 rank x 2 accumulation steps and 2 ranks x 1 see
     # the same samples in each optimizer step (global stream items 2k and 2k+1).
     base = sft_config(workspace, tmp_path / "one", max_steps=5, global_batch_size=2, micro_batch_size=1)
     base.pop("packing")
     _run(_stage_cmd(_write(base, tmp_path / "one.json")), tmp_path)
     two = {**base, "output": str(tmp_path / "two")}
-    _run(_stage_cmd(_write(two, tmp_path / "two.json"), nproc=2), tmp_path)
+    # The 2 ranks start as a pipeline step with 2 GPUs starts them (`run_stage_processes`: torchrun --standalone).
+    for key in os.environ.keys() - child_env(tmp_path).keys():
+        monkeypatch.delenv(key)
+    for key, value in child_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    summary = run_stage_processes("sft", parse_stage_config(two), 2)
+    assert summary["steps"] == 5
 
     one_m, two_m = read_metrics(tmp_path / "one.work"), read_metrics(tmp_path / "two.work")
     assert len(one_m) == len(two_m) == 5
