@@ -122,7 +122,7 @@ def test_the_recipe_runs_end_to_end_with_one_parent_and_a_child_run_per_step(rec
 
     # The artifacts of the steps: checkpoints, the evaluation files and visualisations.
     root = Path(summary["pipeline_root"])
-    run_dir = max(root.iterdir(), key=lambda p: p.stat().st_mtime)
+    run_dir = max(root.glob("internvl3-recipe-*"), key=lambda p: p.stat().st_mtime)
     assert (run_dir / "mpo" / "model" / "model.safetensors").exists()
     assert json.loads((run_dir / "evaluate" / "results" / "metrics.json").read_text())["n"] == 2
     assert "Best-of-2" in (run_dir / "evaluate" / "table").read_text()
