@@ -293,36 +293,13 @@ def test_iter_demo_texts_yields_every_turn_without_image_tokens(demo: Path) -> N
 
 
 @pytest.fixture
-def moto_s3(monkeypatch: pytest.MonkeyPatch):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # binds a free port itself
-    server.start()
-    endpoint = "http://{}:{}".format(*server.get_host_and_port())
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(key, value)
+def moto_s3(s3_server: str, monkeypatch: pytest.MonkeyPatch):
+    """The shared moto server (`tests/conftest.py`) with the demo's bucket."""
     import boto3
-    import s3fs
 
-    s3fs.S3FileSystem.clear_instance_cache()  # a cached client would keep an old endpoint
-    try:
-        boto3.client("s3").create_bucket(Bucket="vlpipe-demo")
-        yield endpoint
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        # Threaded moto servers share one in-process backend: reset it, or the bucket leaks into later tests.
-        import urllib.request
-
-        urllib.request.urlopen(
-            urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10
-        )
-        server.stop()
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    boto3.client("s3").create_bucket(Bucket="vlpipe-demo")
+    return s3_server
 
 
 def test_writes_to_s3_through_fsspec(moto_s3: str) -> None:
