@@ -18,9 +18,11 @@ import json
 import os
 import posixpath
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from vlpipe.model.errors import SampleError
@@ -238,11 +240,14 @@ def open_regular(location: str, *, storage_options: dict | None = None):
 
 @dataclass
 class JsonlLine:
-    """One non-empty line of a JSONL file: its 1-based number and either the parsed value or why not."""
+    """One non-empty line of a JSONL file: its 1-based number, where it is (byte offset and length without the
+    newline) and either the parsed value or why not."""
 
     number: int
     value: object = None
     error: SampleError | None = None
+    offset: int = 0
+    length: int = 0
 
 
 @dataclass
@@ -266,55 +271,160 @@ class JsonlReader:
         self.lines = 0
         cap = self.limits.max_line_bytes
         with open_regular(self.location, storage_options=self.storage_options) as f:
-            for number, raw, size in _bounded_lines(f, cap, digest):
-                if raw is None:
-                    self.lines += 1
-                    yield JsonlLine(
-                        number, error=self._error(number, "line_too_long", line_too_long_detail(size, cap))
-                    )
-                elif raw.strip():
-                    self.lines += 1
-                    yield self._parse(number, raw)
+            for block in split_lines(f, cap, digest, _CHUNK):
+                newline = int(block.terminated)
+                for k, (start, size) in enumerate(
+                    zip(block.starts.tolist(), block.sizes.tolist(), strict=True)
+                ):
+                    number, offset = block.first + k, block.base + start
+                    if size > cap:
+                        self.lines += 1
+                        # The reported size counts the newline (the line's bytes in the file).
+                        detail = line_too_long_detail(size + newline, cap)
+                        yield JsonlLine(
+                            number, error=self._error(number, "line_too_long", detail), offset=offset
+                        )
+                        continue
+                    # Parsed with its newline, as the line was always read (a JSON error's column stays the same).
+                    raw = block.data[start : start + size + newline]
+                    if raw.strip():
+                        self.lines += 1
+                        yield self._parse(number, raw, offset, size)
         self.sha256 = digest.hexdigest()
 
     def _error(self, number: int, reason: str, detail: str) -> SampleError:
         return SampleError(f"{self.name}:{number}", reason, detail)
 
-    def _parse(self, number: int, raw: bytes) -> JsonlLine:
+    def _parse(self, number: int, raw: bytes, offset: int, length: int) -> JsonlLine:
         try:
-            return JsonlLine(number, value=parse_json_line(raw, f"{self.name}:{number}"))
+            value = parse_json_line(raw, f"{self.name}:{number}")
         except SampleError as exc:
-            return JsonlLine(number, error=exc)
+            return JsonlLine(number, error=exc, offset=offset, length=length)
+        return JsonlLine(number, value=value, offset=offset, length=length)
 
 
-def _bounded_lines(f, cap: int, digest) -> Iterator[tuple[int, bytes | None, int]]:
-    """(line number, line bytes or None when longer than `cap`, line size), reading `f` in 1 MiB chunks.
+@dataclass(frozen=True)
+class LineBlock:
+    """Consecutive lines of a file, as `split_lines` yields them.
 
-    At most `cap` bytes of one line (plus one chunk) are ever held; the rest of an over-long line is only
-    counted and hashed.
+    Line k (number `first + k`) starts at file offset `base + starts[k]` and has `sizes[k]` bytes without its
+    newline. When `sizes[k]` is within the cap its bytes are `data[starts[k] : starts[k] + sizes[k]]`, followed
+    by its newline when `terminated`; a line above the cap is only measured (its bytes are not in `data`).
+
+    Attributes:
+        data: the bytes the lines are in.
+        base: the file offset of `data[0]`.
+        starts: each line's start in `data` (int64).
+        sizes: each line's length in bytes without the newline (int64).
+        first: the 1-based number of the first line.
+        terminated: whether the lines end with a newline (only a file's last line may not).
     """
-    number, pending, size, skipping = 0, bytearray(), 0, False
-    while chunk := f.read(_CHUNK):
+
+    data: bytes
+    base: int
+    starts: np.ndarray
+    sizes: np.ndarray
+    first: int
+    terminated: bool
+
+
+def split_lines(f, cap: int, digest, chunk_size: int = _CHUNK) -> Iterator[LineBlock]:
+    """Split binary stream `f` into lines (blank ones included), hashing every byte into `digest`.
+
+    `f` is read `chunk_size` bytes at a time. The lines wholly inside a chunk come as one block (split with
+    numpy); a line that spans chunks is carried to its end and comes alone. At most `cap` bytes of a carried
+    line are held: once it is longer, the rest is only counted and hashed.
+
+    Args:
+        f: a file opened for reading bytes.
+        cap: the longest line, in bytes without its newline, whose bytes are kept.
+        digest: a hashlib object updated with the whole stream.
+        chunk_size: bytes per read.
+
+    Yields:
+        `LineBlock`s, in file order, covering every line.
+    """
+    number = 0  # lines completed so far
+    chunk_offset = 0  # file offset of the next chunk
+    carry, carry_start, carry_len = bytearray(), 0, 0  # the incomplete line (emptied once above the cap)
+    while chunk := f.read(chunk_size):
         digest.update(chunk)
-        start = 0
-        while True:
-            end = chunk.find(b"\n", start)
-            piece = chunk[start:] if end < 0 else chunk[start : end + 1]
-            size += len(piece)
-            if not skipping:
-                pending += piece
-                # The newline itself does not count against the cap.
-                if len(pending) > cap + (end >= 0):
-                    skipping, pending = True, bytearray()
-            if end < 0:
-                break
+        first_nl = chunk.find(b"\n")
+        head = chunk if first_nl < 0 else chunk[:first_nl]
+        carry_len += len(head)
+        if carry_len <= cap:
+            carry += head
+        else:
+            carry.clear()
+        if first_nl >= 0:
             number += 1
-            yield number, (None if skipping else bytes(pending)), size
-            pending, size, skipping = bytearray(), 0, False
-            start = end + 1
-    if size:
-        number += 1
-        yield number, (None if skipping else bytes(pending)), size
+            yield _carried(carry, carry_start, carry_len, number, cap, terminated=True)
+            cut = chunk.rfind(b"\n")
+            if cut > first_nl:
+                body = chunk[first_nl + 1 : cut + 1]
+                ends = np.flatnonzero(np.frombuffer(body, dtype=np.uint8) == 10)
+                starts = np.concatenate(([0], ends[:-1] + 1))
+                yield LineBlock(body, chunk_offset + first_nl + 1, starts, ends - starts, number + 1, True)
+                number += len(ends)
+            tail = chunk[cut + 1 :]
+            carry_start, carry_len = chunk_offset + cut + 1, len(tail)
+            carry = bytearray(tail) if carry_len <= cap else bytearray()
+        chunk_offset += len(chunk)
+    if carry_len:
+        yield _carried(carry, carry_start, carry_len, number + 1, cap, terminated=False)
+
+
+def _carried(
+    carry: bytearray, start: int, size: int, number: int, cap: int, *, terminated: bool
+) -> LineBlock:
+    """The block of one line carried across chunks."""
+    data = b"" if size > cap else bytes(carry) + (b"\n" if terminated else b"")
+    one = np.array([0], dtype=np.int64)
+    return LineBlock(data, start, one, np.array([size], dtype=np.int64), number, terminated)
+
+
+class RangeReader:
+    """Reads byte ranges of one regular file through a handle opened on first use.
+
+    Safe to share between threads (one lock) and across `fork` (a process that did not open the handle opens
+    its own: a shared descriptor would share its file position); pickling drops the handle.
+
+    Args:
+        location: a local path or URL.
+        storage_options: fsspec options for remote files.
+    """
+
+    def __init__(self, location: str, storage_options: dict | None = None) -> None:
+        self.location = location
+        self.storage_options = storage_options
+        self._handle = None
+        self._pid = -1
+        self._lock = threading.Lock()
+
+    def read(self, offset: int, length: int) -> bytes:
+        """`length` bytes from `offset` (fewer at the end of the file).
+
+        Raises:
+            FileNotFoundError, NotRegularFileError: as `open_regular`.
+        """
+        with self._lock:
+            if self._handle is None or self._pid != os.getpid():
+                self._handle = open_regular(self.location, storage_options=self.storage_options)
+                self._pid = os.getpid()
+            self._handle.seek(offset)
+            return self._handle.read(length)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._handle is not None and self._pid == os.getpid():
+                self._handle.close()
+            self._handle, self._pid = None, -1
+
+    def __getstate__(self) -> dict:
+        return {"location": self.location, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["location"], state["storage_options"])
 
 
 def line_too_long_detail(size: int, cap: int) -> str:

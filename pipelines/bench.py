@@ -196,6 +196,13 @@ def _bench_annotation_index(work: Path) -> dict:
     return bench_annotation_index(work / "annotation-index")
 
 
+def _bench_record_set(work: Path) -> dict:
+    """MPO/PRM record set: memory per record holding parsed pairs vs offsets parsed on access (100k pairs)."""
+    from vlpipe.components.data.bench import bench_record_set
+
+    return bench_record_set(work / "record-set")
+
+
 def _bench_serving(work: Path) -> dict:
     """Chat completion p50/p99 through the HTTP server vs in-process; errors under 32 clients for 60 s."""
     from vlpipe.serving.bench import bench_serving
@@ -210,6 +217,7 @@ def run_benchmarks(out: Path, *, console: Console) -> dict[str, dict]:
         "data_packing": bench_packing(work),
         "data_pipeline_throughput": bench_pipeline_throughput(),
         "data_annotation_index": _bench_annotation_index(work),
+        "data_record_set": _bench_record_set(work),
         "training_sft_packing": bench_training_packing(work),
         "eval_prm_scoring": _bench_prm_scoring(work),
         "serving_latency": _bench_serving(work),

@@ -98,3 +98,69 @@ def bench_annotation_index(work: Path, sizes: tuple[int, ...] = (100_000, 1_000_
         ),
         "goal_bytes_per_record": 32,
     }
+
+
+def write_pairs(path: Path, n: int, seed: int = 0) -> None:
+    """`n` MMPR-like preference pairs (an image path, a question, long chosen/rejected answers; ~2 KB each)."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            pair = {
+                "image": f"ScienceQA/train/{i}/image.png",
+                "question": "<image>\nWhich option best describes the figure? " + "x" * rng.randint(50, 400),
+                "chosen": "Let me think step by step. " + "a" * rng.randint(100, 1500) + " The answer is A.",
+                "rejected": "Looking at the image, " + "b" * rng.randint(100, 1500) + " The answer is B.",
+            }
+            f.write(json.dumps(pair) + "\n")
+
+
+def bench_record_set(work: Path, n: int = 100_000) -> dict:
+    """Memory of reading `n` MPO pairs: every record parsed and held (the reader before offsets) vs the record
+    set that keeps offsets and parses on access; tracemalloc's held and peak bytes, in this process."""
+    import time
+    import tracemalloc
+
+    from vlpipe.components.mpo.data import validate_pair
+    from vlpipe.components.training.records import read_record_set
+    from vlpipe.model.files import JsonlReader
+
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"pairs-{n}.jsonl"
+    write_pairs(path, n)
+
+    def held_dicts() -> list:
+        return [
+            line.value
+            for line in JsonlReader(str(path), "bench")
+            if line.error is None and not validate_pair(line.value)
+        ]
+
+    def lazy():
+        return read_record_set(str(path), "bench", validate_pair, 0.0)
+
+    rows = {}
+    for name, read in (("parsed", held_dicts), ("offsets", lazy)):
+        tracemalloc.start()
+        start = time.perf_counter()
+        result = read()
+        seconds = time.perf_counter() - start
+        held, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        rows[name] = {
+            "seconds": round(seconds, 2),
+            "held_bytes_per_record": round(held / n, 1),
+            "peak_mb": round(peak / 1e6, 1),
+        }
+        del result
+    file_mb = round(path.stat().st_size / 1e6, 1)
+    path.unlink()
+    return {
+        "records": n,
+        "file_mb": file_mb,
+        **rows,
+        "held_ratio_parsed_vs_offsets": round(
+            rows["parsed"]["held_bytes_per_record"] / max(rows["offsets"]["held_bytes_per_record"], 1e-9), 1
+        ),
+    }

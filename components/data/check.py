@@ -292,7 +292,7 @@ def check_records(source: str, mode: Literal["mpo", "prm"], *, image_root: str |
         bad = sum(slot["count"] for slot in reasons.values())
         datasets[s.name] = {
             "records": s.file.total_lines,
-            "usable": len(s.file.records),
+            "usable": len(s.file),
             "quarantined": bad,
             "reasons": reasons,
         }

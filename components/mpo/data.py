@@ -17,6 +17,7 @@ epoch. Every path goes through the dataset's `DatasetRoots` before it is opened.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -99,7 +100,18 @@ class PairEncoder:
         return cls(pairs, encoder, image_cfg, v2pe_delta, data)
 
     def __post_init__(self) -> None:
-        self._index = [(s, i) for s in self.pairs.sources for i in range(len(s.file.records))]
+        # Where each source's pairs start in the pair numbering (and the total): a pair is found by bisection,
+        # so nothing here grows with the number of pairs.
+        self._starts = [0]
+        for src in self.pairs.sources:
+            self._starts.append(self._starts[-1] + len(src.file))
+
+    def _locate(self, index: int) -> tuple[RecordSource, int]:
+        """(source, record index in its file) of pair `index`."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"pair {index} out of range ({len(self)} pairs)")
+        k = bisect.bisect_right(self._starts, index) - 1
+        return self.pairs.sources[k], index - self._starts[k]
 
     @property
     def pad_token_id(self) -> int:
@@ -115,19 +127,19 @@ class PairEncoder:
         return self.pairs.quarantine
 
     def __len__(self) -> int:
-        return len(self._index)
+        return self._starts[-1]
 
     def source(self, index: int) -> tuple[str, int]:
         """(dataset name, line number) of pair `index`."""
-        src, i = self._index[index]
-        return src.name, src.file.lines[i]
+        src, i = self._locate(index)
+        return src.name, src.file.line(i)
 
     def epoch_indices(self) -> list[int]:
         """The pair indices of one epoch: each dataset's pairs `repeat_time` times (a fractional part takes
         a seeded subset, as in the SFT mixture), in dataset order (the stage's sampler shuffles)."""
         out, offset = [], 0
         for src in self.pairs.sources:
-            n = len(src.file.records)
+            n = len(src.file)
             order = epoch_order(n, src.repeat_time, self.data.seed, src.name, 0)
             out += sorted(offset + i for i in order)
             offset += n
@@ -146,9 +158,9 @@ class PairEncoder:
             SampleError: for a pair that cannot be encoded (a path outside the dataset's roots, a missing,
                 oversized or corrupt image, placeholders that do not match, too long).
         """
-        src, i = self._index[index]
-        record = src.file.records[i]
-        sample_id = f"{src.name}:{src.file.lines[i]}"
+        src, i = self._locate(index)
+        record = src.file.record(i)
+        sample_id = f"{src.name}:{src.file.line(i)}"
         paths = pair_images(record)
         cfg = self._tile_config(src, len(paths))
         tiles = []

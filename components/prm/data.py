@@ -245,12 +245,13 @@ def prepare_prm_data(data: StepDataConfig, out_dir: Path) -> None:
     meta: dict[str, dict] = {}
     used: set[str] = set()
     for src in source.sources:
-        if not src.file.records:
+        if not len(src.file):
             continue
         annotation = out_dir / _file_name(src.name, used)
         with annotation.open("w") as f:
             written = 0
-            for record, line in zip(src.file.records, src.file.lines, strict=True):
+            for i, record in enumerate(src.file):
+                line = src.file.line(i)
                 converted = prm_conversation(record, data)
                 replies = [
                     t["value"] for t in converted["conversations"] if t["from"] in ("gpt", "assistant")
@@ -265,7 +266,7 @@ def prepare_prm_data(data: StepDataConfig, out_dir: Path) -> None:
             "allowed_roots": list(src.roots.allowed),
             "annotation": str(annotation),
             "repeat_time": src.repeat_time,
-            "length": len(src.file.records),
+            "length": len(src.file),
             "data_augment": src.data_augment,
             **({"max_dynamic_patch": src.max_dynamic_patch} if src.max_dynamic_patch else {}),
         }

@@ -283,9 +283,11 @@ def sample_prm_shard(
         return result if isinstance(result, str) else check(result)
 
     source = read_records(config.source, "prm_source", validate, max_bad_fraction=config.max_bad_fraction)
-    records = [normalise_source(r) for r in source.records[: config.limit or None]]
-    picked = shard_batches(index, count, math.ceil(len(records) / config.batch_items))
-    records = records[picked.start * config.batch_items : picked.stop * config.batch_items]
+    usable = min(len(source), config.limit) if config.limit else len(source)
+    picked = shard_batches(index, count, math.ceil(usable / config.batch_items))
+    # Only this shard's records are parsed (again) and held.
+    mine = range(picked.start * config.batch_items, min(picked.stop * config.batch_items, usable))
+    records = [normalise_source(source.record(i)) for i in mine]
     root = config.image_root or default_image_root(config.source)
     policy = load_checkpoint(config.policy)
     tok = policy.tokenizer

@@ -4,6 +4,10 @@ A stage's `path` is either one JSONL file (its images under `image_root`) or an 
 JSONL files (`{name: {root, annotation, repeat_time, length, max_dynamic_patch, data_augment, allowed_roots}}`,
 validated by `vlpipe.model.data.meta.load_meta`, as for SFT): MMPR ships its preference pairs that way, and
 VisualPRM400K's annotation files are listed the same way. Every record keeps its dataset name and line.
+
+Each file is read once up front, every line parsed and validated so bad lines are counted before training
+starts; then only where each valid record is (offset, length, line: 16 bytes) is kept, and a record is read
+and parsed again when it is used (`RecordFile.record`), as the SFT path's annotation index does.
 """
 
 from __future__ import annotations
@@ -11,12 +15,24 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from vlpipe.components.training.config import is_meta_file
 from vlpipe.model.data.meta import MetaError, Quarantine, annotation_dir, load_meta
-from vlpipe.model.files import DEFAULT_LIMITS, DatasetRoots, JsonlReader, NotRegularFileError, ReadLimits
+from vlpipe.model.errors import SampleError
+from vlpipe.model.files import (
+    DEFAULT_LIMITS,
+    DatasetRoots,
+    JsonlReader,
+    NotRegularFileError,
+    RangeReader,
+    ReadLimits,
+    parse_json_line,
+)
 from vlpipe.model.storage import is_remote, join
 
 
@@ -28,22 +44,86 @@ def default_image_root(jsonl_uri: str) -> str:
     return join(parent, "images")
 
 
-@dataclass
+@dataclass(eq=False)
 class RecordFile:
-    """The valid records of a JSONL file (with their 1-based line numbers) and the skipped ones."""
+    """The valid records of a JSONL file, found again by byte offset and parsed when asked for, and the skipped
+    lines.
+
+    The file is read once up front (every line parsed and validated, then dropped): per valid record only its
+    offset (int64), length without the newline (int32) and 1-based line number (int32) are kept, 16 bytes
+    whatever the record holds, so MMPR's millions of pairs cost tens of MB per rank, not GBs of dicts.
+
+    Attributes:
+        path: the file.
+        name: its dataset name (in sample ids).
+        offsets: byte offset of each valid record (int64).
+        lengths: its length in bytes without the newline (int32).
+        lines: its 1-based line number (int32).
+        quarantine: the skipped lines.
+        total_lines: non-empty lines in the file.
+        sha256: the file's hash.
+        storage_options: fsspec options to read records again.
+    """
 
     path: str
-    records: list[dict]
-    lines: list[int]
+    name: str
+    offsets: np.ndarray
+    lengths: np.ndarray
+    lines: np.ndarray
     quarantine: Quarantine = field(default_factory=Quarantine)
     total_lines: int = 0
     sha256: str = ""
+    storage_options: dict | None = None
+    _reader: RangeReader = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._reader = RangeReader(self.path, self.storage_options)
+
+    def __len__(self) -> int:
+        return int(self.offsets.shape[0])
+
+    def line(self, i: int) -> int:
+        """The 1-based line number of record `i`."""
+        return int(self.lines[i])
+
+    def record(self, i: int) -> dict:
+        """Record `i` (validated when the file was read), read from the file and parsed now.
+
+        Raises:
+            SampleError: `changed_file` when the bytes there are no longer a JSON object (the file was
+                rewritten after it was read).
+        """
+        sample_id = f"{self.name}:{self.line(i)}"
+        length = int(self.lengths[i])
+        raw = self._reader.read(int(self.offsets[i]), length)
+        try:
+            value = parse_json_line(raw, sample_id) if len(raw) == length else None
+        except SampleError:
+            value = None
+        if not isinstance(value, dict):
+            raise SampleError(
+                sample_id,
+                "changed_file",
+                f"{self.path} changed after it was read (line {self.line(i)} is no longer the record checked); "
+                "do not rewrite input files while a stage runs",
+            )
+        return value
+
+    def __getitem__(self, i: int) -> dict:
+        return self.record(i)
+
+    def __iter__(self) -> Iterator[dict]:
+        """Every valid record in file order."""
+        return (self.record(i) for i in range(len(self)))
+
+    def close(self) -> None:
+        self._reader.close()
 
     def report(self) -> dict:
         return {
             "file": self.path,
             "lines": self.total_lines,
-            "used": len(self.records),
+            "used": len(self),
             **self.quarantine.report(),
         }
 
@@ -67,24 +147,35 @@ def _read_lines(
     quarantine: Quarantine,
 ) -> RecordFile:
     reader = JsonlReader(uri, name, limits, storage_options)
-    out = RecordFile(uri, [], [], quarantine)
+    offsets, lengths, lines = array("q"), array("i"), array("i")
     try:
         for line in reader:
             if line.error is not None:
-                out.quarantine.add(name, line.number, line.error.reason, line.error.detail)
+                quarantine.add(name, line.number, line.error.reason, line.error.detail)
                 continue
             reason = _validate(validate, line.value)
             if reason:
-                out.quarantine.add(name, line.number, "invalid_record", reason)
+                quarantine.add(name, line.number, "invalid_record", reason)
                 continue
-            out.records.append(line.value)
-            out.lines.append(line.number)
+            # The parsed record is dropped here: `RecordFile.record` reads it again when it is used.
+            offsets.append(line.offset)
+            lengths.append(line.length)
+            lines.append(line.number)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{name}: {uri} does not exist") from exc
     except NotRegularFileError as exc:
         raise ValueError(f"{name}: {exc}; point at a JSONL file") from exc
-    out.total_lines, out.sha256 = reader.lines, reader.sha256
-    return out
+    return RecordFile(
+        uri,
+        name,
+        np.array(offsets, dtype=np.int64),
+        np.array(lengths, dtype=np.int32),
+        np.array(lines, dtype=np.int32),
+        quarantine,
+        reader.lines,
+        reader.sha256,
+        storage_options,
+    )
 
 
 def read_records(
@@ -111,12 +202,12 @@ def read_records(
             with an example each).
     """
     out = _read_lines(uri, name, validate, storage_options, limits, Quarantine())
-    _check_usable(f"{name}: {uri}", out.records, out.total_lines, out.quarantine, max_bad_fraction)
+    _check_usable(f"{name}: {uri}", len(out), out.total_lines, out.quarantine, max_bad_fraction)
     return out
 
 
 def _check_usable(
-    label: str, records: list, total_lines: int, quarantine: Quarantine, max_bad_fraction: float
+    label: str, records: int, total_lines: int, quarantine: Quarantine, max_bad_fraction: float
 ) -> None:
     if not records:
         raise ValueError(
@@ -133,7 +224,8 @@ class RecordSource:
     Attributes:
         name: the dataset's name (the meta key, or the stage's name for a single JSONL); quarantine entries
             and sample names use it with the line number.
-        file: the records, their line numbers and the skipped lines.
+        file: where the records are (parsed on demand: `file.record(i)`), their line numbers and the skipped
+            lines.
         roots: where the records' `image` paths resolve (confined: `DatasetRoots.resolve`).
         repeat_time: times per epoch (fractional: a seeded subset), from the meta file.
         max_dynamic_patch: the dataset's tile budget per sample, when the meta file sets one.
@@ -163,14 +255,12 @@ class RecordSet:
 
     @property
     def records(self) -> int:
-        return sum(len(s.file.records) for s in self.sources)
+        return sum(len(s.file) for s in self.sources)
 
     def report(self) -> dict:
         return {
             "file": self.path,
-            "datasets": {
-                s.name: {"lines": s.file.total_lines, "used": len(s.file.records)} for s in self.sources
-            },
+            "datasets": {s.name: {"lines": s.file.total_lines, "used": len(s.file)} for s in self.sources},
             "lines": self.total_lines,
             "used": self.records,
             **self.quarantine.report(),
@@ -212,7 +302,7 @@ def read_record_set(
     quarantine = Quarantine()
     if not is_meta_file(uri):
         file = _read_lines(uri, name, validate, storage_options, limits, quarantine)
-        _check_usable(f"{name}: {uri}", file.records, file.total_lines, quarantine, max_bad_fraction)
+        _check_usable(f"{name}: {uri}", len(file), file.total_lines, quarantine, max_bad_fraction)
         roots = DatasetRoots(image_root or default_image_root(uri))
         # No meta file: augmentation is the stage's setting alone (the loader ANDs it with data_augment).
         return RecordSet(uri, [RecordSource(name, file, roots, data_augment=True)], quarantine, file.sha256)
@@ -235,7 +325,7 @@ def read_record_set(
         )
     hashes = {"meta": meta.sha256, "annotations": {s.name: s.file.sha256 for s in sources}}
     sha256 = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
-    records = [r for s in sources for r in s.file.records]
+    records = sum(len(s.file) for s in sources)
     _check_usable(
         f"meta file {uri}", records, sum(s.file.total_lines for s in sources), quarantine, max_bad_fraction
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlpipe.model.files import open_regular
+from vlpipe.model.files import LineBlock, open_regular, split_lines
 from vlpipe.model.storage import filesystem, is_remote, vlpipe_home
 
 log = logging.getLogger(__name__)
@@ -151,95 +151,51 @@ def build_index(
         vlpipe.model.files.NotRegularFileError: it is a FIFO, device or directory.
     """
     builder = _Builder(max_line_bytes)
+    digest = hashlib.sha256()
     with open_regular(location, storage_options=storage_options) as f:
-        while chunk := f.read(_CHUNK):
-            builder.feed(chunk)
-    return builder.finish()
+        for block in split_lines(f, max_line_bytes, digest, _CHUNK):
+            builder.add(block)
+    return builder.finish(digest.hexdigest())
 
 
 class _Builder:
-    """The streaming state of `build_index`: lines that span chunks are carried (or, when too long, only
-    counted), the lines wholly inside a chunk are indexed with numpy."""
+    """The state of `build_index`: the blocks of lines `split_lines` yields, indexed with numpy."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
-        self.digest = hashlib.sha256()
         self.offsets: list[np.ndarray] = []
         self.lengths: list[np.ndarray] = []
         self.numbers: list[np.ndarray] = []
         self.too_long: list[tuple[int, int]] = []
         self.multimodal = False
         self.lines = 0  # non-empty lines
-        self.number = 0  # lines completed so far
-        self.chunk_offset = 0  # file offset of the next chunk
-        self.carry = bytearray()  # the incomplete line (emptied once it is known to be too long)
-        self.carry_start = 0
-        self.carry_len = 0
 
-    def feed(self, chunk: bytes) -> None:
-        self.digest.update(chunk)
-        first_nl = chunk.find(b"\n")
-        if first_nl < 0:
-            self._extend_carry(chunk)
-        else:
-            self._extend_carry(chunk[:first_nl])
-            self._single_line()
-            cut = chunk.rfind(b"\n")
-            if cut > first_nl:
-                self._body(chunk[first_nl + 1 : cut + 1], self.chunk_offset + first_nl + 1)
-            self.carry, self.carry_start, self.carry_len = bytearray(), self.chunk_offset + cut + 1, 0
-            self._extend_carry(chunk[cut + 1 :])
-        self.chunk_offset += len(chunk)
-
-    def finish(self) -> AnnotationIndex:
-        if self.carry_len:
-            self._single_line()  # a last line without its newline
-        return AnnotationIndex(
-            _concatenate(self.offsets, np.int64),
-            _concatenate(self.lengths, np.int32),
-            _concatenate(self.numbers, np.int32),
-            self.digest.hexdigest(),
-            self.lines,
-            self.multimodal,
-            self.too_long,
-        )
-
-    def _extend_carry(self, piece: bytes) -> None:
-        self.carry_len += len(piece)
-        if self.carry_len <= self.cap:
-            self.carry += piece
-        else:
-            self.carry = bytearray()
-
-    def _single_line(self) -> None:
-        self.number += 1
-        if self.carry_len > self.cap:
-            self.lines += 1
-            self.too_long.append((self.number, self.carry_len))
-        elif bytes(self.carry).strip():
-            self.lines += 1
-            self.offsets.append(np.array([self.carry_start], dtype=np.int64))
-            self.lengths.append(np.array([self.carry_len], dtype=np.int32))
-            self.numbers.append(np.array([self.number], dtype=np.int32))
-            self.multimodal = self.multimodal or bool(_MEDIA_KEY.search(self.carry))
-
-    def _body(self, data: bytes, base: int) -> None:
-        """Index the complete lines of `data` (it ends with a newline) that start at file offset `base`."""
-        ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
-        starts = np.concatenate(([0], ends[:-1] + 1))
-        sizes = ends - starts
-        numbers = np.arange(self.number + 1, self.number + 1 + len(ends), dtype=np.int64)
-        non_blank = _non_blank(data, starts, sizes)
+    def add(self, block: LineBlock) -> None:
+        starts, sizes = block.starts, block.sizes
+        numbers = np.arange(block.first, block.first + len(starts), dtype=np.int64)
+        non_blank = _non_blank(block.data, starts, sizes)
         long_mask = sizes > self.cap
         keep = non_blank & ~long_mask
         self.too_long += [(int(numbers[i]), int(sizes[i])) for i in np.flatnonzero(long_mask)]
         self.lines += int(np.count_nonzero(non_blank | long_mask))
-        self.offsets.append((base + starts[keep]).astype(np.int64))
+        self.offsets.append((block.base + starts[keep]).astype(np.int64))
         self.lengths.append(sizes[keep].astype(np.int32))
         self.numbers.append(numbers[keep].astype(np.int32))
+        data = block.data
         if not self.multimodal and (b'"image"' in data or b'"video"' in data):
+            ends = starts + sizes
             self.multimodal = any(keep[np.searchsorted(ends, m.start())] for m in _MEDIA_KEY.finditer(data))
-        self.number += len(ends)
+
+    def finish(self, sha256: str) -> AnnotationIndex:
+        return AnnotationIndex(
+            _concatenate(self.offsets, np.int64),
+            _concatenate(self.lengths, np.int32),
+            _concatenate(self.numbers, np.int32),
+            sha256,
+            self.lines,
+            self.multimodal,
+            self.too_long,
+        )
 
 
 def _concatenate(parts: list[np.ndarray], dtype) -> np.ndarray:
@@ -256,6 +212,8 @@ def _non_blank(data: bytes, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray
     """
     array = np.frombuffer(data, dtype=np.uint8)
     result = sizes > 0
+    if not array.size:  # one line above the cap: only measured (the caller counts it by its size)
+        return result
     suspect = np.flatnonzero(result & _WHITESPACE[array[np.minimum(starts, len(array) - 1)]])
     for i in suspect:
         result[i] = bool(data[starts[i] : starts[i] + sizes[i]].strip())

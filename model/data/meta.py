@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import posixpath
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from vlpipe.model.files import (
     DEFAULT_LIMITS,
     DatasetRoots,
     NotRegularFileError,
+    RangeReader,
     ReadLimits,
     line_too_long_detail,
     open_regular,
@@ -200,9 +200,10 @@ class Dataset:
     spec: DatasetSpec
     index: AnnotationIndex
     storage_options: dict | None = None
-    _handle: object = field(default=None, repr=False)
-    _handle_pid: int = field(default=-1, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _reader: RangeReader = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._reader = RangeReader(self.spec.annotation, self.storage_options)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -238,13 +239,7 @@ class Dataset:
 
     def raw(self, i: int) -> bytes:
         """The bytes of record `i` (one line, without its newline)."""
-        offset, length = int(self.index.offsets[i]), int(self.index.lengths[i])
-        with self._lock:
-            if self._handle is None or self._handle_pid != os.getpid():  # a forked worker opens its own
-                self._handle = open_regular(self.spec.annotation, storage_options=self.storage_options)
-                self._handle_pid = os.getpid()
-            self._handle.seek(offset)
-            return self._handle.read(length)
+        return self._reader.read(int(self.index.offsets[i]), int(self.index.lengths[i]))
 
     def record(self, i: int) -> dict:
         """Record `i`, parsed and checked.
@@ -266,9 +261,7 @@ class Dataset:
                 quarantine.add(self.name, int(self.index.numbers[i]), exc.reason, exc.detail)
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        self._reader.close()
 
 
 def annotation_dir(annotation: str) -> str:

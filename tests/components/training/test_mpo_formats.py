@@ -178,3 +178,86 @@ def test_the_mpo_stage_trains_on_mmprs_meta_file(workspace, tmp_path, tracking):
     # 10 lines: 5 good pairs, 5 bad ones; an epoch is 2 x 2 scienceqa + 1 multi-image + 1 of 2 text-only.
     assert (summary["pairs"], summary["pairs_used"], summary["pairs_per_epoch"]) == (10, 5, 6)
     assert summary["skipped_lines"] == {"text_only/invalid_record": 5}
+
+
+def test_a_record_file_keeps_offsets_and_parses_each_record_when_asked(tmp_path):
+    """Valid, malformed, over-long, invalid and blank lines: the records, lines and quarantine of reading every
+    line, but per record only its offset, length and line (16 bytes), and the JSON parsed on each access."""
+    from tests.components.training.formats import MMPR_SINGLE, MMPR_TEXT
+    from vlpipe.components.mpo.data import validate_pair
+    from vlpipe.components.training.records import read_record_set
+    from vlpipe.model.errors import SampleError
+    from vlpipe.model.files import ReadLimits
+
+    good = [MMPR_TEXT, MMPR_SINGLE, {**MMPR_TEXT, "question": "What is 2 * 4?"}]
+    long_line = json.dumps({**MMPR_TEXT, "question": "x" * 600})
+    lines = [
+        json.dumps(good[0]),  # 1
+        "{broken",  # 2: malformed_json
+        "",  # 3: blank (not counted)
+        long_line,  # 4: line_too_long (the line's bytes and its newline)
+        json.dumps(good[1]),  # 5
+        json.dumps({**MMPR_TEXT, "chosen": ""}),  # 6: invalid_record
+        "[1, 2]",  # 7: not an object
+        json.dumps(good[2]),  # 8, no final newline
+    ]
+    data = "\n".join(lines).encode()
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(data)
+    records = read_record_set(str(path), "pairs", validate_pair, 0.9, limits=ReadLimits(max_line_bytes=500))
+    file = records.sources[0].file
+    assert [(e["dataset"], e["line"], e["reason"]) for e in records.quarantine.entries] == [
+        ("pairs", 2, "malformed_json"),
+        ("pairs", 4, "line_too_long"),
+        ("pairs", 6, "invalid_record"),
+        ("pairs", 7, "invalid_record"),
+    ]
+    assert f"line has {len(long_line) + 1} bytes" in records.quarantine.entries[1]["detail"]
+    assert "each line must be a JSON object" in records.quarantine.entries[3]["detail"]
+    assert (records.total_lines, records.records, len(file)) == (7, 3, 3)
+    assert records.report()["datasets"] == {"pairs": {"lines": 7, "used": 3}}
+    assert list(file) == good and [file[i] for i in (2, 0)] == [good[2], good[0]]
+    assert [file.line(i) for i in range(3)] == [1, 5, 8]
+    # Each valid record is its offset (int64), length (int32) and line (int32), nothing parsed is held.
+    starts = [sum(len(line) + 1 for line in lines[: n - 1]) for n in (1, 5, 8)]
+    assert file.offsets.tolist() == starts and file.lengths.tolist() == [len(lines[n - 1]) for n in (1, 5, 8)]
+    assert (file.offsets.dtype, file.lengths.dtype, file.lines.dtype) == ("int64", "int32", "int32")
+    assert file.offsets.nbytes + file.lengths.nbytes + file.lines.nbytes == 16 * len(file)
+    assert not [name for name, value in vars(file).items() if isinstance(value, list | tuple | dict)]
+    # Parsed on access: a same-length rewrite of line 1 is what record(0) returns now ...
+    changed = json.dumps({**good[0], "question": good[0]["question"].swapcase()}).encode()
+    assert len(changed) == file.lengths[0]
+    file.close()  # the open handle buffers what it read; the next read opens the file again
+    path.write_bytes(changed + data[len(changed) :])
+    assert file.record(0)["question"] == good[0]["question"].swapcase()
+    # ... and bytes that are no longer a record are an error naming the line, not a crash.
+    file.close()
+    path.write_bytes(b"[" + data[1:])
+    with pytest.raises(SampleError, match=r"pairs:1: changed_file: .*pairs\.jsonl changed after it was read"):
+        file.record(0)
+    file.close()
+
+
+def test_pairs_are_numbered_across_datasets_without_a_per_pair_table(tmp_path):
+    """A dataset with no usable pair in the middle of a meta file: the pair numbering skips it."""
+    from vlpipe.components.mpo.data import validate_pair
+    from vlpipe.components.training.records import read_record_set
+
+    meta = write_mmpr(tmp_path)
+    spec = json.loads(meta.read_text())
+    bad = tmp_path / "MMPR/annotations/bad.jsonl"
+    bad.write_text("{broken\n")
+    spec = {"scienceqa": spec["scienceqa"], "bad": {**spec["multi_image"], "annotation": str(bad)}}
+    spec["text_only"] = json.loads(meta.read_text())["text_only"]
+    meta.write_text(json.dumps(spec))
+    records = read_record_set(str(meta), "mpo_pairs", validate_pair, 0.5)
+    encoder = PairEncoder(records, None, None, 1.0, PairDataConfig(path=str(meta)))  # type: ignore[arg-type]
+    assert len(encoder) == 4
+    assert [encoder.source(i) for i in range(4)] == [
+        ("scienceqa", 1),
+        ("scienceqa", 2),
+        ("text_only", 1),
+        ("text_only", 2),
+    ]
+    with pytest.raises(IndexError):
+        encoder.source(4)

@@ -161,7 +161,7 @@ def test_null_root_means_the_annotation_directory(tmp_path):
     from vlpipe.model.data.meta import Dataset, DatasetSpec
 
     spec = DatasetSpec(root=None, annotation=str(tmp_path / "sub" / "a.jsonl"))
-    dataset = Dataset("d", spec, [], [], "")
+    dataset = Dataset("d", spec, [])  # no index: only the roots are used
     assert dataset.image_uri("x.png") == str(Path(os.path.realpath(tmp_path)) / "sub" / "x.png")
     with pytest.raises(SampleError, match="outside_root"):
         dataset.image_uri("../x.png")

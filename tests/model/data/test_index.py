@@ -9,8 +9,10 @@ import random
 import pytest
 
 import vlpipe.model.data.index as index_module
+import vlpipe.model.files as files_module
 from vlpipe.model.data.index import annotation_index, build_index
 from vlpipe.model.data.meta import DatasetSpec, Quarantine, read_dataset
+from vlpipe.model.files import JsonlReader, ReadLimits
 
 
 def _reference(data: bytes, cap: int) -> tuple[list, list, int, bool]:
@@ -35,6 +37,7 @@ def _reference(data: bytes, cap: int) -> tuple[list, list, int, bool]:
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64, 4096])
 def test_index_matches_a_line_by_line_reading(tmp_path, monkeypatch, chunk):
     monkeypatch.setattr(index_module, "_CHUNK", chunk)  # lines straddle chunks in every possible way
+    monkeypatch.setattr(files_module, "_CHUNK", chunk)  # the JSONL reader splits lines with the same code
     rng = random.Random(chunk)
     for trial in range(40):
         lines = []
@@ -60,6 +63,21 @@ def test_index_matches_a_line_by_line_reading(tmp_path, monkeypatch, chunk):
         assert got == kept
         assert index.too_long == too_long and index.lines == count and index.multimodal == multimodal
         assert index.sha256 == hashlib.sha256(data).hexdigest()
+        # The JSONL reader yields the same lines: each kept one where it is, each too long one by its size
+        # with its newline (none on an unterminated last line).
+        reader = JsonlReader(str(path), "f", ReadLimits(max_line_bytes=cap))
+        read = list(reader)
+        assert [
+            (r.offset, r.length, r.number)
+            for r in read
+            if r.error is None or r.error.reason != "line_too_long"
+        ] == kept
+        measured = [(r.number, r.error.detail) for r in read if r.error and r.error.reason == "line_too_long"]
+        assert [n for n, _ in measured] == [n for n, _ in too_long]
+        for (n, detail), (_, size) in zip(measured, too_long, strict=True):
+            newline = n < len(lines) or data.endswith(b"\n")
+            assert detail.startswith(f"line has {size + newline} bytes")
+        assert reader.lines == count and reader.sha256 == index.sha256
 
 
 def test_index_is_cached_and_rebuilt_when_the_file_changes(tmp_path, monkeypatch):
