@@ -136,6 +136,11 @@ class Ticket:
             pass
 
 
+def _fits(ticket: Ticket, room: int, batch_has_rows: bool) -> bool:
+    """The admission rule: a ticket joins when its rows fit the free room, and always into an empty batch."""
+    return ticket.size <= room or not batch_has_rows
+
+
 class Batcher:
     """A generation thread running one engine over concurrent requests (see the module docstring).
 
@@ -226,7 +231,7 @@ class Batcher:
             if ticket.cancelled:
                 continue
             live += 1
-            if live == admitted + 1 and (ticket.size <= room or not (admitted or active)):
+            if live == admitted + 1 and _fits(ticket, room, admitted > 0 or active > 0):
                 admitted += 1
                 room -= ticket.size
         return live - admitted
@@ -309,7 +314,7 @@ class Batcher:
                 self._waiting.popleft()
                 ticket._loop.call_soon_threadsafe(ticket._fail, TimeoutError("cancelled before admission"))
                 continue
-            if ticket.size > room and (taken or engine.active):
+            if not _fits(ticket, room, bool(taken) or engine.active > 0):
                 break
             self._waiting.popleft()
             taken.append(ticket)

@@ -235,7 +235,6 @@ class Engine:
     ds_config: dict[str, Any]
     bf16: bool
     schedule: Schedule
-    vision_pass: TextOnlyVisionPass | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -266,16 +265,13 @@ class TextOnlyVisionPass:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.pending = False
-        self.blank_passes = 0
+        self.pending = False  # the current forward pass has no images and has not run the blank tile yet
+        self.logged = False
         vision = model.config.vision_config
         size = vision.image_size
         self.size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        self.handles = [
-            model.register_forward_pre_hook(self._before, with_kwargs=True),
-            model.get_input_embeddings().register_forward_hook(self._after_embedding),
-            model.register_forward_hook(self._after),
-        ]
+        model.register_forward_pre_hook(self._before, with_kwargs=True)
+        model.get_input_embeddings().register_forward_hook(self._after_embedding)
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self.pending = kwargs.get("pixel_values") is None and kwargs.get("inputs_embeds") is None
@@ -292,19 +288,12 @@ class TextOnlyVisionPass:
             vision_feature_select_strategy=config.vision_feature_select_strategy,
             return_dict=True,
         ).pooler_output
-        self.blank_passes += 1
-        if self.blank_passes == 1:
+        if not self.logged:
+            self.logged = True
             log.info(
                 "a forward pass without images: the vision tower runs on a blank tile (x 0) on this rank"
             )
         return output + features.sum().to(output.dtype) * 0.0
-
-    def _after(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.pending = False
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 def build_engine(model: nn.Module, trainer: TrainerConfig, info: DistInfo, total_steps: int) -> Engine:
@@ -347,8 +336,8 @@ def build_engine(model: nn.Module, trainer: TrainerConfig, info: DistInfo, total
     )
     # After DeepSpeed's own hooks, so that its ZeRO-3 wrappers see the embedding's output as they do when the real
     # image features join it: the same modules, gathered in the same order, forward and backward.
-    vision_pass = TextOnlyVisionPass(engine.module)
-    return Engine(engine, ds_optimizer, ds_scheduler, gas, ds_config, bf16, schedule, vision_pass)
+    TextOnlyVisionPass(engine.module)  # lives on in its hooks
+    return Engine(engine, ds_optimizer, ds_scheduler, gas, ds_config, bf16, schedule)
 
 
 def grad_norm(engine: Engine) -> float:

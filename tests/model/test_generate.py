@@ -14,10 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.prompts import encode_turns
 from vlpipe.model.checkpoint import load_checkpoint
-from vlpipe.model.conversation import ConversationEncoder
 from vlpipe.model.generate import GenerationEngine, SamplingParams, generate, row_seed
-from vlpipe.model.image import decode_image, process_image
 from vlpipe.model.init import init_random
 from vlpipe.model.tokenizer import IM_END
 
@@ -46,19 +45,7 @@ def loaded(tmp_path_factory):
 
 
 def _encode(loaded, text: str, images: list[bytes]):
-    encoder = ConversationEncoder(loaded.tokenizer, loaded.tokens_per_tile, max_length=4096, mode="sft")
-    tiles = [process_image(decode_image(d, source=str(i)), loaded.image_cfg) for i, d in enumerate(images)]
-    value = "".join("<image>\n" for _ in images) + text
-    record: dict = {"id": "x", "conversations": [{"from": "human", "value": value}]}
-    if images:
-        record["image"] = [f"{i}.png" for i in range(len(images))]
-    return encoder.encode(
-        record,
-        [t.shape[0] for t in tiles],
-        pixel_values=torch.cat(tiles) if tiles else None,
-        v2pe_deltas=loaded.v2pe_delta,
-        add_generation_prompt=True,
-    )
+    return encode_turns(loaded, [("human", "".join("<image>\n" for _ in images) + text)], images)
 
 
 @pytest.fixture(scope="module")

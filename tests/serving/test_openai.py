@@ -13,11 +13,10 @@ import threading
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
+from tests.prompts import encode_turns
 from vlpipe.model.checkpoint import load_checkpoint
-from vlpipe.model.conversation import ConversationEncoder
 from vlpipe.model.generate import generate
 from vlpipe.model.image import decode_image, process_image
 from vlpipe.model.init import init_random
@@ -85,20 +84,7 @@ def http(model):
 
 def _encode(loaded, turns: list[tuple[str, str]], images: list[bytes]):
     """The generation prompt of InternVL turns, encoded without serving code."""
-    encoder = ConversationEncoder(loaded.tokenizer, loaded.tokens_per_tile, max_length=4096, mode="sft")
-    tiles = [
-        process_image(decode_image(data, source=str(i)), loaded.image_cfg) for i, data in enumerate(images)
-    ]
-    record: dict = {"id": "x", "conversations": [{"from": role, "value": text} for role, text in turns]}
-    if images:
-        record["image"] = [f"{i}.png" for i in range(len(images))]
-    return encoder.encode(
-        record,
-        [t.shape[0] for t in tiles],
-        pixel_values=torch.cat(tiles) if tiles else None,
-        v2pe_deltas=loaded.v2pe_delta,
-        add_generation_prompt=True,
-    )
+    return encode_turns(loaded, turns, images)
 
 
 def _direct(
